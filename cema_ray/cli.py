@@ -1,0 +1,170 @@
+"""`cema-ray`: run an experiment, pretrain a model, benchmark, or list what a config may name.
+
+The heavy modules (runtime, pretrain, bench, Ray, torch models) are imported only by the subcommand
+that needs them, so `cema-ray list` and config errors answer quickly. A config error is the user's to
+fix: it prints one line naming the key and exits 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from cema_ray.errors import CemaError, ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cema-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,pretrain,bench,list}")
+    run = sub.add_parser("run", help="run an adaptation experiment from a YAML config")
+    run.add_argument("config", type=Path, help="run config (see configs/)")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides, e.g. edges.count=4")
+    run.add_argument("--out", type=Path, default=None, help="output folder (default: output.dir or runs/<name>-<time>)")
+    run.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, run nothing")
+    run.set_defaults(func=cmd_run)
+    pre = sub.add_parser("pretrain", help="train an edge or foundation model checkpoint")
+    pre.add_argument("config", type=Path, help="pretrain config (configs/pretrain_*.yaml)")
+    pre.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides, e.g. train.epochs=1")
+    pre.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
+    pre.set_defaults(func=cmd_pretrain)
+    sub.add_parser("bench", help="benchmarks; arguments go to cema_ray.bench (try: cema-ray bench --help)")
+    lst = sub.add_parser("list", help="methods, models, corruptions and data sources a config may name")
+    lst.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["bench"]:  # bench parses its own arguments, --help included
+            return cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"cema-ray: config error: {exc}", file=sys.stderr)
+        return 2
+    except CemaError as exc:
+        print(f"cema-ray: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _print_config(cfg: dict[str, Any]) -> None:
+    import yaml
+
+    print(yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None), end="")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cema_ray.config import load_config, resolve_output_dir
+
+    cfg = load_config(args.config, args.overrides)
+    out_dir = args.out or resolve_output_dir(cfg)
+    cfg["output"]["dir"] = str(out_dir)
+    if args.dry_run:
+        _print_config(cfg)
+        return 0
+    from cema_ray.runtime import run_experiment
+
+    summary = run_experiment(cfg, out_dir)
+    print(format_summary(summary))
+    if cfg["output"]["report"]:
+        print(f"report: {Path(out_dir) / 'report.md'}")
+    print(f"outputs: {out_dir}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from cema_ray.config import load_pretrain_config
+
+    cfg = load_pretrain_config(args.config, args.overrides)
+    if args.dry_run:
+        _print_config(cfg)
+        return 0
+    from cema_ray.pretrain import run_pretrain
+
+    run_pretrain(cfg)
+    print(f"checkpoint: {cfg['output']['checkpoint']}")
+    return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from cema_ray.bench import main as bench_main
+
+    return int(bench_main(argv) or 0)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """A few lines for the terminal; summary.json and report.md have the rest."""
+    lag = s.get("version_lag") or {}
+    rows = [
+        ("method", f"{s.get('method')}  (runtime {s.get('runtime')}, mode {s.get('mode')}, "
+                   f"{s.get('num_edges')} edges)"),
+        ("edge accuracy", f"{_pct(s.get('accuracy'))} over {s.get('samples', 0):,} samples"),
+        ("uploaded", f"{s.get('uploaded', 0):,} ({_pct(s.get('upload_fraction'))}), "
+                     f"{s.get('bytes_up', 0):,} B up, {s.get('bytes_down', 0):,} B down"),
+        ("wall time", f"{s.get('wall_seconds') or 0:.1f} s"),
+        ("version lag", f"median {lag.get('median')}, p95 {lag.get('p95')}, max {lag.get('max')}"),
+        ("dropped / rejected", f"{s.get('dropped', 0)} / {s.get('rejected', 0)}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _section(title: str, load: Callable[[], list[tuple[str, str]]]) -> list[str]:
+    lines = [f"{title}:"]
+    try:
+        items = load()
+    except ImportError as exc:  # a part of the package that is not installed or not built
+        return lines + [f"  (not available: {exc})"]
+    width = max((len(n) for n, _ in items), default=0)
+    return lines + [f"  {name:<{width}}  {text}".rstrip() for name, text in items]
+
+
+def _methods() -> list[tuple[str, str]]:
+    from cema_ray.config import method_registry
+
+    reg = method_registry()
+    return [(n, reg.get(n).description) for n in reg.names()]
+
+
+def _models() -> list[tuple[str, str]]:
+    from cema_ray.models.factory import MODELS
+
+    doc = lambda f: ((getattr(f, "__doc__", None) or "").strip().splitlines() or [""])[0]  # noqa: E731
+    return [(n, doc(MODELS.get(n))) for n in MODELS.names()] + [("timm:<name>", "any timm model")]
+
+
+def _corruptions() -> list[tuple[str, str]]:
+    from cema_ray.data.corruptions import CORRUPTIONS
+
+    return [(n, "") for n in CORRUPTIONS] + [("clean", "no corruption")]
+
+
+def _sources() -> list[tuple[str, str]]:
+    from cema_ray.config import source_root_info
+    from cema_ray.data.sources import DATA_SOURCES
+
+    out = []
+    for name in DATA_SOURCES:
+        env, default = source_root_info(name)
+        where = " or ".join(x for x in (f"${env}" if env else None, default) if x)
+        text = getattr(DATA_SOURCES.get(name), "description", "")
+        out.append((name, f"{text} (root: data.root, {where})" if where else text))
+    return out
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    sections = [("methods", _methods), ("models", _models), ("corruptions", _corruptions),
+                ("data sources", _sources)]
+    print("\n\n".join("\n".join(_section(t, f)) for t, f in sections))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Exceptions with messages a user can act on: each names the key, path or value at fault."""
+
+
+class CemaError(Exception):
+    """Base class of every error cema_ray raises on purpose."""
+
+
+class ConfigError(CemaError, ValueError):
+    """A configuration key holds an unknown name, a wrong type or an impossible value."""
+
+
+class DataError(CemaError):
+    """A data source is missing, malformed or of an unexpected layout."""
+
+
+class CheckpointError(CemaError):
+    """A checkpoint file is missing, truncated, tampered with or does not match its card."""
+
+
+class BatchRejected(CemaError):
+    """A batch reaching an edge is malformed; the edge counts it and keeps running."""

@@ -1,0 +1,475 @@
+"""CEMA (Chen et al., ICLR 2024): a forward-only edge that uploads selected samples, and a cloud that
+adapts a foundation model on them and distils it into the edge model's normalisation layers.
+
+Every formula and default follows /work/shared/docs/METHOD.md; each paper-vs-code difference is a
+setting, and the presets below pick the combinations ("cema" = the authors' code).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from cema_ray.algorithms.distill import selective_distillation_loss
+from cema_ray.algorithms.entropy import e0 as e0_of
+from cema_ray.algorithms.entropy import entropy, reweight
+from cema_ray.algorithms.replay import ReplayBuffer
+from cema_ray.algorithms.selection import EntropyFilter
+from cema_ray.errors import BatchRejected, ConfigError
+from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState
+from cema_ray.models.norm import freeze_all_but_norm_affine, load_norm_state, norm_layers, norm_state
+from cema_ray.models.preprocess import to_input
+from cema_ray.models.tbr import convert_bn_to_tbr, set_norm_stats_mode
+
+DEFAULTS: dict[str, Any] = {
+    "num_classes": None,  # None: the out_features of the model's last Linear layer
+    # models
+    "tbr": True,  # TBR forward in edge, student and foundation (authors' is_tbr)
+    "discard_source_stats": True,  # authors: running stats start from the first batch
+    "edge_stats": "published",  # "published" (TBR/eval, cloud's stats) | "batch" | "mix"
+    "edge_stats_alpha": 0.5,  # weight of the batch statistics in "mix"
+    # edge selection (steps 2-3)
+    "select": True,  # False: upload every sample (the upload-all baseline)
+    "e_max_factor": 0.4,  # E0 = factor * ln C: threshold and reweighting pivot everywhere
+    "dynamic_e_max": False,  # paper Eqn. 2 (authors' config: off)
+    "dynamic_lambda": 0.6,
+    "warmup_samples": 256,  # N_w of the dynamic threshold (METHOD.md gives none)
+    "redundancy": True,
+    "d_margin": None,  # None: 0.4 for <= 100 classes, else 0.05
+    "entropy_floor": None,  # e_min factor (paper Eqn. 3); None = off
+    # cloud (steps 1-6)
+    "chunk_size": 32,  # B_c
+    "replay_capacity": 10000,
+    "replay_warmup": 256,  # below: distil on the chunk alone; above: replay-only steps allowed
+    "replay_ratio": 3,  # replayed samples per chunk = ratio * B_c
+    "replay_only_step": True,
+    "replay_only_ratio": 4,  # replay-only step size = ratio * B_c
+    "lr_foundation": 2.5e-4,
+    "lr_student": 2.5e-3,
+    "momentum": 0.9,
+    "weight_decay": 0.0,
+    "alpha": 3.0,
+    "beta": 3.0,
+    "gamma": 1.0,
+    "tau": 1.0,
+    "publish_every": 1,  # K
+    "student_scope": "shared",  # "shared" | "per_edge"
+    "reset_foundation_with_edge": True,  # reset(edge_id) also resets the foundation (single-edge protocol)
+}
+EDGE_STATS = ("published", "batch", "mix")
+SCOPES = ("shared", "per_edge")
+
+
+# --- settings and small helpers ---------------------------------------------------------------
+
+def resolve_settings(method: str, defaults: Mapping[str, Any], settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Preset defaults overlaid with ``settings``; unknown keys and impossible values fail by name."""
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        raise ConfigError(f"method '{method}': unknown setting '{unknown[0]}'; allowed: {', '.join(sorted(defaults))}")
+    s = {**defaults, **settings}
+    if s["edge_stats"] not in EDGE_STATS:
+        raise ConfigError(f"method '{method}': setting 'edge_stats' is {s['edge_stats']!r}; allowed: {', '.join(EDGE_STATS)}")
+    if s["student_scope"] not in SCOPES:
+        raise ConfigError(f"method '{method}': setting 'student_scope' is {s['student_scope']!r}; allowed: {', '.join(SCOPES)}")
+    for key in ("chunk_size", "publish_every", "replay_capacity", "warmup_samples"):
+        if int(s[key]) < 1:
+            raise ConfigError(f"method '{method}': setting '{key}' must be >= 1, got {s[key]!r}")
+    for key in ("replay_ratio", "replay_only_ratio", "replay_warmup"):
+        if int(s[key]) < 0:
+            raise ConfigError(f"method '{method}': setting '{key}' must be >= 0, got {s[key]!r}")
+    return s
+
+
+def infer_num_classes(model: nn.Module, setting: int | None) -> int:
+    """The explicit setting, else the last Linear layer's width."""
+    if setting is not None:
+        return int(setting)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError("setting 'num_classes' is needed: the model has no Linear layer to read it from")
+    return int(linears[-1].out_features)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def set_norm_training(model: nn.Module, mode: bool) -> None:
+    """Train/eval only the normalisation layers; dropout and the rest stay in eval mode."""
+    for _, m in norm_layers(model):
+        m.train(mode)
+
+
+def capture_norm_modules(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Everything the norm layers hold (affine, statistics, counters, TBR flags), cloned to CPU.
+
+    More than ``norm_state``: it also keeps the TBR "statistics present" flags, so a parked
+    student or a restored edge behaves exactly as before.
+    """
+    out = {}
+    for name, m in norm_layers(model):
+        for key, value in m.state_dict().items():
+            out[f"{name}.{key}" if name else key] = value.detach().to("cpu").clone()
+    return out
+
+
+def restore_norm_modules(model: nn.Module, state: Mapping[str, torch.Tensor | np.ndarray]) -> None:
+    own = model.state_dict()
+    with torch.no_grad():
+        for key, value in state.items():
+            own[key].copy_(torch.as_tensor(np.asarray(value) if not torch.is_tensor(value) else value))
+
+
+def prepare_model(model: nn.Module, s: Mapping[str, Any], trainable: bool) -> nn.Module:
+    """Copy, TBR-convert when asked, eval mode; trainable: only norm affine parameters need grad."""
+    model = copy.deepcopy(model)
+    if s["tbr"]:
+        model = convert_bn_to_tbr(model, discard_running_stats=bool(s["discard_source_stats"]))
+    model.eval()
+    if trainable:
+        freeze_all_but_norm_affine(model)
+    else:
+        model.requires_grad_(False)
+    return model
+
+
+def make_filter(s: Mapping[str, Any], num_classes: int) -> EntropyFilter:
+    return EntropyFilter(num_classes, e_max_factor=s["e_max_factor"], dynamic=s["dynamic_e_max"],
+                         dynamic_lambda=s["dynamic_lambda"], warmup_samples=s["warmup_samples"],
+                         d_margin=s["d_margin"], redundancy=s["redundancy"], entropy_floor=s["entropy_floor"])
+
+
+# --- edge ----------------------------------------------------------------------------------
+
+class CemaEdge(EdgePolicy):
+    """Forward-only edge: predict, filter, and mark the samples worth uploading.
+
+    With ``edge_stats`` "published" the edge normalises with the statistics the cloud last sent
+    (TBR in eval mode, the authors' behaviour); "batch"/"mix" use the test batch's own statistics,
+    which keeps up with abrupt shifts without waiting for the cloud.
+    """
+
+    def __init__(self, model: nn.Module, settings: Mapping[str, Any], method: str = "cema") -> None:
+        self.settings = s = resolve_settings(method, DEFAULTS, settings)
+        self.model = prepare_model(model, s, trainable=False)
+        if s["edge_stats"] != "published":
+            set_norm_stats_mode(self.model, "batch" if s["edge_stats"] == "batch" else "mix", alpha=s["edge_stats_alpha"])
+        self.num_classes = infer_num_classes(self.model, s["num_classes"])
+        self.device = model_device(self.model)
+        self._deployed = capture_norm_modules(self.model)
+        self.filter = make_filter(s, self.num_classes)
+
+    def process(self, x: torch.Tensor) -> EdgeResult:
+        if not torch.is_tensor(x) or not torch.is_floating_point(x) or x.dim() != 4:
+            raise BatchRejected(f"edge input must be a float (N, C, H, W) tensor from to_input, got "
+                                f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+        with torch.inference_mode():
+            logits = self.model(x.to(self.device))
+            ent = entropy(logits)
+            if self.settings["select"]:
+                upload = self.filter.select(logits.softmax(dim=1), ent)
+                e_max = self.filter.e_max
+            else:
+                upload, e_max = torch.ones_like(ent, dtype=torch.bool), float("nan")
+        return EdgeResult(predictions=logits.argmax(dim=1).cpu().numpy().astype(np.int64),
+                          upload=upload.cpu().numpy().astype(bool),
+                          entropy=ent.float().cpu().numpy(), e_max=float(e_max))
+
+    def apply_update(self, state: NormState | None) -> None:
+        if state:
+            load_norm_state(self.model, state)
+
+    def reset(self) -> None:
+        restore_norm_modules(self.model, self._deployed)
+        self.filter = make_filter(self.settings, self.num_classes)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Filter state plus the few KB of norm state the edge runs with (the cloud re-sends only changes)."""
+        norm = {k: v.numpy().copy() for k, v in capture_norm_modules(self.model).items()}
+        return {"filter": self.filter.snapshot(), "norm": norm}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        self.filter.restore(snap["filter"])
+        restore_norm_modules(self.model, snap["norm"])
+
+
+# --- cloud ---------------------------------------------------------------------------------
+
+@dataclass
+class _Lane:
+    """What one student serves: its upload queue, replay buffer and (when parked) its state."""
+
+    buffer: ReplayBuffer
+    student: dict[str, torch.Tensor]
+    opt: dict[str, Any]
+    queue: list[np.ndarray] = field(default_factory=list)
+    queued: int = 0
+    version: int = 0  # student steps taken: tells export whether an edge is up to date
+
+    def push(self, images: np.ndarray) -> None:
+        self.queue.append(images)
+        self.queued += len(images)
+        self.buffer.add(images)
+
+    def pop(self, n: int) -> np.ndarray:
+        """The oldest ``n`` queued images (FIFO)."""
+        parts, have = [], 0
+        while have < n:  # touch only the arrays the chunk needs: a long backlog stays cheap
+            head = self.queue.pop(0)
+            take = min(n - have, len(head))
+            parts.append(head[:take])
+            if take < len(head):
+                self.queue.insert(0, head[take:])
+            have += take
+        self.queued -= n
+        return np.concatenate(parts)
+
+
+class CemaCloud(CloudTrainer):
+    """Foundation adaptation, selective distillation with replay, and publication of norm states.
+
+    ``student_scope`` "shared": one student for the fleet; "per_edge": one lane per edge (queue,
+    replay buffer, norm state and optimiser state) swapped into a single student module, so the
+    cloud holds a few KB of parameters per edge and the frozen weights once.
+    """
+
+    def __init__(self, foundation: nn.Module | None, student_template: nn.Module, settings: Mapping[str, Any],
+                 generator: torch.Generator, method: str = "cema") -> None:
+        if foundation is None:
+            raise ConfigError(f"method '{method}' needs a foundation model (config key 'foundation')")
+        self.settings = s = resolve_settings(method, DEFAULTS, settings)
+        self.generator = generator
+        self.foundation = prepare_model(foundation, s, trainable=True)
+        self.student = prepare_model(student_template, s, trainable=True)
+        self.num_classes = infer_num_classes(self.student, s["num_classes"])
+        f_classes = infer_num_classes(self.foundation, s["num_classes"])
+        if f_classes != self.num_classes:
+            raise ConfigError(f"foundation predicts {f_classes} classes, the edge model {self.num_classes}")
+        self.e0 = e0_of(self.num_classes, s["e_max_factor"])
+        self.f_opt = self._sgd(self.foundation, s["lr_foundation"])
+        self.s_opt = self._sgd(self.student, s["lr_student"])
+        self._f_init, self._f_opt_init = capture_norm_modules(self.foundation), copy.deepcopy(self.f_opt.state_dict())
+        self._s_init, self._s_opt_init = capture_norm_modules(self.student), copy.deepcopy(self.s_opt.state_dict())
+        self._lanes: dict[int, _Lane] = {}
+        self._active: int | None = None  # lane whose state is loaded in self.student
+        self._batches: dict[int, int] = {}  # edge batches seen per edge (publish cadence)
+        self._sent: dict[int, int] = {}  # lane version last exported per edge
+        self.counters = {"chunk_steps": 0, "replay_only_steps": 0}
+        self.last_loss: dict[str, float] = {}
+
+    def _sgd(self, model: nn.Module, lr: float) -> torch.optim.SGD:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.SGD(params, lr=float(lr), momentum=float(self.settings["momentum"]),
+                               weight_decay=float(self.settings["weight_decay"]))
+
+    # lanes ------------------------------------------------------------------------------------
+    def _key(self, edge_id: int) -> int:
+        return int(edge_id) if self.settings["student_scope"] == "per_edge" else 0
+
+    def _lane(self, edge_id: int) -> _Lane:
+        key = self._key(edge_id)
+        if key not in self._lanes:
+            self._lanes[key] = _Lane(buffer=ReplayBuffer(self.settings["replay_capacity"], self.generator),
+                                     student=copy.deepcopy(self._s_init), opt=copy.deepcopy(self._s_opt_init))
+        return self._lanes[key]
+
+    def _park(self) -> None:
+        if self._active is not None and self._active in self._lanes:
+            lane = self._lanes[self._active]
+            lane.student = capture_norm_modules(self.student)
+            lane.opt = copy.deepcopy(self.s_opt.state_dict())
+
+    def _activate(self, key: int) -> None:
+        if self._active == key:
+            return
+        self._park()
+        lane = self._lanes[key]
+        restore_norm_modules(self.student, lane.student)
+        self.s_opt.load_state_dict(copy.deepcopy(lane.opt))
+        self._active = key
+
+    # steps ------------------------------------------------------------------------------------
+    def _input(self, images: np.ndarray) -> torch.Tensor:
+        return to_input(images).to(model_device(self.foundation))
+
+    def _foundation_step(self, x: torch.Tensor) -> None:
+        """Step 1: reweighted entropy minimisation, norm layers in training mode."""
+        set_norm_training(self.foundation, True)
+        ent = entropy(self.foundation(x))
+        loss = (reweight(ent, self.e0) * ent).mean()
+        self.f_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.f_opt.step()
+        set_norm_training(self.foundation, False)
+
+    def _distill_step(self, lane: _Lane, x: torch.Tensor) -> None:
+        """Steps 3-4: teacher in eval mode (after its update), student in training mode."""
+        s = self.settings
+        with torch.no_grad():
+            teacher = self.foundation(x)
+        set_norm_training(self.student, True)
+        student = self.student(x.to(model_device(self.student)))
+        loss, self.last_loss = selective_distillation_loss(student, teacher.to(student.device), self.e0,
+                                                           s["alpha"], s["beta"], s["gamma"], s["tau"])
+        self.s_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.s_opt.step()
+        set_norm_training(self.student, False)
+        lane.version += 1
+
+    def _chunk_step(self, lane: _Lane, chunk: np.ndarray) -> None:
+        s = self.settings
+        x = self._input(chunk)
+        self._foundation_step(x)
+        if len(lane.buffer) >= s["replay_warmup"] and s["replay_ratio"] > 0:
+            x = torch.cat([x, self._input(lane.buffer.sample(s["replay_ratio"] * s["chunk_size"]))])
+        self._distill_step(lane, x)
+        self.counters["chunk_steps"] += 1
+
+    def _replay_step(self, lane: _Lane) -> None:
+        s = self.settings
+        self._distill_step(lane, self._input(lane.buffer.sample(s["replay_only_ratio"] * s["chunk_size"])))
+        self.counters["replay_only_steps"] += 1
+
+    # the CloudTrainer contract ---------------------------------------------------------------
+    def ingest(self, edge_id: int, images: np.ndarray) -> None:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"uploads from edge {edge_id} must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+        if len(images):
+            self._lane(edge_id).push(images.copy())
+
+    def on_edge_batch(self, edge_id: int) -> int:
+        """Cloud steps 1-5 for whatever the queue of ``edge_id``'s lane holds; returns steps taken."""
+        s = self.settings
+        edge_id = int(edge_id)
+        self._batches[edge_id] = self._batches.get(edge_id, 0) + 1
+        lane, key = self._lane(edge_id), self._key(edge_id)
+        steps = 0
+        while lane.queued >= s["chunk_size"]:
+            self._activate(key)
+            self._chunk_step(lane, lane.pop(s["chunk_size"]))
+            steps += 1
+        replay_n = s["replay_only_ratio"] * s["chunk_size"]
+        if steps == 0 and s["replay_only_step"] and len(lane.buffer) > s["replay_warmup"] and len(lane.buffer) >= replay_n:
+            self._activate(key)
+            self._replay_step(lane)
+            steps += 1
+        return steps
+
+    def export(self, edge_id: int) -> NormState | None:
+        """Every ``publish_every`` edge batches, the student's norm state (affine + running statistics)
+        if it changed since this edge last received it; otherwise None."""
+        edge_id = int(edge_id)
+        count = self._batches.get(edge_id, 0)
+        lane = self._lanes.get(self._key(edge_id))
+        if lane is None or count == 0 or count % int(self.settings["publish_every"]):
+            return None
+        if self._sent.get(edge_id, 0) == lane.version:
+            return None
+        self._activate(self._key(edge_id))
+        self._sent[edge_id] = lane.version
+        return norm_state(self.student, include_stats=True)
+
+    def _reset_foundation(self) -> None:
+        restore_norm_modules(self.foundation, self._f_init)
+        self.f_opt.load_state_dict(copy.deepcopy(self._f_opt_init))
+
+    def _reset_lane(self, key: int) -> None:
+        lane = self._lanes[key]
+        lane.queue, lane.queued = [], 0
+        lane.buffer.clear()
+        lane.student, lane.opt = copy.deepcopy(self._s_init), copy.deepcopy(self._s_opt_init)
+        if self._active == key:
+            self._active = None
+            self._activate(key)
+        for e in set(self._batches) | set(self._sent):
+            if self._key(e) == key:
+                self._sent[e] = lane.version  # the reset edge already runs the deployed model
+
+    def reset(self, edge_id: int | None = None) -> None:
+        """Reset-per-domain: back to the deployed student and source foundation, empty queue and buffer.
+
+        ``edge_id`` None resets everything; otherwise the lane serving it (the whole fleet's, when the
+        student is shared) and, with ``reset_foundation_with_edge``, the foundation.
+        """
+        if edge_id is None:
+            self._reset_foundation()
+            for key in self._lanes:
+                self._reset_lane(key)
+            return
+        key = self._key(edge_id)
+        if key in self._lanes:
+            self._reset_lane(key)
+        if self.settings["reset_foundation_with_edge"]:
+            self._reset_foundation()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next step depends on: norm states, optimisers, lanes, counters, RNG state."""
+        self._park()
+        lanes = {
+            key: {"queue": np.concatenate(l.queue) if l.queue else None, "buffer": l.buffer.state_dict(),
+                  "student": copy.deepcopy(l.student), "opt": copy.deepcopy(l.opt), "version": l.version}
+            for key, l in self._lanes.items()
+        }
+        return {"foundation": capture_norm_modules(self.foundation), "foundation_opt": copy.deepcopy(self.f_opt.state_dict()),
+                "lanes": lanes, "batches": dict(self._batches), "sent": dict(self._sent),
+                "counters": dict(self.counters), "generator": self.generator.get_state().clone()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        restore_norm_modules(self.foundation, state["foundation"])
+        self.f_opt.load_state_dict(copy.deepcopy(state["foundation_opt"]))
+        self._lanes, self._active = {}, None
+        for key, d in state["lanes"].items():
+            lane = _Lane(buffer=ReplayBuffer(self.settings["replay_capacity"], self.generator),
+                         student=copy.deepcopy(d["student"]), opt=copy.deepcopy(d["opt"]), version=int(d["version"]))
+            lane.buffer.load_state_dict(d["buffer"])
+            if d["queue"] is not None:
+                lane.queue, lane.queued = [np.asarray(d["queue"]).copy()], len(d["queue"])
+            self._lanes[int(key)] = lane
+        self._batches = {int(k): int(v) for k, v in state["batches"].items()}
+        self._sent = {int(k): int(v) for k, v in state["sent"].items()}
+        self.counters = dict(state["counters"])
+        self.generator.set_state(state["generator"].clone())
+
+
+# --- presets -------------------------------------------------------------------------------
+
+PRESETS: dict[str, tuple[dict[str, Any], str]] = {
+    "cema": ({}, "CEMA as in the authors' code: static E_max, redundancy filter, TBR with published statistics"),
+    "cema-paper": ({"dynamic_e_max": True, "dynamic_lambda": 0.6, "entropy_floor": 0.02},
+                   "CEMA as in the paper: dynamic E_max (lambda 0.6) and an entropy floor of 0.02 ln C"),
+    "cema-edgebn": ({"edge_stats": "batch"},
+                    "CEMA whose edge normalises with its own test-batch statistics (continual streams)"),
+    "upload-all": ({"select": False}, "CEMA's cloud with every sample uploaded: what the selection saves"),
+}
+
+
+def _make_edge(method: str, defaults: dict[str, Any], model: nn.Module, settings: Mapping[str, Any]) -> CemaEdge:
+    return CemaEdge(model, resolve_settings(method, defaults, settings), method=method)
+
+
+def _make_cloud(method: str, defaults: dict[str, Any], foundation: nn.Module | None, student_template: nn.Module,
+                settings: Mapping[str, Any], generator: torch.Generator) -> CemaCloud:
+    return CemaCloud(foundation, student_template, resolve_settings(method, defaults, settings), generator, method=method)
+
+
+def _register() -> None:
+    for name, (overrides, description) in PRESETS.items():
+        defaults = {**DEFAULTS, **overrides}
+        METHODS.register(name, MethodSpec(
+            name=name, make_edge=functools.partial(_make_edge, name, defaults),
+            make_cloud=functools.partial(_make_cloud, name, defaults), uses_foundation=True,
+            defaults=defaults, description=description))
+
+
+_register()

@@ -1,0 +1,257 @@
+"""Pieces the baselines share: settings, optimisers, a batch-statistics edge and a one-model cloud.
+
+The baselines differ only in *what* the cloud optimises and *what* it publishes; how uploads are
+queued, when a step runs, when an edge must reload and how a trainer is reset or checkpointed is
+the same for all of them, so it lives here once. The cloud keeps one model shared by every edge
+(the baselines have no per-edge student): an edge batch from any edge moves it, and every edge
+gets the newest version at its next export.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from cema_ray.algorithms.entropy import entropy
+from cema_ray.errors import CheckpointError, ConfigError
+from cema_ray.methods.base import CloudTrainer, EdgePolicy, EdgeResult, NormState
+from cema_ray.models.preprocess import to_input
+from cema_ray.models.tbr import set_norm_stats_mode
+
+OPTIMIZER_DEFAULTS: dict[str, Any] = {
+    "optimizer": "adam",  # "adam" | "sgd"
+    "lr": 1e-3,
+    "momentum": 0.9,  # SGD only
+    "betas": [0.9, 0.999],  # Adam only
+    "weight_decay": 0.0,
+}
+OPTIMIZERS = ("adam", "sgd")
+
+
+def resolve_settings(method: str, defaults: Mapping[str, Any], settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Defaults overlaid with ``settings``; an unknown key is a typo, so it fails loudly."""
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(defaults))
+    if unknown:
+        allowed = ", ".join(sorted(defaults)) or "(none)"
+        raise ConfigError(f"method '{method}': unknown setting(s) {', '.join(map(repr, unknown))}; allowed: {allowed}")
+    return {**defaults, **settings}
+
+
+def make_optimizer(params: list[nn.Parameter], settings: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """SGD or Adam from the ``optimizer``/``lr``/``momentum``/``betas``/``weight_decay`` settings."""
+    kind = str(settings["optimizer"]).lower()
+    lr, wd = float(settings["lr"]), float(settings["weight_decay"])
+    if lr <= 0:
+        raise ConfigError(f"setting 'lr' must be > 0, got {settings['lr']!r}")
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(settings["momentum"]), weight_decay=wd)
+    if kind == "adam":
+        b1, b2 = (float(b) for b in settings["betas"])
+        return torch.optim.Adam(params, lr=lr, betas=(b1, b2), weight_decay=wd)
+    raise ConfigError(f"setting 'optimizer' is {settings['optimizer']!r}; allowed: {', '.join(OPTIMIZERS)}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where inputs must go; CPU for a parameter-free model."""
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def use_norm_stats(model: nn.Module, mode: str, alpha: float = 1.0) -> None:
+    """Switch every BatchNorm2d to ``mode`` statistics (models.tbr); a model without one is left as is.
+
+    GroupNorm/LayerNorm already normalise each sample by itself, so "batch statistics" has no
+    meaning for them and a BN-free model (a ViT edge) must still run these baselines.
+    """
+    if any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        set_norm_stats_mode(model, mode, alpha=alpha)
+
+
+def full_state(model: nn.Module) -> NormState:
+    """Every parameter and buffer as numpy: what an edge must download to replace the whole model."""
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def load_arrays(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Copy named arrays into a model's parameters/buffers; unknown names are an error.
+
+    Accepts any subset of the state dict, so one loader serves norm-only publications (Tent,
+    EATA, SAR) and whole-model ones (CoTTA).
+    """
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise CheckpointError(f"published state key '{unknown[0]}' is not a parameter/buffer of the model "
+                              f"({len(unknown)} unknown key(s))")
+    with torch.no_grad():
+        for k, v in state.items():
+            value = torch.as_tensor(np.asarray(v))
+            if tuple(value.shape) != tuple(own[k].shape):
+                raise CheckpointError(f"published state key '{k}' has shape {tuple(value.shape)}, "
+                                      f"the model expects {tuple(own[k].shape)}")
+            own[k].copy_(value.to(device=own[k].device, dtype=own[k].dtype))
+
+
+def tensor_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the state dict, so resets are immune to later in-place training."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def predict(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Forward under inference mode: (logits, int64 predictions, float32 entropies)."""
+    with torch.inference_mode():
+        logits = model(x.to(model_device(model)))
+        ent = entropy(logits)
+    return logits, logits.argmax(1).cpu().numpy().astype(np.int64), ent.float().cpu().numpy()
+
+
+class BatchStatsEdge(EdgePolicy):
+    """An edge that normalises with its test batch's statistics and loads what the cloud publishes.
+
+    ``norm_mode`` is "running" for the source model, "batch" for Tent-like methods (the model
+    they were adapted with never saw running statistics), "mix" for BN adapt with alpha < 1.
+    ``upload_all`` is the whole upload policy of the cloud-side baselines (Tent, CoTTA, SAR).
+    """
+
+    def __init__(self, model: nn.Module, norm_mode: str = "batch", alpha: float = 1.0, upload_all: bool = False) -> None:
+        self.model = model
+        self.model.eval()
+        if norm_mode != "running":
+            use_norm_stats(self.model, norm_mode, alpha=alpha)
+        self.upload_all = upload_all
+        self._deployed = tensor_state(self.model)
+
+    def process(self, x: torch.Tensor) -> EdgeResult:
+        _, preds, ent = predict(self.model, x)
+        upload = np.full(len(preds), self.upload_all, dtype=bool)
+        return EdgeResult(predictions=preds, upload=upload, entropy=ent)
+
+    def apply_update(self, state: NormState | None) -> None:
+        if state:
+            load_arrays(self.model, state)
+
+    def reset(self) -> None:
+        self.model.load_state_dict(self._deployed)
+
+
+class UploadQueues:
+    """Per-edge FIFO of uploaded uint8 NHWC images, drained one edge batch at a time."""
+
+    def __init__(self) -> None:
+        self._q: dict[int, list[np.ndarray]] = {}
+
+    def put(self, edge_id: int, images: np.ndarray) -> None:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise ValueError(f"uploads from edge {edge_id} must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+        if len(images):
+            self._q.setdefault(int(edge_id), []).append(images)
+
+    def take(self, edge_id: int) -> np.ndarray | None:
+        parts = self._q.pop(int(edge_id), [])
+        return np.concatenate(parts) if parts else None
+
+    def clear(self, edge_id: int | None = None) -> None:
+        if edge_id is None:
+            self._q.clear()
+        else:
+            self._q.pop(int(edge_id), None)
+
+    def state_dict(self) -> dict[int, np.ndarray]:
+        return {e: np.concatenate(p) for e, p in self._q.items() if p}
+
+    def load_state_dict(self, d: Mapping[int, np.ndarray]) -> None:
+        self._q = {int(e): [np.asarray(a)] for e, a in d.items()}
+
+
+class SharedModelCloud(CloudTrainer):
+    """One cloud model for the whole fleet, one step per edge batch that uploaded anything.
+
+    Subclasses say how to train (``train_step``), what to publish (``published``) and what to
+    optimise (``make_optimizer``). A version counter tells ``export`` whether an edge already holds
+    the newest parameters, so an edge downloads only when something changed. ``reset`` restores the
+    model the trainer was built with: with a shared model that resets it for every edge.
+    """
+
+    def __init__(self, model: nn.Module, generator: torch.Generator) -> None:
+        self.model = model
+        self.generator = generator
+        self._initial = tensor_state(model)
+        self.optimizer = self.make_optimizer()
+        self._queues = UploadQueues()
+        self.version = 0
+        self._sent: dict[int, int] = {}
+
+    # --- what subclasses provide -------------------------------------------------------------
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def train_step(self, x: torch.Tensor) -> bool:
+        """One update on the batch ``x`` (float NCHW); returns whether the model changed."""
+        raise NotImplementedError
+
+    def published(self) -> NormState:
+        raise NotImplementedError
+
+    def on_reset(self) -> None:
+        """Extra models or counters to restore besides ``self.model`` and the optimiser."""
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, d: dict[str, Any]) -> None:
+        pass
+
+    # --- the CloudTrainer contract -----------------------------------------------------------
+    def ingest(self, edge_id: int, images: np.ndarray) -> None:
+        self._queues.put(edge_id, images)
+
+    def on_edge_batch(self, edge_id: int) -> int:
+        images = self._queues.take(edge_id)
+        if images is None:
+            return 0
+        stepped = self.train_step(to_input(images).to(model_device(self.model)))
+        self.version += int(stepped)
+        return int(stepped)
+
+    def export(self, edge_id: int) -> NormState | None:
+        if self._sent.get(int(edge_id), 0) == self.version:
+            return None
+        self._sent[int(edge_id)] = self.version
+        return self.published()
+
+    def reset(self, edge_id: int | None = None) -> None:
+        self.model.load_state_dict(self._initial)
+        self.optimizer = self.make_optimizer()
+        self._queues.clear(edge_id)
+        self.on_reset()
+        self.version += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": tensor_state(self.model),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "queues": self._queues.state_dict(),
+            "version": self.version,
+            "sent": dict(self._sent),
+            "generator": self.generator.get_state(),
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer = self.make_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._queues.load_state_dict(state["queues"])
+        self.version = int(state["version"])
+        self._sent = {int(k): int(v) for k, v in state["sent"].items()}
+        self.generator.set_state(state["generator"])
+        self.load_extra_state(state["extra"])
+
+
+LossFn = Callable[[torch.Tensor], torch.Tensor]

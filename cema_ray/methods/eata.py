@@ -1,0 +1,127 @@
+"""EATA as the CEMA authors ran it, i.e. ETA (Niu et al., ICML 2022) without the Fisher term.
+
+The edge runs EATA's two sample filters forward-only and uploads what passes them: reliable
+(H < E0 = ``e0_factor`` * ln C) and non-redundant (|cos(p, m)| < ``d_margin`` against the moving
+average m of kept probability vectors). The cloud runs reweighted entropy minimisation on the
+uploads -- loss = mean over uploaded samples of exp(E0 - H) * H, the weight a constant -- one step
+per edge batch that uploaded anything (none uploaded: no step, as EATA skips the update), on its
+copy of the edge model (norm affine only, batch-statistics BN), and publishes the norm affine
+parameters. The samples that pass both filters are exactly EATA's backward samples, which is
+what CEMA counts as EATA's uploads.
+
+Deviation from the original: EATA's forward normalises with the statistics of the *full* batch
+and only the loss is restricted to the kept samples; here the cloud only ever sees the uploaded
+samples, so its forward (and therefore its gradient) uses the batch statistics of the kept subset.
+
+Settings: the optimiser ones of Tent (defaults Adam 1e-3 as in mariodoebler's CIFAR config;
+ImageNet: SGD 2.5e-4 momentum 0.9), ``e0_factor`` (E0 = factor * ln C, 0.4), ``d_margin``
+(redundancy threshold: 0.4 for 10 classes, 0.05 for ImageNet).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cema_ray.algorithms.entropy import e0, entropy, reweight
+from cema_ray.algorithms.selection import EntropyFilter
+from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState
+from cema_ray.methods.common import (
+    OPTIMIZER_DEFAULTS,
+    LossFn,
+    load_arrays,
+    predict,
+    resolve_settings,
+    tensor_state,
+    use_norm_stats,
+)
+from cema_ray.methods.tent import EntropyCloud
+
+DEFAULTS: dict[str, Any] = {**OPTIMIZER_DEFAULTS, "e0_factor": 0.4, "d_margin": 0.4}
+
+
+def reweighted_entropy(e0_factor: float) -> LossFn:
+    """EATA's loss: mean of exp(E0 - H) * H, the weight detached (CEMA's and EATA's 1/exp(H - E0))."""
+
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        ent = entropy(logits)
+        return (reweight(ent, e0(logits.shape[1], e0_factor)) * ent).mean()
+
+    return loss
+
+
+class EataEdge(EdgePolicy):
+    """Forward-only edge: batch-statistics predictions and EATA's two filters decide the uploads."""
+
+    def __init__(self, model: nn.Module, settings: dict[str, Any]) -> None:
+        self.model = model.eval()
+        use_norm_stats(self.model, "batch")
+        self.settings = settings
+        self._deployed = tensor_state(self.model)
+        self.filter: EntropyFilter | None = None  # built on the first batch, when C is known
+        self._num_classes = 0
+
+    def _make_filter(self, num_classes: int) -> EntropyFilter:
+        self._num_classes = num_classes
+        return EntropyFilter(
+            num_classes,
+            e_max_factor=float(self.settings["e0_factor"]),
+            dynamic=False,
+            d_margin=float(self.settings["d_margin"]),
+            redundancy=True,
+            entropy_floor=None,
+        )
+
+    def process(self, x: torch.Tensor) -> EdgeResult:
+        logits, preds, ent = predict(self.model, x)
+        if self.filter is None:
+            self.filter = self._make_filter(logits.shape[1])
+        with torch.inference_mode():
+            mask = self.filter.select(logits.softmax(1), torch.as_tensor(ent))
+        upload = np.asarray(torch.as_tensor(mask).cpu(), dtype=bool)
+        return EdgeResult(predictions=preds, upload=upload, entropy=ent, e_max=float(self.filter.e_max))
+
+    def apply_update(self, state: NormState | None) -> None:
+        if state:
+            load_arrays(self.model, state)
+
+    def reset(self) -> None:
+        self.model.load_state_dict(self._deployed)
+        self.filter = None
+
+    def snapshot(self) -> dict[str, Any]:
+        if self.filter is None:
+            return {}
+        return {"num_classes": self._num_classes, "filter": self.filter.snapshot()}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        self.filter = None
+        if snap:
+            self.filter = self._make_filter(int(snap["num_classes"]))
+            self.filter.restore(snap["filter"])
+
+
+def make_edge(model: nn.Module, settings: dict[str, Any]) -> EdgePolicy:
+    return EataEdge(model, resolve_settings("eata", DEFAULTS, settings))
+
+
+def make_cloud(
+    foundation: nn.Module | None, student: nn.Module, settings: dict[str, Any], generator: torch.Generator
+) -> CloudTrainer:
+    s = resolve_settings("eata", DEFAULTS, settings)
+    return EntropyCloud(student, s, generator, reweighted_entropy(float(s["e0_factor"])))
+
+
+SPEC = METHODS.register(
+    "eata",
+    MethodSpec(
+        name="eata",
+        make_edge=make_edge,
+        make_cloud=make_cloud,
+        uses_foundation=False,
+        defaults=DEFAULTS,
+        description="ETA (EATA without Fisher): edge uploads reliable, non-redundant samples; cloud reweighted entropy min",
+    ),
+)

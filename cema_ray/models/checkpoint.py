@@ -1,0 +1,106 @@
+"""Checkpoints as safetensors plus a JSON card: no pickle is ever loaded.
+
+The card records what the model is (architecture, input, normalisation), how it was made
+(data, recipe) and how good it is (clean accuracy), plus the SHA-256 of the weights file,
+so a truncated or tampered file is refused with a clear message instead of half-loading.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cema_ray.errors import CheckpointError
+from cema_ray.models.factory import create_model
+
+REQUIRED_CARD_KEYS = ("architecture", "num_classes", "in_chans", "mean", "std")
+
+
+def card_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model: nn.Module, path: str | Path, card: dict[str, Any]) -> dict[str, Any]:
+    """Write ``path`` (safetensors) and its card atomically; returns the card written."""
+    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
+    if missing:
+        raise CheckpointError(f"checkpoint card lacks {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+    full = dict(card, sha256=sha256_file(path), format="safetensors")
+    _atomic_write_bytes(card_path(path), json.dumps(full, indent=2, sort_keys=True).encode())
+    return full
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    cpath = card_path(path)
+    if not cpath.is_file():
+        raise CheckpointError(f"checkpoint card not found: {cpath} (every checkpoint needs its JSON card)")
+    try:
+        card = json.loads(cpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint card {cpath} is not valid JSON: {exc}") from exc
+    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
+    if missing:
+        raise CheckpointError(f"checkpoint card {cpath} lacks keys {missing}")
+    return card
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model its card describes and load the weights, verifying the file's hash."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    card = read_card(path)
+    digest = sha256_file(path)
+    if card.get("sha256") and card["sha256"] != digest:
+        raise CheckpointError(
+            f"checkpoint {path} does not match its card (sha256 {digest[:12]}... != {card['sha256'][:12]}...): "
+            "the file is truncated or was modified"
+        )
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is not a readable safetensors file: {exc}") from exc
+    model = create_model(card["architecture"], card["num_classes"], card["in_chans"], card["mean"], card["std"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit '{card['architecture']}': {exc}") from exc
+    return model, card
+
+
+def load_torch_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a .pth/.pt state dict safely (weights_only=True: no arbitrary pickle)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for bad files
+        raise CheckpointError(f"cannot read weights {path} safely: {exc}") from exc

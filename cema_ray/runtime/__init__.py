@@ -1,0 +1,32 @@
+"""Runtimes: `local` (one process, the reference) and `ray` (edge hosts + a cloud actor)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+
+def default_out_dir(cfg: dict[str, Any]) -> Path:
+    return Path(cfg["output"].get("dir") or f"runs/{cfg['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run a validated config on its runtime and write batches.parquet, summary.json, report.md."""
+    from cema_ray.results import write_outputs
+
+    out = Path(out_dir) if out_dir else default_out_dir(cfg)
+    if cfg["runtime"] == "local":
+        from cema_ray.runtime.local import run_local
+
+        recorder, facts = run_local(cfg)
+    else:
+        from cema_ray.runtime.ray_runner import run_ray
+
+        recorder, facts = run_ray(cfg)
+    meta = {
+        "name": cfg["name"], "method": cfg["method"]["name"], "runtime": cfg["runtime"], "mode": cfg["mode"],
+        "num_edges": cfg["edges"]["count"], "seed": cfg["seed"], "data_source": cfg["data"]["source"], **facts,
+    }
+    summary = write_outputs(out, recorder, meta, report=cfg["output"].get("report", True))
+    summary["out_dir"] = str(out)
+    return summary

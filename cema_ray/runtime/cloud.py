@@ -1,0 +1,101 @@
+"""The cloud side of a run: a method's `CloudTrainer` plus versioning, queue bounds and accounting.
+
+Versions are numbered per student: one counter when all edges share a student, one per edge
+otherwise. A publication is what an edge loads; its version lets every batch record which
+parameters it was predicted with and how far behind the newest it was.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cema_ray.methods.base import CloudTrainer, NormState
+from cema_ray.models.norm import state_nbytes
+
+SHARED = -1  # the student key when every edge shares one student
+
+
+@dataclass
+class Publication:
+    """Parameters to load, the version they are, and which edges they are for (None = every edge)."""
+
+    state: NormState
+    version: int
+    edge_id: int | None
+
+    @property
+    def nbytes(self) -> int:
+        return state_nbytes(self.state)
+
+
+@dataclass
+class CloudStats:
+    steps: int = 0
+    ingested: int = 0
+    dropped: int = 0
+    publications: int = 0
+    step_seconds: float = 0.0
+    per_edge_steps: dict[int, int] = field(default_factory=dict)
+
+
+class CloudService:
+    """Receives uploads, runs the trainer, publishes versions (every `publish_every` rounds)."""
+
+    def __init__(self, trainer: CloudTrainer, student_scope: str, publish_every: int, queue_capacity: int) -> None:
+        self.trainer = trainer
+        self.per_edge = student_scope == "per_edge"
+        self.publish_every = publish_every
+        self.queue_capacity = queue_capacity
+        self.versions: dict[int, int] = {}
+        self.stats = CloudStats()
+        self.rounds = 0
+
+    def newest_version(self, edge_id: int) -> int:
+        return self.versions.get(edge_id if self.per_edge else SHARED, 0)
+
+    def receive(self, edge_id: int, images: np.ndarray) -> int:
+        """Ingest one edge batch's uploads and run the steps they make due; returns steps taken."""
+        accepted = images[: self.queue_capacity]
+        self.stats.dropped += len(images) - len(accepted)
+        self.stats.ingested += len(accepted)
+        t0 = time.perf_counter()
+        if len(accepted):
+            self.trainer.ingest(edge_id, accepted)
+        steps = self.trainer.on_edge_batch(edge_id)
+        self.stats.step_seconds += time.perf_counter() - t0
+        self.stats.steps += steps
+        self.stats.per_edge_steps[edge_id] = self.stats.per_edge_steps.get(edge_id, 0) + steps
+        return steps
+
+    def reset(self, edge_id: int) -> None:
+        self.trainer.reset(edge_id)
+
+    def end_round(self, edge_ids: list[int]) -> list[Publication]:
+        """Close a round; every `publish_every` rounds export what the edges must load."""
+        self.rounds += 1
+        if self.rounds % self.publish_every:
+            return []
+        keys = edge_ids if self.per_edge else [edge_ids[0]] if edge_ids else []
+        pubs = []
+        for edge_id in keys:
+            state = self.trainer.export(edge_id)
+            if state is None:
+                continue
+            key = edge_id if self.per_edge else SHARED
+            self.versions[key] = self.versions.get(key, 0) + 1
+            pubs.append(Publication(state, self.versions[key], edge_id if self.per_edge else None))
+        self.stats.publications += len(pubs)
+        return pubs
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"trainer": self.trainer.state_dict(), "versions": dict(self.versions), "rounds": self.rounds,
+                "stats": self.stats.__dict__.copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        self.versions = dict(state["versions"])
+        self.rounds = state["rounds"]
+        self.stats = CloudStats(**state["stats"])

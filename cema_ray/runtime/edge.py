@@ -1,0 +1,158 @@
+"""One edge device: its stream cursor, its method's edge policy, its weight version, its uplink.
+
+`EdgeDevice` is plain Python so the single-process runner and the Ray `EdgeHost` run the very
+same code; the Ray layer only decides where it lives. Everything it needs to resume after a
+crash (cursor, version, filter state, uplink credit) is in `snapshot()`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cema_ray.data.streams import Batch, EdgeStream
+from cema_ray.errors import BatchRejected
+from cema_ray.methods.base import EdgePolicy, NormState
+from cema_ray.models.norm import state_nbytes
+from cema_ray.models.preprocess import to_input
+
+
+@dataclass
+class EdgeProfile:
+    """What makes edges heterogeneous beyond their stream."""
+
+    group: str = "default"
+    frame_rate: float | None = None  # batches per second; None = as fast as possible
+    uplink_samples_per_s: float | None = None
+    uplink_bytes_per_s: float | None = None
+
+
+@dataclass
+class EdgeStep:
+    """The outcome of one batch: a per-batch record and the samples to upload."""
+
+    record: dict[str, Any]
+    upload_images: np.ndarray  # uint8 NHWC
+    upload_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    reset: bool = False  # the batch opened a new domain under the reset-per-domain protocol
+
+
+def validate_batch(batch: Batch, image_shape: tuple[int, ...], num_classes: int) -> None:
+    """Reject what an edge cannot predict on; the message names the fault."""
+    imgs = batch.images
+    if not isinstance(imgs, np.ndarray):
+        raise BatchRejected(f"batch {batch.index}: images must be a numpy array, got {type(imgs).__name__}")
+    if len(imgs) == 0:
+        raise BatchRejected(f"batch {batch.index}: empty batch")
+    if imgs.dtype != np.uint8:
+        raise BatchRejected(f"batch {batch.index}: images must be uint8 pixels, got {imgs.dtype}")
+    if imgs.ndim != 4 or tuple(imgs.shape[1:]) != tuple(image_shape):
+        raise BatchRejected(f"batch {batch.index}: images of shape {imgs.shape[1:]}, expected {tuple(image_shape)}")
+    if len(batch.labels) != len(imgs) or len(batch.ids) != len(imgs):
+        raise BatchRejected(f"batch {batch.index}: {len(imgs)} images but {len(batch.labels)} labels, {len(batch.ids)} ids")
+    if len(batch.labels) and (batch.labels.min() < 0 or batch.labels.max() >= num_classes):
+        raise BatchRejected(f"batch {batch.index}: labels outside 0..{num_classes - 1}")
+
+
+class EdgeDevice:
+    """A virtual edge: predicts every batch at once, uploads what its policy selects."""
+
+    def __init__(
+        self,
+        edge_id: int,
+        stream: EdgeStream,
+        policy: EdgePolicy,
+        profile: EdgeProfile,
+        image_shape: tuple[int, ...],
+        num_classes: int,
+    ) -> None:
+        self.edge_id = edge_id
+        self.stream = stream
+        self.policy = policy
+        self.profile = profile
+        self.image_shape = image_shape
+        self.num_classes = num_classes
+        self.cursor = 0
+        self.version = 0
+        self.uplink_credit = 0.0  # samples (or bytes) the uplink may still send
+        self.pending_bytes_down = 0
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    @property
+    def done(self) -> bool:
+        return self.cursor >= len(self.stream)
+
+    def step(self, newest_version: int) -> EdgeStep:
+        """Predict the next batch of the stream and decide its uploads."""
+        batch = self.stream.batch(self.cursor)
+        self.cursor += 1
+        return self.process(batch, newest_version)
+
+    def process(self, batch: Batch, newest_version: int) -> EdgeStep:
+        record = {
+            "edge_id": self.edge_id, "group": self.profile.group, "domain": batch.domain,
+            "batch_index": batch.index, "samples": len(batch.labels), "weight_version": self.version,
+            "version_lag": max(0, newest_version - self.version), "bytes_down": self.pending_bytes_down,
+        }
+        self.pending_bytes_down = 0
+        empty = np.zeros((0, *self.image_shape), np.uint8)
+        try:
+            validate_batch(batch, self.image_shape, self.num_classes)
+        except BatchRejected as exc:
+            record.update(correct=0, uploaded=0, bytes_up=0, latency_ms=0.0, e_max=float("nan"),
+                          mean_entropy=float("nan"), rejected=len(batch.labels), error=str(exc), throttled=0)
+            return EdgeStep(record, empty, reset=batch.reset)
+        if batch.reset:
+            self.policy.reset()
+        t0 = time.perf_counter()
+        result = self.policy.process(to_input(batch.images))
+        latency = (time.perf_counter() - t0) * 1000
+        selected = np.flatnonzero(result.upload)
+        allowed = self._uplink_allowance(len(selected))
+        kept = selected[:allowed]
+        images = batch.images[kept]
+        record.update(
+            correct=int((result.predictions == batch.labels).sum()), uploaded=int(len(kept)),
+            bytes_up=int(images.nbytes), latency_ms=latency, e_max=float(result.e_max),
+            mean_entropy=float(np.mean(result.entropy)), rejected=0, error="",
+            throttled=int(len(selected) - len(kept)),
+        )
+        return EdgeStep(record, images, batch.ids[kept], reset=batch.reset)
+
+    def _uplink_allowance(self, wanted: int) -> int:
+        """Token bucket in stream time (1 / frame_rate per batch), so it is the same in every runtime."""
+        p = self.profile
+        rate = p.uplink_samples_per_s
+        if rate is None and p.uplink_bytes_per_s is not None:
+            rate = p.uplink_bytes_per_s / float(np.prod(self.image_shape))
+        if rate is None:
+            return wanted
+        period = 1.0 / p.frame_rate if p.frame_rate else 1.0
+        self.uplink_credit = min(self.uplink_credit + rate * period, max(rate * period, 1.0) * 4)
+        allowed = min(wanted, int(self.uplink_credit))
+        self.uplink_credit -= allowed
+        return allowed
+
+    def apply_update(self, state: NormState, version: int) -> None:
+        """Load published parameters unless they are older than what this edge already has."""
+        if version <= self.version:
+            return
+        with torch.inference_mode():
+            self.policy.apply_update(state)
+        self.version = version
+        self.pending_bytes_down += state_nbytes(state)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"cursor": self.cursor, "version": self.version, "uplink_credit": self.uplink_credit,
+                "policy": self.policy.snapshot()}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        self.cursor = snap["cursor"]
+        self.version = snap["version"]
+        self.uplink_credit = snap["uplink_credit"]
+        self.policy.restore(snap["policy"])

@@ -1,0 +1,135 @@
+"""Build a run's pieces from its config: data, models, per-edge streams and profiles, the method.
+
+Both runtimes call these functions, so a local run and a Ray run of one config are made of
+identical parts; only where the parts live differs.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cema_ray.data.catalog import LabeledImagesLike, corrupted_provider, load_clean_split, source_info
+from cema_ray.data.streams import EdgeStream, StreamSpec
+from cema_ray.errors import CheckpointError
+from cema_ray.methods import METHODS
+from cema_ray.methods.base import MethodSpec
+from cema_ray.models.checkpoint import load_checkpoint
+from cema_ray.models.factory import TIMM_PREFIX, create_model
+from cema_ray.runtime.edge import EdgeProfile
+
+
+@dataclass
+class EdgePlan:
+    """Everything that defines one edge, small enough to ship to the actor that hosts it."""
+
+    edge_id: int
+    spec: StreamSpec
+    profile: EdgeProfile
+
+
+def method_settings(cfg: dict[str, Any]) -> tuple[MethodSpec, dict[str, Any]]:
+    """The method's registered defaults overlaid with the config's `method.settings`."""
+    spec = METHODS.get(cfg["method"]["name"])
+    settings = dict(spec.defaults)
+    settings.update(cfg["method"].get("settings") or {})
+    settings.setdefault("num_classes", cfg["data"].get("num_classes") or source_info(cfg["data"]["source"]).num_classes)
+    settings["student_scope"] = cfg["method"]["student_scope"]
+    return spec, settings
+
+
+def load_model(model_cfg: dict[str, Any], data_cfg: dict[str, Any], role: str) -> nn.Module:
+    """A model from its checkpoint (safetensors + card) or, for timm names, its local weights."""
+    path = model_cfg.get("checkpoint")
+    name = model_cfg["name"]
+    if name.startswith(TIMM_PREFIX):
+        info = source_info(data_cfg["source"])
+        return create_model(name, info.num_classes, info.channels, info.mean, info.std, weights=path)
+    if not path:
+        raise CheckpointError(f"models.{role}.checkpoint is not set: '{name}' needs trained weights")
+    if not Path(path).is_file():
+        raise CheckpointError(
+            f"models.{role}.checkpoint = {path}: file not found; train it with "
+            f"`cema-ray pretrain configs/pretrain_<data>_{role}.yaml`"
+        )
+    model, card = load_checkpoint(path)
+    if card["architecture"] != name:
+        raise CheckpointError(f"models.{role}: checkpoint {path} holds '{card['architecture']}', config names '{name}'")
+    return model
+
+
+def edge_plans(cfg: dict[str, Any]) -> list[EdgePlan]:
+    """Assign every edge its group (stream overrides, frame rate, uplink) deterministically."""
+    count = cfg["edges"]["count"]
+    groups = cfg["edges"].get("groups") or []
+    order = np.arange(count)
+    if cfg["edges"].get("heterogeneity_seed") is not None:
+        order = np.random.default_rng(cfg["edges"]["heterogeneity_seed"]).permutation(count)
+    assignment: dict[int, int] = {}
+    start = 0
+    for g, group in enumerate(groups):
+        n = int(round(group["fraction"] * count))
+        for e in order[start : start + n]:
+            assignment[int(e)] = g
+        start += n
+    plans = []
+    for e in range(count):
+        stream = dict(cfg["stream"])
+        profile = EdgeProfile()
+        g = assignment.get(e)
+        if g is not None:
+            group = groups[g]
+            stream.update(group.get("stream") or {})
+            profile = EdgeProfile(
+                group=group.get("name") or f"group{g}",
+                frame_rate=group.get("frame_rate"),
+                uplink_samples_per_s=group.get("uplink_samples_per_s"),
+                uplink_bytes_per_s=group.get("uplink_bytes_per_s"),
+            )
+        spec = StreamSpec(
+            protocol=stream["protocol"], corruptions=tuple(stream["corruptions"]), severity=stream["severity"],
+            batch_size=stream["batch_size"], samples_per_domain=stream["samples_per_domain"],
+            dirichlet_alpha=stream["dirichlet_alpha"], seed=cfg["seed"],
+        )
+        plans.append(EdgePlan(e, spec, profile))
+    return plans
+
+
+class DataContext:
+    """The clean split and pre-corrupted domains that every edge's stream draws from."""
+
+    def __init__(self, data_cfg: dict[str, Any], clean: LabeledImagesLike | None = None) -> None:
+        """``clean`` skips loading (a host gets the driver's copy from the object store)."""
+        self.info = source_info(data_cfg["source"])
+        self.clean: LabeledImagesLike | None = None
+        self.corrupted = None
+        if self.info.kind == "corrupted":
+            self.corrupted = corrupted_provider(data_cfg)
+        else:
+            self.clean = clean if clean is not None else load_clean_split(data_cfg, data_cfg.get("split", "test"))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        images = getattr(self.clean, "images", None)
+        if images is not None:
+            return tuple(images.shape[1:])
+        size = self.info.image_size
+        return (size, size, self.info.channels)
+
+    def stream(self, plan: EdgePlan) -> EdgeStream:
+        return EdgeStream(self.clean, plan.spec, plan.edge_id, corrupted_source=self.corrupted)
+
+
+def make_generator(seed: int, *salt: int) -> torch.Generator:
+    """A torch generator seeded from (seed, salt...) through numpy's SeedSequence."""
+    value = int(np.random.SeedSequence([seed, *salt]).generate_state(1)[0])
+    return torch.Generator().manual_seed(value)
+
+
+def fresh_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)

@@ -1,0 +1,87 @@
+"""The single-process runner: the reference semantics every other runtime is tested against.
+
+Rounds are synchronous. In round k every edge that still has data predicts its k-th batch with
+the parameters it holds (in ascending edge id); then the cloud ingests each edge's uploads in
+that order and runs the steps they make due; then, every `publish_every` rounds, it publishes
+and the edges load the new version before round k + 1. With one edge and K = 1 this is
+exactly the authors' loop.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from cema_ray.runtime.cloud import CloudService, Publication
+from cema_ray.runtime.edge import EdgeDevice, EdgeStep
+from cema_ray.runtime.fleet import DataContext, edge_plans, fresh_copy, load_model, make_generator, method_settings
+from cema_ray.results import RunRecorder
+
+
+def build_cloud(cfg: dict[str, Any], edge_model: torch.nn.Module, foundation: torch.nn.Module | None) -> CloudService:
+    spec, settings = method_settings(cfg)
+    trainer = spec.make_cloud(foundation, fresh_copy(edge_model), settings, make_generator(cfg["seed"], 1))
+    return CloudService(trainer, cfg["method"]["student_scope"], cfg["method"]["publish_every"],
+                        cfg["cloud"]["queue_capacity"])
+
+
+def build_edges(cfg: dict[str, Any], data: DataContext, edge_model: torch.nn.Module, plans: list) -> list[EdgeDevice]:
+    spec, settings = method_settings(cfg)
+    shape = data.image_shape
+    return [
+        EdgeDevice(p.edge_id, data.stream(p), spec.make_edge(fresh_copy(edge_model), settings), p.profile,
+                   shape, data.info.num_classes)
+        for p in plans
+    ]
+
+
+def run_round(edges: list[EdgeDevice], cloud: CloudService) -> list[EdgeStep]:
+    """One synchronous round over the edges that still have data (the reference order)."""
+    active = [e for e in edges if not e.done]
+    steps = [e.step(cloud.newest_version(e.edge_id)) for e in active]
+    for edge, out in zip(active, steps):
+        if out.reset:
+            cloud.reset(edge.edge_id)
+        out.record["cloud_steps"] = cloud.receive(edge.edge_id, out.upload_images)
+    deliver(cloud.end_round([e.edge_id for e in active]), edges)
+    return steps
+
+
+def deliver(pubs: list[Publication], edges: list[EdgeDevice]) -> None:
+    by_id = {e.edge_id: e for e in edges}
+    for pub in pubs:
+        targets = edges if pub.edge_id is None else [by_id[pub.edge_id]]
+        for edge in targets:
+            edge.apply_update(pub.state, pub.version)
+
+
+def run_local(cfg: dict[str, Any]) -> tuple[RunRecorder, dict[str, Any]]:
+    """Run the whole fleet in this process; returns the per-batch records and run facts."""
+    torch.manual_seed(cfg["seed"])
+    data = DataContext(cfg["data"])
+    edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")
+    spec, _ = method_settings(cfg)
+    foundation = load_model(cfg["models"]["foundation"], cfg["data"], "foundation") if spec.uses_foundation else None
+    plans = edge_plans(cfg)
+    edges = build_edges(cfg, data, edge_model, plans)
+    cloud = build_cloud(cfg, edge_model, foundation)
+    recorder = RunRecorder()
+    total = sum(len(e.stream) for e in edges)
+    t0 = time.perf_counter()
+    seen = correct = uploaded = 0
+    with tqdm(total=total, desc=f"{cfg['name']} [local]", unit="batch", disable=not cfg["output"]["progress"],
+              mininterval=2) as bar:
+        while any(not e.done for e in edges):
+            for out in run_round(edges, cloud):
+                out.record.update(host_id=0, t_wall=time.perf_counter() - t0)
+                recorder.add(out.record)
+                seen += out.record["samples"]
+                correct += out.record["correct"]
+                uploaded += out.record["uploaded"]
+                bar.update(1)
+            bar.set_postfix(acc=f"{correct / max(seen, 1):.3f}", up=f"{uploaded / max(seen, 1):.2f}")
+    facts = {"wall_seconds": time.perf_counter() - t0, "dropped": cloud.stats.dropped,
+             "cloud_steps": cloud.stats.steps, "publications": cloud.stats.publications}
+    return recorder, facts

@@ -1,0 +1,110 @@
+"""The Ray actors: `EdgeHost` (K virtual edges in one process) and `CloudActor`.
+
+Both are plain classes; `ray.remote` is applied where they are started (`ray_runner.py`), so
+their logic is the same objects the single-process runner uses (`EdgeDevice`, `CloudService`)
+and can be tested without Ray. Images cross processes as uint8 numpy arrays, which Ray's
+object store hands to a reader on the same node without a copy.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from cema_ray.data.catalog import LabeledImagesLike
+from cema_ray.runtime.cloud import CloudService, Publication
+from cema_ray.runtime.fleet import DataContext, EdgePlan, load_model, method_settings
+
+
+class EdgeHost:
+    """Hosts a contiguous range of virtual edges sharing one process and one torch runtime."""
+
+    def __init__(self, host_id: int, cfg: dict[str, Any], plans: list[EdgePlan],
+                 clean: LabeledImagesLike | None = None, threads: int = 1) -> None:
+        from cema_ray.runtime.local import build_edges
+
+        torch.set_num_threads(threads)
+        self.host_id = host_id
+        data = DataContext(cfg["data"], clean=clean)
+        edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")
+        self.edges = build_edges(cfg, data, edge_model, plans)
+        self.by_id = {e.edge_id: e for e in self.edges}
+
+    def __repr__(self) -> str:  # Ray uses it as the log prefix
+        ids = [e.edge_id for e in self.edges]
+        return f"EdgeHost{self.host_id}[edges {ids[0]}-{ids[-1]}]" if ids else f"EdgeHost{self.host_id}[]"
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def pending(self) -> list[int]:
+        """Edge ids that still have batches to predict."""
+        return [e.edge_id for e in self.edges if not e.done]
+
+    def step_round(self, newest: dict[int, int]) -> tuple[list[dict[str, Any]], list[tuple[int, bool, np.ndarray]]]:
+        """Every edge with data predicts its next batch; returns records and (edge, reset, uploads)."""
+        records, uploads = [], []
+        for edge in self.edges:
+            if edge.done:
+                continue
+            out = edge.step(newest.get(edge.edge_id, 0))
+            out.record["host_id"] = self.host_id
+            records.append(out.record)
+            uploads.append((edge.edge_id, out.reset, out.upload_images))
+        return records, uploads
+
+    def apply(self, pubs: list[Publication]) -> int:
+        """Load published versions (shared ones into every edge); returns how many edges updated."""
+        updated = 0
+        for pub in pubs:
+            targets = self.edges if pub.edge_id is None else [self.by_id[pub.edge_id]] if pub.edge_id in self.by_id else []
+            for edge in targets:
+                before = edge.version
+                edge.apply_update(pub.state, pub.version)
+                updated += edge.version != before
+        return updated
+
+    def snapshot(self) -> dict[int, dict[str, Any]]:
+        return {e.edge_id: e.snapshot() for e in self.edges}
+
+
+class CloudActor:
+    """The foundation model, the student(s), the replay buffer and the publication counter."""
+
+    def __init__(self, cfg: dict[str, Any], threads: int = 1) -> None:
+        from cema_ray.runtime.local import build_cloud
+
+        torch.set_num_threads(threads)
+        spec, _ = method_settings(cfg)
+        edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")
+        foundation = load_model(cfg["models"]["foundation"], cfg["data"], "foundation") if spec.uses_foundation else None
+        self.service: CloudService = build_cloud(cfg, edge_model, foundation)
+
+    def __repr__(self) -> str:
+        return "CloudActor"
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def newest_versions(self, edge_ids: list[int]) -> dict[int, int]:
+        return {e: self.service.newest_version(e) for e in edge_ids}
+
+    def receive_round(self, *host_uploads: list[tuple[int, bool, np.ndarray]]) -> dict[int, int]:
+        """Ingest one round's uploads in ascending edge id (the reference order); returns steps per edge."""
+        items = sorted((item for uploads in host_uploads for item in uploads), key=lambda it: it[0])
+        steps = {}
+        for edge_id, reset, images in items:
+            if reset:
+                self.service.reset(edge_id)
+            steps[edge_id] = self.service.receive(edge_id, images)
+        return steps
+
+    def end_round(self, edge_ids: list[int]) -> list[Publication]:
+        return self.service.end_round(sorted(edge_ids))
+
+    def stats(self) -> dict[str, Any]:
+        s = self.service.stats
+        return {"steps": s.steps, "ingested": s.ingested, "dropped": s.dropped, "publications": s.publications,
+                "step_seconds": s.step_seconds}
