@@ -97,6 +97,7 @@ class EdgeDevice:
         record = {
             "edge_id": self.edge_id, "group": self.profile.group, "domain": batch.domain,
             "batch_index": batch.index, "samples": len(batch.labels), "weight_version": self.version,
+            "first_id": int(batch.ids[0]) if len(batch.ids) else -1, "last_id": int(batch.ids[-1]) if len(batch.ids) else -1,
             "version_lag": max(0, newest_version - self.version), "bytes_down": self.pending_bytes_down,
         }
         self.pending_bytes_down = 0

@@ -34,12 +34,17 @@ class EdgePlan:
 
 
 def method_settings(cfg: dict[str, Any]) -> tuple[MethodSpec, dict[str, Any]]:
-    """The method's registered defaults overlaid with the config's `method.settings`."""
+    """The method's registered defaults overlaid with the config's `method.settings`.
+
+    Settings that mirror run-level keys (student scope, K, class count) follow the run config
+    when the method has them, so the runtime and the method cannot disagree.
+    """
     spec = METHODS.get(cfg["method"]["name"])
     settings = dict(spec.defaults)
     settings.update(cfg["method"].get("settings") or {})
-    settings.setdefault("num_classes", cfg["data"].get("num_classes") or source_info(cfg["data"]["source"]).num_classes)
-    settings["student_scope"] = cfg["method"]["student_scope"]
+    mirrored = {"student_scope": cfg["method"]["student_scope"], "publish_every": cfg["method"]["publish_every"],
+                "num_classes": cfg["data"].get("num_classes") or source_info(cfg["data"]["source"]).num_classes}
+    settings.update({k: v for k, v in mirrored.items() if k in spec.defaults})
     return spec, settings
 
 

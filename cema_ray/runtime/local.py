@@ -8,16 +8,14 @@ exactly the authors' loop.
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
-from tqdm import tqdm
-
 from cema_ray.runtime.cloud import CloudService, Publication
 from cema_ray.runtime.edge import EdgeDevice, EdgeStep
 from cema_ray.runtime.fleet import DataContext, edge_plans, fresh_copy, load_model, make_generator, method_settings
 from cema_ray.results import RunRecorder
+from cema_ray.runtime.progress import RunProgress
 
 
 def build_cloud(cfg: dict[str, Any], edge_model: torch.nn.Module, foundation: torch.nn.Module | None) -> CloudService:
@@ -67,21 +65,13 @@ def run_local(cfg: dict[str, Any]) -> tuple[RunRecorder, dict[str, Any]]:
     plans = edge_plans(cfg)
     edges = build_edges(cfg, data, edge_model, plans)
     cloud = build_cloud(cfg, edge_model, foundation)
-    recorder = RunRecorder()
-    total = sum(len(e.stream) for e in edges)
-    t0 = time.perf_counter()
-    seen = correct = uploaded = 0
-    with tqdm(total=total, desc=f"{cfg['name']} [local]", unit="batch", disable=not cfg["output"]["progress"],
-              mininterval=2) as bar:
-        while any(not e.done for e in edges):
-            for out in run_round(edges, cloud):
-                out.record.update(host_id=0, t_wall=time.perf_counter() - t0)
-                recorder.add(out.record)
-                seen += out.record["samples"]
-                correct += out.record["correct"]
-                uploaded += out.record["uploaded"]
-                bar.update(1)
-            bar.set_postfix(acc=f"{correct / max(seen, 1):.3f}", up=f"{uploaded / max(seen, 1):.2f}")
-    facts = {"wall_seconds": time.perf_counter() - t0, "dropped": cloud.stats.dropped,
+    progress = RunProgress(f"{cfg['name']} [local]", sum(len(e.stream) for e in edges), cfg["output"]["progress"])
+    while any(not e.done for e in edges):
+        for out in run_round(edges, cloud):
+            out.record["host_id"] = 0
+            progress.add(out.record)
+        progress.refresh()
+    progress.close()
+    facts = {"wall_seconds": progress.elapsed, "dropped": cloud.stats.dropped,
              "cloud_steps": cloud.stats.steps, "publications": cloud.stats.publications}
-    return recorder, facts
+    return progress.recorder, facts

@@ -8,13 +8,15 @@ object store hands to a reader on the same node without a copy.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
 import torch
 
 from cema_ray.data.catalog import LabeledImagesLike
-from cema_ray.runtime.cloud import CloudService, Publication
+from cema_ray.runtime.cloud import SHARED, CloudService, Publication
+from cema_ray.runtime.edge import EdgeDevice
 from cema_ray.runtime.fleet import DataContext, EdgePlan, load_model, method_settings
 
 
@@ -31,6 +33,7 @@ class EdgeHost:
         edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")
         self.edges = build_edges(cfg, data, edge_model, plans)
         self.by_id = {e.edge_id: e for e in self.edges}
+        self.t_start: float | None = None
 
     def __repr__(self) -> str:  # Ray uses it as the log prefix
         ids = [e.edge_id for e in self.edges]
@@ -43,17 +46,37 @@ class EdgeHost:
         """Edge ids that still have batches to predict."""
         return [e.edge_id for e in self.edges if not e.done]
 
-    def step_round(self, newest: dict[int, int]) -> tuple[list[dict[str, Any]], list[tuple[int, bool, np.ndarray]]]:
-        """Every edge with data predicts its next batch; returns records and (edge, reset, uploads)."""
+    def step_round(self, newest: dict[int, int], paced: bool = False
+                   ) -> tuple[list[dict[str, Any]], list[tuple[int, bool, np.ndarray]]]:
+        """Every edge with data predicts its next batch; returns records and (edge, reset, uploads).
+
+        ``paced``: edges with a frame rate wait for their next frame time (async mode runs in real
+        time); sync rounds ignore frame rates, as the single-process runner does.
+        """
+        if paced:
+            self._wait_for_frames()
         records, uploads = [], []
         for edge in self.edges:
-            if edge.done:
+            if edge.done or (paced and not self._due(edge)):
                 continue
-            out = edge.step(newest.get(edge.edge_id, 0))
+            out = edge.step(newest.get(edge.edge_id, newest.get(SHARED, 0)))
             out.record["host_id"] = self.host_id
             records.append(out.record)
             uploads.append((edge.edge_id, out.reset, out.upload_images))
         return records, uploads
+
+    def _due(self, edge: EdgeDevice) -> bool:
+        rate = edge.profile.frame_rate
+        return not rate or time.monotonic() >= self.t_start + edge.cursor / rate
+
+    def _wait_for_frames(self) -> None:
+        """Sleep until at least one unfinished edge has a frame due."""
+        if self.t_start is None:
+            self.t_start = time.monotonic()
+        waits = [self.t_start + e.cursor / e.profile.frame_rate - time.monotonic()
+                 for e in self.edges if not e.done and e.profile.frame_rate]
+        if waits and len(waits) == sum(not e.done for e in self.edges) and min(waits) > 0:
+            time.sleep(min(waits))
 
     def apply(self, pubs: list[Publication]) -> int:
         """Load published versions (shared ones into every edge); returns how many edges updated."""
@@ -103,6 +126,12 @@ class CloudActor:
 
     def end_round(self, edge_ids: list[int]) -> list[Publication]:
         return self.service.end_round(sorted(edge_ids))
+
+    def receive_and_publish(self, uploads: list[tuple[int, bool, np.ndarray]]
+                            ) -> tuple[dict[int, int], list[Publication]]:
+        """Async mode: one host's uploads, then whatever publication falls due."""
+        steps = self.receive_round(uploads)
+        return steps, self.end_round(list(steps))
 
     def stats(self) -> dict[str, Any]:
         s = self.service.stats

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections import deque
 from typing import Any
 
 import ray
-from tqdm import tqdm
-
 from cema_ray.results import RunRecorder
+from cema_ray.runtime.cloud import SHARED
 from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans
+from cema_ray.runtime.progress import RunProgress
 from cema_ray.runtime.ray_actors import CloudActor, EdgeHost
 
 NAMESPACE = "cema"
@@ -75,39 +76,104 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
     return cloud, hosts
 
 
-def run_sync(cloud: Any, hosts: list[Any], recorder: RunRecorder, total: int, cfg: dict[str, Any]) -> None:
-    t0 = time.perf_counter()
-    edge_ids = [p for ids in ray.get([h.pending.remote() for h in hosts]) for p in ids]
-    seen = correct = uploaded = 0
-    with tqdm(total=total, desc=f"{cfg['name']} [ray sync]", unit="batch", disable=not cfg["output"]["progress"],
-              mininterval=2) as bar:
-        while edge_ids:
-            newest = ray.get(cloud.newest_versions.remote(edge_ids))
-            outs = [h.step_round.options(num_returns=2).remote(newest) for h in hosts]
-            record_refs, upload_refs = [o[0] for o in outs], [o[1] for o in outs]
-            steps_ref = cloud.receive_round.remote(*upload_refs)  # uploads go host -> cloud via the store
-            steps = ray.get(steps_ref)
-            pubs = ray.get(cloud.end_round.remote(edge_ids))
-            if pubs:
-                pubs_ref = ray.put(pubs)  # put once, every host gets the same reference
-                ray.get([h.apply.remote(pubs_ref) for h in hosts])
-            for records in ray.get(record_refs):
-                for rec in records:
-                    rec["cloud_steps"] = steps.get(rec["edge_id"], 0)
-                    rec["t_wall"] = time.perf_counter() - t0
-                    recorder.add(rec)
-                    seen += rec["samples"]
-                    correct += rec["correct"]
-                    uploaded += rec["uploaded"]
-                    bar.update(1)
-            bar.set_postfix(acc=f"{correct / max(seen, 1):.3f}", up=f"{uploaded / max(seen, 1):.2f}")
-            edge_ids = [p for ids in ray.get([h.pending.remote() for h in hosts]) for p in ids]
+def pending_edges(hosts: list[Any]) -> list[int]:
+    return [e for ids in ray.get([h.pending.remote() for h in hosts]) for e in ids]
+
+
+def run_sync(cloud: Any, hosts: list[Any], progress: RunProgress) -> None:
+    """Reference rounds: hosts predict in parallel, the cloud ingests in edge order, one publication."""
+    edge_ids = pending_edges(hosts)
+    while edge_ids:
+        newest = ray.get(cloud.newest_versions.remote(edge_ids))
+        outs = [h.step_round.options(num_returns=2).remote(newest) for h in hosts]
+        record_refs, upload_refs = [o[0] for o in outs], [o[1] for o in outs]
+        steps = ray.get(cloud.receive_round.remote(*upload_refs))  # uploads go host -> cloud via the store
+        pubs = ray.get(cloud.end_round.remote(edge_ids))
+        if pubs:
+            pubs_ref = ray.put(pubs)  # put once, every host gets the same reference
+            ray.get([h.apply.remote(pubs_ref) for h in hosts])
+        for records in ray.get(record_refs):
+            for rec in records:
+                rec["cloud_steps"] = steps.get(rec["edge_id"], 0)
+                progress.add(rec)
+        progress.refresh()
+        edge_ids = pending_edges(hosts)
+
+
+class AsyncDriver:
+    """Edges run ahead: each host keeps up to `max_in_flight` steps queued, the cloud consumes uploads
+    as they come, and each publication is broadcast as soon as it exists.
+
+    Uploads wait in a bounded backlog while the cloud is busy (at most `CLOUD_IN_FLIGHT` calls
+    outstanding); past the bound the oldest are dropped and counted, so a slow cloud never stalls
+    the edges nor grows memory without bound.
+    """
+
+    CLOUD_IN_FLIGHT = 2
+
+    def __init__(self, cloud: Any, hosts: list[Any], progress: RunProgress, cfg: dict[str, Any]) -> None:
+        self.cloud, self.hosts, self.progress = cloud, hosts, progress
+        self.max_in_flight = cfg["ray"]["max_in_flight_per_host"]
+        self.backlog_bound = max(2, 2 * len(hosts))
+        self.newest: dict[int, int] = {}
+        self.host_calls: dict[Any, tuple[int, Any]] = {}  # records ref -> (host index, uploads ref)
+        self.cloud_calls: dict[Any, list[dict[str, Any]]] = {}  # cloud ref -> records awaiting steps
+        self.backlog: deque[tuple[Any, list[dict[str, Any]]]] = deque()
+        self.dropped = 0
+
+    def submit(self, i: int) -> None:
+        records_ref, uploads_ref = self.hosts[i].step_round.options(num_returns=2).remote(self.newest, True)
+        self.host_calls[records_ref] = (i, uploads_ref)
+
+    def run(self) -> int:
+        for i in range(len(self.hosts)):
+            for _ in range(self.max_in_flight):
+                self.submit(i)
+        while self.host_calls or self.cloud_calls or self.backlog:
+            ready, _ = ray.wait([*self.host_calls, *self.cloud_calls], num_returns=1, timeout=1.0)
+            for ref in ready:
+                if ref in self.host_calls:
+                    self._host_done(ref)
+                else:
+                    self._cloud_done(ref)
+            self._dispatch()
+            self.progress.refresh(version=max(self.newest.values(), default=0), backlog=len(self.backlog))
+        return self.dropped
+
+    def _host_done(self, ref: Any) -> None:
+        i, uploads_ref = self.host_calls.pop(ref)
+        records = ray.get(ref)
+        if not records:
+            return  # the host's edges are done: no more calls to it
+        self.backlog.append((uploads_ref, records))
+        while len(self.backlog) > self.backlog_bound:
+            _, old = self.backlog.popleft()  # oldest first: the freshest uploads matter most
+            for rec in old:
+                self.dropped += rec["uploaded"]
+                self.progress.add(dict(rec, cloud_steps=0, dropped=rec["uploaded"]))
+        self.submit(i)
+
+    def _dispatch(self) -> None:
+        while self.backlog and len(self.cloud_calls) < self.CLOUD_IN_FLIGHT:
+            uploads_ref, records = self.backlog.popleft()
+            self.cloud_calls[self.cloud.receive_and_publish.remote(uploads_ref)] = records
+
+    def _cloud_done(self, ref: Any) -> None:
+        records = self.cloud_calls.pop(ref)
+        steps, pubs = ray.get(ref)
+        if pubs:
+            pubs_ref = ray.put(pubs)  # put once; every host gets the same reference
+            for pub in pubs:
+                key = SHARED if pub.edge_id is None else pub.edge_id
+                self.newest[key] = max(self.newest.get(key, 0), pub.version)
+            for host in self.hosts:
+                host.apply.remote(pubs_ref)  # fire and forget: applied between the host's steps
+        for rec in records:
+            self.progress.add(dict(rec, cloud_steps=steps.get(rec["edge_id"], 0), dropped=0))
 
 
 def run_ray(cfg: dict[str, Any]) -> tuple[RunRecorder, dict[str, Any]]:
     """Run the fleet on Ray; returns the per-batch records and run facts."""
-    if cfg["mode"] != "sync":
-        raise NotImplementedError("mode 'async' is not implemented yet; use mode=sync")
     started = init_ray(cfg)
     try:
         t_start = time.perf_counter()
@@ -118,15 +184,20 @@ def run_ray(cfg: dict[str, Any]) -> tuple[RunRecorder, dict[str, Any]]:
         cloud, hosts = start_actors(cfg, groups, clean_ref)
         startup = time.perf_counter() - t_start
         total = sum(len(data.stream(p)) for p in plans)
-        recorder = RunRecorder()
-        t0 = time.perf_counter()
-        run_sync(cloud, hosts, recorder, total, cfg)
+        progress = RunProgress(f"{cfg['name']} [ray {cfg['mode']}]", total, cfg["output"]["progress"])
+        dropped = 0
+        if cfg["mode"] == "sync":
+            run_sync(cloud, hosts, progress)
+        else:
+            dropped = AsyncDriver(cloud, hosts, progress, cfg).run()
+        progress.close()
         stats = ray.get(cloud.stats.remote())
-        facts = {"wall_seconds": time.perf_counter() - t0, "startup_seconds": startup, "num_hosts": len(hosts),
-                 "dropped": stats["dropped"], "cloud_steps": stats["steps"], "publications": stats["publications"]}
+        facts = {"wall_seconds": progress.elapsed, "startup_seconds": startup, "num_hosts": len(hosts),
+                 "dropped": stats["dropped"] + dropped, "cloud_steps": stats["steps"],
+                 "publications": stats["publications"], "cloud_step_seconds": stats["step_seconds"]}
         for actor in [cloud, *hosts]:
             ray.kill(actor)
-        return recorder, facts
+        return progress.recorder, facts
     finally:
         if started:
             ray.shutdown()

@@ -1,0 +1,199 @@
+"""`cema-ray bench`: tiny random checkpoints, real Fashion-MNIST, output files and their consistency."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cema_ray import bench
+from cema_ray.cli import main as cli_main
+from cema_ray.data.corruptions import CORRUPTIONS
+from cema_ray.data.sources import DATA_SOURCES
+from cema_ray.errors import ConfigError
+from cema_ray.models.checkpoint import save_checkpoint
+from cema_ray.models.factory import create_model
+
+torch.set_num_threads(1)
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST is not installed")
+
+
+def _checkpoint(path: Path, seed: int) -> None:
+    info = DATA_SOURCES.get("fashion-mnist")
+    torch.manual_seed(seed)
+    model = create_model("cema_resnet_s", 10, 1, info.mean, info.std)
+    save_checkpoint(model, path, {"architecture": "cema_resnet_s", "num_classes": 10, "in_chans": 1,
+                                  "mean": list(info.mean), "std": list(info.std)})
+
+
+@pytest.fixture(scope="module")
+def run_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run config for the ray runtime with groups and 4 edges: bench must turn it into one local edge."""
+    root = tmp_path_factory.mktemp("bench")
+    _checkpoint(root / "edge.safetensors", 0)
+    _checkpoint(root / "foundation.safetensors", 1)
+    cfg = {
+        "name": "tiny", "runtime": "ray", "seed": 0, "data": {"source": "fashion-mnist", "root": str(FMNIST)},
+        "models": {"edge": {"name": "cema_resnet_s", "checkpoint": str(root / "edge.safetensors")},
+                   "foundation": {"name": "cema_resnet_s", "checkpoint": str(root / "foundation.safetensors")}},
+        "stream": {"batch_size": 32, "samples_per_domain": 500},
+        "edges": {"count": 4, "per_host": 2, "hosts": 2, "groups": [{"fraction": 0.5, "stream": {"batch_size": 16}}]},
+        "method": {"name": "cema", "settings": {"d_margin": 0.4}},
+        "output": {"progress": False},
+    }
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+# ----------------------------------------------------------------------------------- bench models
+def test_models_table_covers_clean_and_all_corruptions(run_yaml: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "models"
+    assert bench.main(["models", str(run_yaml), "--samples", "40", "--out", str(out)]) == 0
+    result = json.loads((out / "models.json").read_text())
+    assert result["domains"] == ["clean", *CORRUPTIONS] and result["samples"] == 40
+    for role in ("edge", "foundation"):
+        acc = result["accuracy"][role]
+        assert set(acc) == set(result["domains"])
+        # 40 samples: every accuracy is a multiple of 1/40 in [0, 1]
+        assert all(0 <= a <= 1 and abs(a * 40 - round(a * 40)) < 1e-9 for a in acc.values())
+        expected_mean = np.mean([acc[c] for c in CORRUPTIONS])
+        assert result["mean_corruption_accuracy"][role] == pytest.approx(expected_mean)
+    # different random weights: the two columns cannot be identical everywhere
+    assert result["accuracy"]["edge"] != result["accuracy"]["foundation"]
+    md = (out / "models.md").read_text()
+    assert md.count("\n| ") == 2 + 16 + 1  # header, rule, 16 domains, mean
+    assert f"cema-ray bench models {run_yaml} --samples 40 --out {out}" in md
+    assert "| **mean (15 corruptions)** |" in capsys.readouterr().out
+
+
+def test_models_is_deterministic_and_matches_a_direct_evaluation(run_yaml: Path) -> None:
+    """Clean accuracy equals a hand-rolled eval of the same seeded subset; corrupted ones repeat exactly."""
+    from cema_ray.models.checkpoint import load_checkpoint
+    from cema_ray.models.preprocess import to_input
+
+    cfg = bench.bench_config(run_yaml, [])
+    a = bench.evaluate_models(cfg, ["edge"], 5, 30)
+    b = bench.evaluate_models(cfg, ["edge"], 5, 30)
+    assert a.accuracy == b.accuracy
+    clean = DATA_SOURCES.get("fashion-mnist").loader(FMNIST, "test")
+    idx = bench.subset_indices(len(clean), 30, cfg["seed"])
+    assert len(idx) == 30 and len(set(idx.tolist())) == 30
+    model, _ = load_checkpoint(cfg["models"]["edge"]["checkpoint"])
+    with torch.inference_mode():
+        pred = model.eval()(to_input(clean.images[idx])).argmax(1).numpy()
+    assert a.accuracy["edge"]["clean"] == pytest.approx(float((pred == clean.labels[idx]).mean()))
+
+
+def test_subset_indices() -> None:
+    assert bench.subset_indices(5, None, 0).tolist() == [0, 1, 2, 3, 4]
+    assert bench.subset_indices(5, 9, 0).tolist() == [0, 1, 2, 3, 4]
+    s = bench.subset_indices(100, 10, 3)
+    assert s.tolist() == sorted(set(s.tolist())) and len(s) == 10 and s.max() < 100
+    assert s.tolist() == bench.subset_indices(100, 10, 3).tolist()
+    assert s.tolist() != bench.subset_indices(100, 10, 4).tolist()
+
+
+# ---------------------------------------------------------------------------------- bench methods
+def test_methods_quick_table(run_yaml: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "methods"
+    argv = ["methods", str(run_yaml), "--quick", "--methods", "source,upload-all,bn", "--protocols",
+            "continual,reset", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads((out / "methods.json").read_text())["rows"]
+    assert [(r["protocol"], r["method"]) for r in rows] == [
+        (p, m) for p in ("continual", "reset") for m in ("source", "upload-all", "bn")]
+    quick_samples = 4 * 64  # --quick: 4 corruptions x 64 samples, on ONE edge (the config has 4)
+    for r in rows:
+        assert r["status"] == "ok" and r["error"] == ""
+        assert r["samples"] == quick_samples and 0 <= r["accuracy"] <= 1
+        summary = json.loads((Path(r["out_dir"]) / "summary.json").read_text())
+        assert summary["num_edges"] == 1 and summary["runtime"] == "local" and summary["method"] == r["method"]
+        assert summary["accuracy"] == r["accuracy"] and summary["uploaded"] == r["uploaded"]
+        assert Path(r["out_dir"]) == out / r["protocol"] / r["method"]
+        assert not (Path(r["out_dir"]) / "report.md").exists()  # output.report=false
+        if r["method"] in ("source", "bn"):
+            assert r["uploaded"] == 0 and r["upload_fraction"] == 0 and r["bytes_up"] == 0
+        else:
+            assert r["uploaded"] == quick_samples and r["upload_fraction"] == 1.0
+            assert r["bytes_up"] >= quick_samples * 28 * 28  # uint8 images at least
+    by = {(r["protocol"], r["method"]): r for r in rows}
+    # source never adapts: the protocol cannot change its predictions
+    assert by["continual", "source"]["accuracy"] == by["reset", "source"]["accuracy"]
+    with open(out / "methods.csv") as f:
+        assert len(list(csv.DictReader(f))) == 6
+    md = (out / "methods.md").read_text()
+    assert md.count("\n| continual |") == 3 and md.count("\n| reset |") == 3
+    assert "cema-ray bench " + " ".join(argv) in md
+    assert "| reset | upload-all |" in capsys.readouterr().out
+
+
+def test_methods_reports_a_failed_run(run_yaml: Path, tmp_path: Path, monkeypatch) -> None:
+    import cema_ray.runtime
+
+    real = cema_ray.runtime.run_experiment
+
+    def flaky(cfg, out):
+        if cfg["method"]["name"] == "bn":
+            raise RuntimeError("boom in bn")
+        return real(cfg, out)
+
+    monkeypatch.setattr(cema_ray.runtime, "run_experiment", flaky)
+    out = tmp_path / "m"
+    argv = ["methods", str(run_yaml), "--quick", "--methods", "bn,source", "--protocols", "continual",
+            "--override", "stream.samples_per_domain=32", "--out", str(out)]
+    assert bench.main(argv) == 1
+    rows = json.loads((out / "methods.json").read_text())["rows"]
+    assert [(r["method"], r["status"]) for r in rows] == [("bn", "failed"), ("source", "ok")]
+    assert rows[0]["error"] == "RuntimeError: boom in bn" and rows[0]["accuracy"] is None
+    assert "boom in bn" in (out / "continual" / "bn" / "error.txt").read_text()
+    assert "failed: RuntimeError: boom in bn" in (out / "methods.md").read_text()
+    assert rows[1]["samples"] == 4 * 32  # user overrides win over --quick's
+
+
+def test_bench_config_drops_settings_the_method_lacks(run_yaml: Path) -> None:
+    cema = bench.bench_config(run_yaml, [], ["method.name=cema"])
+    assert cema["method"]["settings"]["d_margin"] == 0.4
+    source = bench.bench_config(run_yaml, [], ["method.name=source", "edges.count=1", "edges.hosts=null"])
+    assert "d_margin" not in source["method"]["settings"]
+    assert source["edges"]["count"] == 1
+
+
+# -------------------------------------------------------------------------------------- bad args
+@pytest.mark.parametrize("argv, text", [
+    (["methods", "{cfg}", "--methods", "cema,nope"], "unknown method 'nope'"),
+    (["methods", "{cfg}", "--protocols", "continual,sideways"], "unknown protocol 'sideways'"),
+    (["methods", "{cfg}", "--methods", "cema,cema"], "given twice"),
+    (["methods", "{cfg}", "--override", "stream.severity=9"], "stream.severity"),
+    (["models", "{cfg}", "--severity", "6"], "--severity = 6"),
+    (["models", "{cfg}", "--samples", "0"], "--samples = 0"),
+    (["models", "{cfg}", "--roles", "edge,teacher"], "unknown role 'teacher'"),
+])
+def test_bad_arguments_raise_config_errors(run_yaml: Path, tmp_path: Path, argv: list[str], text: str) -> None:
+    argv = [a.replace("{cfg}", str(run_yaml)) for a in argv] + ["--out", str(tmp_path / "o")]
+    with pytest.raises(ConfigError, match=re.escape(text)):
+        bench.main(argv)
+    assert not (tmp_path / "o").exists()  # nothing ran
+
+
+def test_cli_dispatch_and_exit_codes(run_yaml: Path, tmp_path: Path, capsys) -> None:
+    assert cli_main(["bench", "methods", str(run_yaml), "--methods", "tent,bogus"]) == 2
+    assert "unknown method 'bogus'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli_main(["bench", "frobnicate"])
+    assert info.value.code == 2
+    missing = yaml.safe_load(run_yaml.read_text())
+    missing["models"]["foundation"]["checkpoint"] = str(tmp_path / "absent.safetensors")
+    path = tmp_path / "missing.yaml"
+    path.write_text(yaml.safe_dump(missing))
+    assert cli_main(["bench", "models", str(path), "--samples", "8", "--out", str(tmp_path / "o")]) == 1
+    assert "absent.safetensors" in capsys.readouterr().err
+    # --roles edge skips the missing foundation
+    assert cli_main(["bench", "models", str(path), "--samples", "8", "--roles", "edge",
+                     "--out", str(tmp_path / "o")]) == 0
