@@ -84,3 +84,26 @@ def test_ray_async_accounts_every_sample_and_records_staleness(ray_session, make
     assert 0 <= summary["dropped"] <= summary["uploaded"]  # what the cloud could not take is counted
     assert max(t["weight_version"]) >= 1
     assert all(lag >= 0 for lag in t["version_lag"])
+
+
+def _scrape(ray, name: str, timeout: float = 40.0) -> float:
+    """Sum of a metric's samples on the node's Prometheus page (Ray exports every ~10 s)."""
+    import time
+    import urllib.request
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{")]
+        if values:
+            return sum(values)
+        time.sleep(2)
+    return 0.0
+
+
+@pytest.mark.ray
+def test_edge_and_cloud_metrics_reach_the_metrics_page(ray_session, make_run_config, tmp_path):
+    summary = run_experiment(make_run_config("runtime=ray", "edges.count=2"), tmp_path / "m")
+    assert _scrape(ray_session, "ray_cema_edge_samples_total") >= summary["samples"]
+    assert _scrape(ray_session, "ray_cema_cloud_steps_total") >= 1

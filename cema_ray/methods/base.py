@@ -67,6 +67,10 @@ class CloudTrainer:
     def reset(self, edge_id: int | None = None) -> None:
         """Reset the models serving ``edge_id`` (all when None)."""
 
+    def queued(self) -> int:
+        """Uploaded samples waiting for a step (the cloud's queue depth)."""
+        return 0
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

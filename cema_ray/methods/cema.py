@@ -366,6 +366,9 @@ class CemaCloud(CloudTrainer):
             steps += 1
         return steps
 
+    def queued(self) -> int:
+        return sum(lane.queued for lane in self._lanes.values())
+
     def export(self, edge_id: int) -> NormState | None:
         """Every ``publish_every`` edge batches, the student's norm state (affine + running statistics)
         if it changed since this edge last received it; otherwise None."""

@@ -17,6 +17,7 @@ import torch
 from cema_ray.data.catalog import LabeledImagesLike
 from cema_ray.runtime.cloud import SHARED, CloudService, Publication
 from cema_ray.runtime.edge import EdgeDevice
+from cema_ray.runtime.metrics import CloudMetrics, HostMetrics
 from cema_ray.runtime.fleet import DataContext, EdgePlan, load_model, method_settings
 
 
@@ -34,6 +35,7 @@ class EdgeHost:
         self.edges = build_edges(cfg, data, edge_model, plans)
         self.by_id = {e.edge_id: e for e in self.edges}
         self.t_start: float | None = None
+        self.metrics = HostMetrics(host_id)
 
     def __repr__(self) -> str:  # Ray uses it as the log prefix
         ids = [e.edge_id for e in self.edges]
@@ -61,6 +63,7 @@ class EdgeHost:
                 continue
             out = edge.step(newest.get(edge.edge_id, newest.get(SHARED, 0)))
             out.record["host_id"] = self.host_id
+            self.metrics.record(out.record)
             records.append(out.record)
             uploads.append((edge.edge_id, out.reset, out.upload_images))
         return records, uploads
@@ -104,6 +107,7 @@ class CloudActor:
         edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")
         foundation = load_model(cfg["models"]["foundation"], cfg["data"], "foundation") if spec.uses_foundation else None
         self.service: CloudService = build_cloud(cfg, edge_model, foundation)
+        self.metrics = CloudMetrics()
 
     def __repr__(self) -> str:
         return "CloudActor"
@@ -117,15 +121,21 @@ class CloudActor:
     def receive_round(self, *host_uploads: list[tuple[int, bool, np.ndarray]]) -> dict[int, int]:
         """Ingest one round's uploads in ascending edge id (the reference order); returns steps per edge."""
         items = sorted((item for uploads in host_uploads for item in uploads), key=lambda it: it[0])
+        t0 = time.perf_counter()
         steps = {}
         for edge_id, reset, images in items:
             if reset:
                 self.service.reset(edge_id)
             steps[edge_id] = self.service.receive(edge_id, images)
+        self.metrics.record(sum(steps.values()), sum(len(it[2]) for it in items), 0,
+                            self.service.trainer.queued(), time.perf_counter() - t0)
         return steps
 
     def end_round(self, edge_ids: list[int]) -> list[Publication]:
-        return self.service.end_round(sorted(edge_ids))
+        pubs = self.service.end_round(sorted(edge_ids))
+        if pubs:
+            self.metrics.publications.inc(len(pubs))
+        return pubs
 
     def receive_and_publish(self, uploads: list[tuple[int, bool, np.ndarray]]
                             ) -> tuple[dict[int, int], list[Publication]]:
