@@ -237,13 +237,14 @@ def subset_indices(n: int, samples: int | None, seed: int) -> np.ndarray:
 def _card_facts(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """Which checkpoint was measured: name, path and the card's hash (provenance of the numbers)."""
     facts: dict[str, Any] = {"name": model_cfg["name"], "checkpoint": model_cfg.get("checkpoint")}
+    from cema_ray.models.checkpoint import card_path
+
     path = model_cfg.get("checkpoint")
-    if path and Path(path).with_suffix(".json").is_file():
+    if path and card_path(path).is_file():
         try:
-            card = json.loads(Path(path).with_suffix(".json").read_text())
-            facts["sha256"] = card.get("sha256")
+            facts["sha256"] = json.loads(card_path(path).read_text()).get("sha256")
         except (OSError, json.JSONDecodeError):
-            pass
+            pass  # load_model already verified the checkpoint; provenance is best effort
     return facts
 
 

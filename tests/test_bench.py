@@ -197,3 +197,30 @@ def test_cli_dispatch_and_exit_codes(run_yaml: Path, tmp_path: Path, capsys) -> 
     # --roles edge skips the missing foundation
     assert cli_main(["bench", "models", str(path), "--samples", "8", "--roles", "edge",
                      "--out", str(tmp_path / "o")]) == 0
+
+
+# ------------------------------------------------------------------------------------ bench configs
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name, source, ckpt", [("bench_fmnist", "fashion-mnist", "fashion-mnist"),
+                                                ("bench_cifar10", "cifar10-folder", "cifar10")])
+def test_bench_configs_follow_the_standard_protocol(name: str, source: str, ckpt: str) -> None:
+    from cema_ray.config import load_config
+
+    cfg = load_config(CONFIGS / f"{name}.yaml", check_paths=False)
+    assert cfg["stream"]["corruptions"] == list(CORRUPTIONS) and cfg["stream"]["severity"] == 5
+    assert cfg["stream"]["batch_size"] == 64 and cfg["runtime"] == "local" and cfg["data"]["source"] == source
+    for role in ("edge", "foundation"):
+        assert cfg["models"][role]["checkpoint"] == f"checkpoints/{ckpt}/{role}.safetensors"
+
+
+def test_default_plan_is_every_method_on_one_local_edge(tmp_path: Path) -> None:
+    """The default table of bench_fmnist: 2 protocols x 10 methods, all valid configs, one edge each."""
+    plan = bench.plan_method_runs(CONFIGS / "bench_fmnist.yaml", [], bench.DEFAULT_METHODS,
+                                  bench.DEFAULT_PROTOCOLS, tmp_path)
+    assert len(plan) == 20 and len({(p, m) for p, m, _ in plan}) == 20
+    for protocol, method, cfg in plan:
+        assert cfg["method"]["name"] == method and cfg["stream"]["protocol"] == protocol
+        assert cfg["edges"]["count"] == 1 and cfg["edges"]["groups"] == [] and cfg["runtime"] == "local"
+        assert cfg["output"]["dir"] == str(tmp_path / protocol / method) and cfg["output"]["report"] is False
