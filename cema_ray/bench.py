@@ -53,7 +53,7 @@ MEAN_ROW = "mean (15 corruptions)"
 # ------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cema-ray bench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{models,methods}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{models,methods,scale}")
     mod = sub.add_parser("models", help="source accuracy of the edge and foundation checkpoints per corruption")
     mod.add_argument("config", type=Path, help="run config naming models.edge / models.foundation")
     mod.add_argument("--severity", type=int, default=5, help="corruption severity 1..5 (default 5)")
@@ -78,7 +78,41 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a short stream (64 samples x 4 corruptions) for smoke tests")
     met.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench-methods-<time>)")
     met.set_defaults(func=cmd_methods)
+    sca = sub.add_parser("scale", help="Ray runtime throughput, cloud steps/s, worker memory vs fleet size")
+    sca.add_argument("config", type=Path, help="run config (e.g. configs/scale.yaml)")
+    sca.add_argument("--edges", default="1,16,64,256,1024", help="fleet sizes, comma-separated")
+    sca.add_argument("--hosts", type=int, default=4, help="at most this many EdgeHost actors (default 4)")
+    sca.add_argument("--modes", default="sync,async", help="Ray modes to measure (default sync,async)")
+    sca.add_argument("--local-up-to", type=int, default=64,
+                     help="also run the single-process runner for fleets up to this size (ratio Ray/local)")
+    sca.add_argument("--override", action="append", default=[], metavar="key=value",
+                     help="config override applied to every run, repeatable")
+    sca.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench-scale-<time>)")
+    sca.set_defaults(func=cmd_scale)
     return parser
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from cema_ray.bench_scale import markdown, run_scale
+
+    try:
+        counts = [int(x) for x in args.edges.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--edges = {args.edges!r}: give comma-separated integers, e.g. 1,16,64") from None
+    if not counts or min(counts) < 1 or args.hosts < 1:
+        raise ConfigError("--edges needs fleet sizes >= 1 and --hosts >= 1")
+    modes = _split_names(args.modes, "mode", ("sync", "async"), "--modes")
+    cfg = bench_config(args.config, args.override)
+    out = _out_dir(args.out, "scale", args.config)
+    t0 = time.perf_counter()
+    rows = run_scale(cfg, counts, out, args.hosts, modes, args.local_up_to)
+    table = markdown(rows, args.command_line)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps(rows, indent=2))
+    (out / "scale.md").write_text(_markdown_page("Ray runtime scaling", table, args.command_line,
+                                                 time.perf_counter() - t0))
+    print(table)
+    return 0
 
 
 def main(argv: Sequence[str]) -> int:

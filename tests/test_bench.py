@@ -224,3 +224,18 @@ def test_default_plan_is_every_method_on_one_local_edge(tmp_path: Path) -> None:
         assert cfg["method"]["name"] == method and cfg["stream"]["protocol"] == protocol
         assert cfg["edges"]["count"] == 1 and cfg["edges"]["groups"] == [] and cfg["runtime"] == "local"
         assert cfg["output"]["dir"] == str(tmp_path / protocol / method) and cfg["output"]["report"] is False
+
+
+@pytest.mark.ray
+def test_scale_measures_ray_and_local_side_by_side(run_yaml: Path, tmp_path: Path, ray_session) -> None:
+    out = tmp_path / "scale"
+    code = bench.main(["scale", str(run_yaml), "--edges", "2", "--hosts", "2", "--modes", "sync",
+                       "--local-up-to", "2", "--override", "stream.samples_per_domain=32", "--out", str(out)])
+    assert code == 0
+    rows = json.loads((out / "scale.json").read_text())
+    assert [(r["runtime"], r["edges"]) for r in rows] == [("ray", 2), ("local", 2)]
+    ray_row, local_row = rows
+    assert ray_row["hosts"] == 2 and ray_row["samples"] == local_row["samples"] > 0
+    assert ray_row["accuracy"] == local_row["accuracy"]  # same math in both runtimes
+    assert ray_row["workers"] >= 3 and ray_row["worker_uss_mb"] > 0  # 2 hosts + the cloud were measured
+    assert "Ray/local" in (out / "scale.md").read_text()

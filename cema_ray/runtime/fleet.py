@@ -72,9 +72,8 @@ def edge_plans(cfg: dict[str, Any]) -> list[EdgePlan]:
     """Assign every edge its group (stream overrides, frame rate, uplink) deterministically."""
     count = cfg["edges"]["count"]
     groups = cfg["edges"].get("groups") or []
-    order = np.arange(count)
-    if cfg["edges"].get("heterogeneity_seed") is not None:
-        order = np.random.default_rng(cfg["edges"]["heterogeneity_seed"]).permutation(count)
+    seed = cfg["edges"].get("heterogeneity_seed")
+    order = np.random.default_rng(cfg["seed"] if seed is None else seed).permutation(count)
     assignment: dict[int, int] = {}
     start = 0
     for g, group in enumerate(groups):

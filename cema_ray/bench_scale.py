@@ -1,0 +1,121 @@
+"""Scaling benchmark of the Ray runtime: throughput, cloud step rate, worker memory, start-up time.
+
+For each fleet size the same short workload runs on the Ray runtime (and, where asked, on the
+single-process runner, side by side in the same invocation so the ratio is measured under the
+same machine load). Memory is the unique set size (USS) of every Ray worker process, summed,
+sampled once a second while the run goes: USS counts only pages a process does not share, so
+the sum does not double-count torch's shared libraries or the object store.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from cema_ray.runtime import run_experiment
+
+
+class WorkerMemorySampler:
+    """Peak summed USS of Ray worker processes (`ray::` in their command line) over a run."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.peak_bytes = 0
+        self.peak_workers = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> "WorkerMemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            total, count = 0, 0
+            for proc in psutil.process_iter(["cmdline"]):
+                cmd = " ".join(proc.info.get("cmdline") or [])
+                if not cmd.startswith("ray::"):
+                    continue
+                try:
+                    total += proc.memory_full_info().uss
+                    count += 1
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            if total > self.peak_bytes:
+                self.peak_bytes, self.peak_workers = total, count
+            self._stop.wait(self.interval)
+
+
+def scale_config(base: dict[str, Any], edges: int, max_hosts: int, mode: str, runtime: str) -> dict[str, Any]:
+    """The base config with `edges` edges spread over at most `max_hosts` EdgeHosts."""
+    cfg = copy.deepcopy(base)
+    hosts = min(edges, max_hosts)
+    cfg["edges"].update(count=edges, per_host=math.ceil(edges / hosts), hosts=hosts, groups=[])
+    cfg.update(runtime=runtime, mode=mode)
+    cfg["output"].update(report=False, progress=False)
+    return cfg
+
+
+def measure(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
+    with WorkerMemorySampler() as mem:
+        t0 = time.perf_counter()
+        summary = run_experiment(cfg, out)
+        total = time.perf_counter() - t0
+    wall = summary["wall_seconds"]
+    return {
+        "runtime": cfg["runtime"], "mode": cfg["mode"], "edges": cfg["edges"]["count"],
+        "hosts": summary.get("num_hosts", 0), "samples": summary["samples"], "wall_s": wall,
+        "samples_per_s": summary["samples"] / wall, "cloud_steps": summary.get("cloud_steps", 0),
+        "cloud_steps_per_s": summary.get("cloud_steps", 0) / wall, "startup_s": summary.get("startup_seconds"),
+        "total_s": total, "worker_uss_mb": mem.peak_bytes / 2**20, "workers": mem.peak_workers,
+        "version_lag_median": (summary.get("version_lag") or {}).get("median"),
+        "accuracy": summary["accuracy"], "upload_fraction": summary["upload_fraction"],
+        "dropped": summary["dropped"],
+    }
+
+
+def run_scale(base: dict[str, Any], edge_counts: list[int], out: Path, max_hosts: int,
+              modes: list[str], local_up_to: int) -> list[dict[str, Any]]:
+    """Measure every (edges, mode) on Ray, and the local runner for fleets up to `local_up_to` edges."""
+    rows = []
+    for edges in edge_counts:
+        for mode in modes:
+            cfg = scale_config(base, edges, max_hosts, mode, "ray")
+            rows.append(measure(cfg, out / f"ray-{mode}-{edges}"))
+            print(json.dumps(rows[-1]), flush=True)
+        if edges <= local_up_to:
+            cfg = scale_config(base, edges, max_hosts, "sync", "local")
+            rows.append(measure(cfg, out / f"local-{edges}"))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], command: str) -> str:
+    head = ("| runtime | mode | edges | hosts | samples | samples/s | cloud steps/s | start-up s | worker USS MB "
+            "(workers) | lag median | accuracy | uploads | dropped | Ray/local |\n" + "|---" * 14 + "|\n")
+    local = {r["edges"]: r["samples_per_s"] for r in rows if r["runtime"] == "local"}
+    lines = []
+    for r in rows:
+        ratio = r["samples_per_s"] / local[r["edges"]] if r["runtime"] == "ray" and r["edges"] in local else None
+        cells = [
+            r["runtime"], r["mode"], r["edges"], r["hosts"], r["samples"], f"{r['samples_per_s']:.0f}",
+            f"{r['cloud_steps_per_s']:.2f}", _fmt(r["startup_s"], ".1f"),
+            f"{r['worker_uss_mb']:.0f} ({r['workers']})", _fmt(r["version_lag_median"], ".0f"),
+            f"{100 * r['accuracy']:.1f}%", f"{100 * r['upload_fraction']:.1f}%", r["dropped"], _fmt(ratio, ".2f"),
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return f"Reproduce: `{command}`\n\n" + head + "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
