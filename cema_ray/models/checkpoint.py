@@ -41,6 +41,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp makes the file private; a checkpoint is meant to be shared
     os.replace(tmp, path)
 
 
@@ -54,6 +55,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, card: dict[str, Any]) ->
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp))
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     full = dict(card, sha256=sha256_file(path), format="safetensors")
     _atomic_write_bytes(card_path(path), json.dumps(full, indent=2, sort_keys=True).encode())

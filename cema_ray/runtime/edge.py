@@ -96,7 +96,7 @@ class EdgeDevice:
     def process(self, batch: Batch, newest_version: int) -> EdgeStep:
         record = {
             "edge_id": self.edge_id, "group": self.profile.group, "domain": batch.domain,
-            "batch_index": batch.index, "samples": len(batch.labels), "weight_version": self.version,
+            "batch_index": batch.index, "samples": len(batch.ids), "weight_version": self.version,
             "first_id": int(batch.ids[0]) if len(batch.ids) else -1, "last_id": int(batch.ids[-1]) if len(batch.ids) else -1,
             "version_lag": max(0, newest_version - self.version), "bytes_down": self.pending_bytes_down,
         }
@@ -106,7 +106,7 @@ class EdgeDevice:
             validate_batch(batch, self.image_shape, self.num_classes)
         except BatchRejected as exc:
             record.update(correct=0, uploaded=0, bytes_up=0, latency_ms=0.0, e_max=float("nan"),
-                          mean_entropy=float("nan"), rejected=len(batch.labels), error=str(exc), throttled=0)
+                          mean_entropy=float("nan"), rejected=len(batch.ids), error=str(exc), throttled=0)
             return EdgeStep(record, empty, reset=batch.reset)
         if batch.reset:
             self.policy.reset()
