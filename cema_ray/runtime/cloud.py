@@ -58,7 +58,8 @@ class CloudService:
 
     def receive(self, edge_id: int, images: np.ndarray) -> int:
         """Ingest one edge batch's uploads and run the steps they make due; returns steps taken."""
-        accepted = images[: self.queue_capacity]
+        room = max(0, self.queue_capacity - self.trainer.queued())
+        accepted = images[:room]  # a full queue refuses the excess: counted, never silently lost
         self.stats.dropped += len(images) - len(accepted)
         self.stats.ingested += len(accepted)
         t0 = time.perf_counter()

@@ -51,12 +51,30 @@ def init_ray(cfg: dict[str, Any]) -> bool:
     return True
 
 
-def split_hosts(plans: list[EdgePlan], per_host: int, hosts: int | None) -> list[list[EdgePlan]]:
-    """Contiguous ranges of edges, `per_host` each (or spread over `hosts` when given)."""
-    n = len(plans)
-    count = hosts or math.ceil(n / per_host)
-    size = math.ceil(n / count)
-    return [plans[i : i + size] for i in range(0, n, size)]
+def host_count(edges: int, per_host: int, hosts: int | None, free_cpus: float, host_cpus: float) -> int:
+    """How many EdgeHosts: `hosts` if set, else ceil(edges / per_host), capped by what the cluster can place.
+
+    Asking for more hosts than the cluster's CPUs (after the cloud's reservation) admit would leave
+    actors pending forever; the cap puts more virtual edges on each host instead.
+    """
+    wanted = hosts or math.ceil(edges / per_host)
+    fit = max(1, int(free_cpus // host_cpus))
+    return max(1, min(wanted, fit, edges))
+
+
+def split_hosts(plans: list[EdgePlan], count: int) -> list[list[EdgePlan]]:
+    """`count` contiguous ranges of edges, as even as possible."""
+    base, extra = divmod(len(plans), count)
+    groups, start = [], 0
+    for i in range(count):
+        size = base + (i < extra)
+        groups.append(plans[start : start + size])
+        start += size
+    return [g for g in groups if g]
+
+
+def cluster_cpus() -> float:
+    return float(ray.cluster_resources().get("CPU", 0.0))
 
 
 def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: Any) -> tuple[Any, list[Any]]:
@@ -180,7 +198,9 @@ def run_ray(cfg: dict[str, Any]) -> tuple[RunRecorder, dict[str, Any]]:
         data = DataContext(cfg["data"])
         clean_ref = ray.put(data.clean) if data.clean is not None else None
         plans = edge_plans(cfg)
-        groups = split_hosts(plans, cfg["edges"]["per_host"], cfg["edges"].get("hosts"))
+        count = host_count(len(plans), cfg["edges"]["per_host"], cfg["edges"].get("hosts"),
+                           cluster_cpus() - cfg["cloud"]["num_cpus"], cfg["ray"]["host_num_cpus"])
+        groups = split_hosts(plans, count)
         cloud, hosts = start_actors(cfg, groups, clean_ref)
         startup = time.perf_counter() - t_start
         total = sum(len(data.stream(p)) for p in plans)
