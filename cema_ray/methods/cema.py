@@ -21,6 +21,8 @@ from cema_ray.algorithms.entropy import entropy, reweight
 from cema_ray.algorithms.replay import ReplayBuffer
 from cema_ray.algorithms.selection import EntropyFilter
 from cema_ray.errors import BatchRejected, ConfigError
+from cema_ray.methods import common
+from cema_ray.methods.common import model_device
 from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState
 from cema_ray.models.norm import freeze_all_but_norm_affine, load_norm_state, norm_layers, norm_state
 from cema_ray.models.preprocess import to_input
@@ -69,11 +71,7 @@ SCOPES = ("shared", "per_edge")
 
 def resolve_settings(method: str, defaults: Mapping[str, Any], settings: Mapping[str, Any] | None) -> dict[str, Any]:
     """Preset defaults overlaid with ``settings``; unknown keys and impossible values fail by name."""
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(defaults))
-    if unknown:
-        raise ConfigError(f"method '{method}': unknown setting '{unknown[0]}'; allowed: {', '.join(sorted(defaults))}")
-    s = {**defaults, **settings}
+    s = common.resolve_settings(method, defaults, settings)
     if s["edge_stats"] not in EDGE_STATS:
         raise ConfigError(f"method '{method}': setting 'edge_stats' is {s['edge_stats']!r}; allowed: {', '.join(EDGE_STATS)}")
     if s["student_scope"] not in SCOPES:
@@ -95,12 +93,6 @@ def infer_num_classes(model: nn.Module, setting: int | None) -> int:
     if not linears:
         raise ConfigError("setting 'num_classes' is needed: the model has no Linear layer to read it from")
     return int(linears[-1].out_features)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
 
 
 def set_norm_training(model: nn.Module, mode: bool) -> None:
