@@ -79,6 +79,7 @@ class EdgeDevice:
         self.version = 0
         self.uplink_credit = 0.0  # samples (or bytes) the uplink may still send
         self.pending_bytes_down = 0
+        self.last_state: NormState | None = None  # what it loaded last: a restarted edge reloads it
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -146,14 +147,23 @@ class EdgeDevice:
         with torch.inference_mode():
             self.policy.apply_update(state)
         self.version = version
+        self.last_state = state
         self.pending_bytes_down += state_nbytes(state)
 
     def snapshot(self) -> dict[str, Any]:
+        """Everything needed to resume exactly here after a crash: small and picklable."""
         return {"cursor": self.cursor, "version": self.version, "uplink_credit": self.uplink_credit,
+                "pending_bytes_down": self.pending_bytes_down, "last_state": self.last_state,
                 "policy": self.policy.snapshot()}
 
     def restore(self, snap: dict[str, Any]) -> None:
+        """Back to a snapshot: the published parameters it ran with, then the policy's own state."""
         self.cursor = snap["cursor"]
         self.version = snap["version"]
         self.uplink_credit = snap["uplink_credit"]
+        self.pending_bytes_down = snap["pending_bytes_down"]
+        self.last_state = snap["last_state"]
+        if self.last_state is not None:
+            with torch.inference_mode():
+                self.policy.apply_update(self.last_state)
         self.policy.restore(snap["policy"])

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 
 from cema_ray.data.catalog import LabeledImagesLike
@@ -36,6 +37,8 @@ class EdgeHost:
         self.by_id = {e.edge_id: e for e in self.edges}
         self.t_start: float | None = None
         self.metrics = HostMetrics(host_id)
+        # A restarted actor reruns __init__: its edges are back at batch 0 until the driver restores them.
+        self.needs_restore = ray.get_runtime_context().was_current_actor_reconstructed
 
     def __repr__(self) -> str:  # Ray uses it as the log prefix
         ids = [e.edge_id for e in self.edges]
@@ -55,6 +58,8 @@ class EdgeHost:
         ``paced``: edges with a frame rate wait for their next frame time (async mode runs in real
         time); sync rounds ignore frame rates, as the single-process runner does.
         """
+        if self.needs_restore:
+            raise HostNeedsRestore(f"{self!r} was restarted and has not been restored")
         if paced:
             self._wait_for_frames()
         records, uploads = [], []
@@ -94,6 +99,23 @@ class EdgeHost:
 
     def snapshot(self) -> dict[int, dict[str, Any]]:
         return {e.edge_id: e.snapshot() for e in self.edges}
+
+    def step_and_snapshot(self, newest: dict[int, int]) -> tuple[list[dict[str, Any]], list[Any], dict[int, Any]]:
+        """A sync round's step plus the snapshot to resume from if this host dies before the next one."""
+        records, uploads = self.step_round(newest)
+        return records, uploads, self.snapshot()
+
+    def restore(self, snaps: dict[int, dict[str, Any]], pubs: list[Publication]) -> int:
+        """Resume every edge from its snapshot, then load publications newer than what it had."""
+        for edge_id, snap in snaps.items():
+            self.by_id[edge_id].restore(snap)
+        self.apply(pubs)
+        self.needs_restore = False
+        return os.getpid()
+
+
+class HostNeedsRestore(RuntimeError):
+    """Raised by a restarted EdgeHost until the driver restores its edges' snapshots."""
 
 
 class CloudActor:

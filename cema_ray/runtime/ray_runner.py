@@ -14,13 +14,17 @@ from collections import deque
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from cema_ray.results import RunRecorder
-from cema_ray.runtime.cloud import SHARED
+from cema_ray.runtime.cloud import SHARED, Publication
+from cema_ray.runtime.faults import FaultSchedule
 from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans
 from cema_ray.runtime.progress import RunProgress
 from cema_ray.runtime.ray_actors import CloudActor, EdgeHost
 
 NAMESPACE = "cema"
+MAX_RECOVERIES_PER_ROUND = 5
+RESTART_TIMEOUT_S = 180.0
 
 
 def init_ray(cfg: dict[str, Any]) -> bool:
@@ -87,6 +91,7 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
         ray.remote(EdgeHost).options(
             name=f"cema-edgehost-{i:03d}", namespace=NAMESPACE, num_cpus=rcfg["host_num_cpus"],
             memory=int(rcfg["host_memory_mb"]) * 2**20 or None, scheduling_strategy="SPREAD",
+            max_restarts=-1, max_task_retries=0,  # restarted by Ray, restored by the driver
         ).remote(i, cfg, plans, clean_ref, 1)
         for i, plans in enumerate(groups)
     ]
@@ -94,28 +99,73 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
     return cloud, hosts
 
 
-def pending_edges(hosts: list[Any]) -> list[int]:
-    return [e for ids in ray.get([h.pending.remote() for h in hosts]) for e in ids]
+class SyncDriver:
+    """Reference rounds on Ray: hosts predict in parallel, the cloud ingests in edge order, one publication.
 
+    After every round each host hands back a snapshot of its edges. A host that dies (a crash, an
+    OOM kill, `ray.kill`) is restarted by Ray (`max_restarts=-1`); the driver restores its edges from
+    the previous round's snapshot, re-sends the newest publication and reruns its step, so every
+    batch is predicted exactly once and the run goes on.
+    """
 
-def run_sync(cloud: Any, hosts: list[Any], progress: RunProgress) -> None:
-    """Reference rounds: hosts predict in parallel, the cloud ingests in edge order, one publication."""
-    edge_ids = pending_edges(hosts)
-    while edge_ids:
-        newest = ray.get(cloud.newest_versions.remote(edge_ids))
-        outs = [h.step_round.options(num_returns=2).remote(newest) for h in hosts]
-        record_refs, upload_refs = [o[0] for o in outs], [o[1] for o in outs]
-        steps = ray.get(cloud.receive_round.remote(*upload_refs))  # uploads go host -> cloud via the store
-        pubs = ray.get(cloud.end_round.remote(edge_ids))
-        if pubs:
-            pubs_ref = ray.put(pubs)  # put once, every host gets the same reference
-            ray.get([h.apply.remote(pubs_ref) for h in hosts])
-        for records in ray.get(record_refs):
-            for rec in records:
-                rec["cloud_steps"] = steps.get(rec["edge_id"], 0)
-                progress.add(rec)
-        progress.refresh()
-        edge_ids = pending_edges(hosts)
+    def __init__(self, cloud: Any, hosts: list[Any], progress: RunProgress, faults: FaultSchedule,
+                 lengths: dict[int, int]) -> None:
+        self.cloud, self.hosts, self.progress, self.faults = cloud, hosts, progress, faults
+        self.lengths = lengths  # batches per edge: edge e takes part in rounds 0 .. lengths[e] - 1
+        self.snapshots = ray.get([h.snapshot.remote() for h in hosts])
+        self.latest_pubs: list[Publication] = []
+
+    def run(self) -> None:
+        for round_index in range(max(self.lengths.values(), default=0)):
+            edge_ids = sorted(e for e, n in self.lengths.items() if n > round_index)
+            newest = ray.get(self.cloud.newest_versions.remote(edge_ids))
+            calls = [h.step_and_snapshot.options(num_returns=3).remote(newest) for h in self.hosts]
+            for victim in self.faults.victims(round_index):
+                ray.kill(self.hosts[victim], no_restart=False)  # injected crash, mid-step
+            outs = [self._result(i, call, newest) for i, call in enumerate(calls)]
+            steps = ray.get(self.cloud.receive_round.remote(*[o[1] for o in outs]))
+            pubs = ray.get(self.cloud.end_round.remote(edge_ids))
+            if pubs:
+                self.latest_pubs = pubs
+                pubs_ref = ray.put(pubs)  # put once, every host gets the same reference
+                for host in self.hosts:
+                    try:
+                        ray.get(host.apply.remote(pubs_ref))
+                    except RayActorError:
+                        pass  # restarting: its restore re-sends these publications
+            for i, (records, _, snap) in enumerate(outs):
+                self.snapshots[i] = snap
+                for rec in records:
+                    self.progress.add(dict(rec, cloud_steps=steps.get(rec["edge_id"], 0)))
+            self.progress.refresh()
+
+    def _result(self, i: int, call: list[Any], newest: dict[int, int]) -> tuple[list, Any, dict]:
+        """This host's round output; after a crash, restore it and run its step again."""
+        records_ref, uploads_ref, snap_ref = call
+        for _ in range(MAX_RECOVERIES_PER_ROUND):
+            try:
+                records, snap = ray.get([records_ref, snap_ref])
+                return records, uploads_ref, snap
+            except (RayActorError, RayTaskError) as exc:
+                if isinstance(exc, RayTaskError) and "HostNeedsRestore" not in str(exc):
+                    raise
+                self.faults.seen += 1
+                self._restore(i)
+                records_ref, uploads_ref, snap_ref = self.hosts[i].step_and_snapshot.options(
+                    num_returns=3).remote(newest)
+        raise RuntimeError(f"edge host {i} kept failing: gave up after {MAX_RECOVERIES_PER_ROUND} restarts")
+
+    def _restore(self, i: int) -> None:
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while True:  # Ray restarts the actor; calls fail until its __init__ has run again
+            try:
+                ray.get(self.hosts[i].restore.remote(self.snapshots[i], self.latest_pubs), timeout=60)
+                self.faults.recovered += 1
+                return
+            except (RayActorError, GetTimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
 
 class AsyncDriver:
@@ -203,18 +253,25 @@ def run_ray(cfg: dict[str, Any]) -> tuple[RunRecorder, dict[str, Any]]:
         groups = split_hosts(plans, count)
         cloud, hosts = start_actors(cfg, groups, clean_ref)
         startup = time.perf_counter() - t_start
-        total = sum(len(data.stream(p)) for p in plans)
+        lengths = {p.edge_id: len(data.stream(p)) for p in plans}
+        total = sum(lengths.values())
+        if cfg["faults"]["kill_cloud"]:
+            raise NotImplementedError("faults.kill_cloud needs cloud checkpoints, not implemented yet")
         progress = RunProgress(f"{cfg['name']} [ray {cfg['mode']}]", total, cfg["output"]["progress"])
         dropped = 0
+        faults = FaultSchedule.plan(cfg["faults"]["kill_hosts"], max(lengths.values()), len(hosts), cfg["faults"]["seed"])
         if cfg["mode"] == "sync":
-            run_sync(cloud, hosts, progress)
+            SyncDriver(cloud, hosts, progress, faults, lengths).run()
         else:
+            if faults.planned or cfg["faults"]["kill_cloud"]:
+                raise NotImplementedError("fault injection runs in mode 'sync' only for now")
             dropped = AsyncDriver(cloud, hosts, progress, cfg).run()
         progress.close()
         stats = ray.get(cloud.stats.remote())
         facts = {"wall_seconds": progress.elapsed, "startup_seconds": startup, "num_hosts": len(hosts),
                  "dropped": stats["dropped"] + dropped, "cloud_steps": stats["steps"],
-                 "publications": stats["publications"], "cloud_step_seconds": stats["step_seconds"]}
+                 "publications": stats["publications"], "cloud_step_seconds": stats["step_seconds"],
+                 "faults": faults.report()}
         for actor in [cloud, *hosts]:
             ray.kill(actor)
         return progress.recorder, facts
