@@ -47,6 +47,10 @@ class EdgeHost:
     def ping(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this host runs on (hosts are spread across nodes)."""
+        return ray.get_runtime_context().get_node_id()
+
     def pending(self) -> list[int]:
         """Edge ids that still have batches to predict."""
         return [e.edge_id for e in self.edges if not e.done]

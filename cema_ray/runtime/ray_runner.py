@@ -253,6 +253,7 @@ def run_ray(cfg: dict[str, Any]) -> tuple[RunRecorder, dict[str, Any]]:
         groups = split_hosts(plans, count)
         cloud, hosts = start_actors(cfg, groups, clean_ref)
         startup = time.perf_counter() - t_start
+        host_nodes = len(set(ray.get([h.node_id.remote() for h in hosts])))
         lengths = {p.edge_id: len(data.stream(p)) for p in plans}
         total = sum(lengths.values())
         if cfg["faults"]["kill_cloud"]:
@@ -269,6 +270,7 @@ def run_ray(cfg: dict[str, Any]) -> tuple[RunRecorder, dict[str, Any]]:
         progress.close()
         stats = ray.get(cloud.stats.remote())
         facts = {"wall_seconds": progress.elapsed, "startup_seconds": startup, "num_hosts": len(hosts),
+                 "host_nodes": host_nodes,
                  "dropped": stats["dropped"] + dropped, "cloud_steps": stats["steps"],
                  "publications": stats["publications"], "cloud_step_seconds": stats["step_seconds"],
                  "faults": faults.report()}
