@@ -37,8 +37,9 @@ class EdgeHost:
         self.by_id = {e.edge_id: e for e in self.edges}
         self.t_start: float | None = None
         self.metrics = HostMetrics(host_id)
-        # A restarted actor reruns __init__: its edges are back at batch 0 until the driver restores them.
-        self.needs_restore = ray.get_runtime_context().was_current_actor_reconstructed
+        # Ray reruns __init__ when it restarts a host: its edges would be back at batch 0. So a host
+        # steps only after the driver has called `restore` (with nothing to restore on first start).
+        self.needs_restore = True
 
     def __repr__(self) -> str:  # Ray uses it as the log prefix
         ids = [e.edge_id for e in self.edges]

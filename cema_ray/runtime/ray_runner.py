@@ -95,7 +95,7 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
         ).remote(i, cfg, plans, clean_ref, 1)
         for i, plans in enumerate(groups)
     ]
-    ray.get([cloud.ping.remote(), *[h.ping.remote() for h in hosts]])
+    ray.get([cloud.ping.remote(), *[h.restore.remote({}, []) for h in hosts]])  # arms every host
     return cloud, hosts
 
 
