@@ -104,7 +104,7 @@ def load_norm_state(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
     targets = {**affine, **{k: stats[k] for k in given_stats}}
     with torch.no_grad():
         for key, target in targets.items():
-            value = torch.as_tensor(np.asarray(state[key]))
+            value = torch.tensor(np.asarray(state[key]))  # a copy: published arrays are read-only views
             if tuple(value.shape) != tuple(target.shape):
                 raise CheckpointError(f"norm state key '{key}' has shape {tuple(value.shape)}, "
                                       f"the model expects {tuple(target.shape)}")

@@ -23,7 +23,10 @@ def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None) -> di
         from cema_ray.runtime.ray_runner import run_ray
 
         recorder, facts = run_ray(cfg)
+    from cema_ray.runtime.fleet import edge_plans
+
     meta = {
+        "edge_groups": {p.edge_id: p.profile.group for p in edge_plans(cfg)},
         "name": cfg["name"], "method": cfg["method"]["name"], "runtime": cfg["runtime"], "mode": cfg["mode"],
         "num_edges": cfg["edges"]["count"], "seed": cfg["seed"], "data_source": cfg["data"]["source"], **facts,
     }
