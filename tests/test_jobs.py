@@ -54,7 +54,10 @@ def test_job_submit_against_a_head_node(tmp_path, tiny_checkpoints):
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=3",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-         f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
+         f"--temp-dir={ray_tmp}", "--disable-usage-stats",
+         # the session's own Ray holds the default agent ports: give this head free ones
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"],
         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
