@@ -52,10 +52,6 @@ class EdgeHost:
         """The Ray node this host runs on (hosts are spread across nodes)."""
         return ray.get_runtime_context().get_node_id()
 
-    def pending(self) -> list[int]:
-        """Edge ids that still have batches to predict."""
-        return [e.edge_id for e in self.edges if not e.done]
-
     def step_round(self, newest: dict[int, int], paced: bool = False
                    ) -> tuple[list[dict[str, Any]], list[tuple[int, bool, np.ndarray]]]:
         """Every edge with data predicts its next batch; returns records and (edge, reset, uploads).
