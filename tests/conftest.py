@@ -60,13 +60,12 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture
-def make_run_config(tmp_path, tiny_checkpoints) -> Callable[..., dict[str, Any]]:
-    """A small validated run config on real Fashion-MNIST with the tiny checkpoints; overrides as key=value."""
-    from cema_ray.config import load_config
+def tiny_raw_config(tiny_checkpoints) -> Callable[..., dict[str, Any]]:
+    """A fresh raw (unvalidated) run config on real Fashion-MNIST with the tiny checkpoints."""
 
-    def make(*overrides: str, checkpoints: dict[str, str] | None = None) -> dict[str, Any]:
+    def make(checkpoints: dict[str, str] | None = None) -> dict[str, Any]:
         ck = checkpoints or tiny_checkpoints
-        raw = {
+        return {
             "name": "test", "runtime": "local", "seed": 0,
             "data": {"source": "fashion-mnist"},
             "models": {"edge": {"name": "cema_resnet_s", "checkpoint": ck["edge"]},
@@ -78,8 +77,18 @@ def make_run_config(tmp_path, tiny_checkpoints) -> Callable[..., dict[str, Any]]
             "ray": {"include_dashboard": False},
             "output": {"progress": False, "report": False},
         }
+
+    return make
+
+
+@pytest.fixture
+def make_run_config(tmp_path, tiny_raw_config) -> Callable[..., dict[str, Any]]:
+    """`tiny_raw_config`, validated, with `key=value` overrides."""
+    from cema_ray.config import load_config
+
+    def make(*overrides: str, checkpoints: dict[str, str] | None = None) -> dict[str, Any]:
         path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(raw))
+        path.write_text(yaml.safe_dump(tiny_raw_config(checkpoints)))
         return load_config(path, list(overrides))
 
     return make

@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.mark.timeout(400)
-def test_hosts_spread_over_two_nodes(tmp_path, tiny_checkpoints):
+def test_hosts_spread_over_two_nodes(tmp_path, tiny_raw_config):
     from ray.cluster_utils import Cluster
 
     short_tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # AF_UNIX socket paths must stay short
@@ -28,15 +28,10 @@ def test_hosts_spread_over_two_nodes(tmp_path, tiny_checkpoints):
     try:
         cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
         cluster.wait_for_nodes()
-        config = {
-            "name": "cluster", "runtime": "ray", "seed": 0, "data": {"source": "fashion-mnist"},
-            "models": {"edge": {"name": "cema_resnet_s", "checkpoint": tiny_checkpoints["edge"]},
-                       "foundation": {"name": "cema_resnet_s", "checkpoint": tiny_checkpoints["foundation"]}},
-            "stream": {"corruptions": ["fog"], "batch_size": 32, "samples_per_domain": 64},
-            "edges": {"count": 4, "per_host": 2}, "method": {"name": "upload-all"},
-            "cloud": {"num_cpus": 1.0}, "ray": {"host_num_cpus": 1.0, "address": cluster.address},
-            "output": {"progress": False, "report": False},
-        }
+        config = tiny_raw_config()
+        config.update(name="cluster", runtime="ray", edges={"count": 4, "per_host": 2}, cloud={"num_cpus": 1.0},
+                      ray={"host_num_cpus": 1.0, "address": cluster.address})
+        config["stream"]["corruptions"] = ["fog"]
         path = tmp_path / "cluster.yaml"
         path.write_text(yaml.safe_dump(config))
         cli = Path(sys.executable).parent / "cema-ray"

@@ -45,7 +45,7 @@ def _wait_http(url: str, timeout: float, log: Path, proc: subprocess.Popen) -> N
 
 
 @pytest.mark.timeout(900)
-def test_job_submit_against_a_head_node(tmp_path, tiny_checkpoints):
+def test_job_submit_against_a_head_node(tmp_path, tiny_raw_config):
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0")
     gcs_port, dash_port = _free_port(), _free_port()
@@ -63,14 +63,10 @@ def test_job_submit_against_a_head_node(tmp_path, tiny_checkpoints):
     try:
         address = f"http://127.0.0.1:{dash_port}"
         _wait_http(f"{address}/api/version", timeout=120, log=log, proc=head)
-        config = {
-            "name": "job", "runtime": "ray", "seed": 0, "data": {"source": "fashion-mnist"},
-            "models": {"edge": {"name": "cema_resnet_s", "checkpoint": tiny_checkpoints["edge"]},
-                       "foundation": {"name": "cema_resnet_s", "checkpoint": tiny_checkpoints["foundation"]}},
-            "stream": {"corruptions": ["fog"], "batch_size": 32, "samples_per_domain": 64},
-            "edges": {"count": 2, "per_host": 1}, "method": {"name": "upload-all"},
-            "output": {"progress": False, "report": True},
-        }
+        config = tiny_raw_config()
+        config.update(name="job", runtime="ray", ray={})
+        config["stream"]["corruptions"] = ["fog"]
+        config["output"]["report"] = True
         cfg_path = tmp_path / "job.yaml"
         cfg_path.write_text(yaml.safe_dump(config))
         out = tmp_path / "out"
