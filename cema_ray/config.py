@@ -197,7 +197,10 @@ RUN_SCHEMA = Section({
     "cloud": Section({
         "queue_capacity": _int(8192, "uploaded samples the cloud queues before dropping", lo=1),
         "num_cpus": _num(1.0, "CPUs reserved for the cloud actor", lo=0, lo_open=True),
-        "checkpoint_every": _int(0, "cloud checkpoint every N steps (0 = off)", lo=0),
+        "checkpoint_every": _int(10, "Ray runtime: checkpoint the cloud's state to <out>/cloud_checkpoints every N "
+                                     "deliveries (a sync round, or one host's uploads in async); 0 = off, and a "
+                                     "dead cloud then ends the run", lo=0),
+        "max_restarts": _int(-1, "times Ray may restart a dead cloud actor (-1: no limit)", lo=-1),
     }),
     "ray": Section({
         "address": _str(None, "existing cluster address (null: start a local instance)", nullable=True),
@@ -212,7 +215,10 @@ RUN_SCHEMA = Section({
     }),
     "faults": Section({
         "kill_hosts": _int(0, "EdgeHost actors to kill during the run (fault injection)", lo=0),
-        "kill_cloud": _int(0, "times to kill the cloud actor during the run", lo=0),
+        "kill_cloud": _int(0, "times to kill the cloud actor during the run (needs cloud.checkpoint_every > 0)",
+                           lo=0),
+        "slow_cloud_s": _num(0.0, "extra seconds the cloud sleeps per delivery: rehearses a cloud that cannot "
+                                  "keep up (backpressure)", lo=0),
         "seed": _int(0, "seed of when and which actors are killed"),
     }),
     "output": Section({
@@ -562,6 +568,14 @@ def _check_corruption_lists(cfg: dict[str, Any]) -> None:
             _fail(key, names, "must be a non-empty list of corruption names")
 
 
+def _check_faults(cfg: dict[str, Any]) -> None:
+    if cfg["faults"]["kill_cloud"] and not cfg["cloud"]["checkpoint_every"]:
+        _fail("faults.kill_cloud", cfg["faults"]["kill_cloud"],
+              "a killed cloud restarts from its checkpoint: set cloud.checkpoint_every > 0")
+    if cfg["faults"]["kill_cloud"] and cfg["cloud"]["max_restarts"] == 0:
+        _fail("faults.kill_cloud", cfg["faults"]["kill_cloud"], "cloud.max_restarts is 0: a killed cloud cannot restart")
+
+
 def merged_stream(cfg: dict[str, Any], group: dict[str, Any] | None) -> dict[str, Any]:
     """The full stream settings of a group's edges: the top-level stream with the group's keys on top."""
     return {**cfg["stream"], **(group["stream"] if group else {})}
@@ -590,6 +604,7 @@ def validate_run_config(raw: dict[str, Any], *, check_paths: bool = True) -> dic
     _check_corruption_lists(cfg)
     _check_groups(cfg["edges"])
     _check_settings(cfg)
+    _check_faults(cfg)
     cfg["data"]["root"] = resolve_data_root(cfg["data"]["source"], cfg["data"]["root"], check=check_paths)
     return cfg
 

@@ -54,6 +54,11 @@ class RunRecorder:
     def __len__(self) -> int:
         return len(self._rows)
 
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """The records themselves (a driver may correct a column measured after the fact)."""
+        return self._rows
+
     def to_table(self) -> pa.Table:
         """All records as an Arrow table with RECORD_SCHEMA's columns first."""
         extra = sorted({k for row in self._rows for k in row} - set(RECORD_KEYS))

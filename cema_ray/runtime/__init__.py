@@ -22,7 +22,7 @@ def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None) -> di
     else:
         from cema_ray.runtime.ray_runner import run_ray
 
-        recorder, facts = run_ray(cfg)
+        recorder, facts = run_ray(cfg, out)
     from cema_ray.runtime.fleet import edge_plans
 
     meta = {

@@ -100,6 +100,7 @@ class EdgeDevice:
             "batch_index": batch.index, "samples": len(batch.ids), "weight_version": self.version,
             "first_id": int(batch.ids[0]) if len(batch.ids) else -1, "last_id": int(batch.ids[-1]) if len(batch.ids) else -1,
             "version_lag": max(0, newest_version - self.version), "bytes_down": self.pending_bytes_down,
+            "predicted_at": time.time(),  # wall clock: async lag is measured against publication times
         }
         self.pending_bytes_down = 0
         empty = np.zeros((0, *self.image_shape), np.uint8)

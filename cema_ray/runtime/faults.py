@@ -1,7 +1,8 @@
 """Fault injection as a setting: which actors to kill, and when, so a user can rehearse failures.
 
 The schedule is a pure function of the config (counts and seed) and the run's length, so the same
-config always kills the same hosts at the same rounds, in every runtime that honours it.
+config always kills the same hosts at the same rounds, in every runtime that honours it. What the
+drivers then see and recover from is counted here too, for the run's summary.
 """
 from __future__ import annotations
 
@@ -10,31 +11,48 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def spread(count: int, length: int) -> list[int]:
+    """`count` points spread evenly over [1, length - 1]: never before the first snapshot or checkpoint."""
+    return [min(max(1, int((i + 1) * length / (count + 1))), max(length - 1, 0)) for i in range(count)]
+
+
 @dataclass
 class FaultSchedule:
-    """Round -> host indices to kill during that round."""
+    """Round -> host indices to kill during that round; delivery numbers at which to kill the cloud."""
 
     host_kills: dict[int, list[int]] = field(default_factory=dict)
+    cloud_kills: list[int] = field(default_factory=list)
     seen: int = 0
     recovered: int = 0
+    cloud_seen: int = 0
+    cloud_recovered: int = 0
+    replayed: int = 0
+    restored_from: list[int] = field(default_factory=list)
 
     @classmethod
-    def plan(cls, kill_hosts: int, rounds: int, hosts: int, seed: int) -> "FaultSchedule":
-        """Spread `kill_hosts` kills evenly over the run's rounds, victims drawn with `seed`."""
+    def plan(cls, kill_hosts: int, rounds: int, hosts: int, seed: int, kill_cloud: int = 0) -> "FaultSchedule":
+        """Spread the kills evenly over the run's rounds, host victims drawn with `seed`."""
         rng = np.random.default_rng(seed)
         kills: dict[int, list[int]] = {}
-        for i in range(kill_hosts):
-            at = max(1, int((i + 1) * rounds / (kill_hosts + 1)))  # never before the first snapshot
-            kills.setdefault(min(at, max(rounds - 1, 0)), []).append(int(rng.integers(hosts)))
-        return cls(kills)
+        for at in spread(kill_hosts, rounds):
+            kills.setdefault(at, []).append(int(rng.integers(hosts)))
+        # the cloud dies between the host kills (offset by half a gap) so each recovery is seen alone
+        cloud = sorted({min(max(1, at + max(1, rounds // (2 * (kill_cloud + 1)))), max(rounds - 1, 1))
+                        for at in spread(kill_cloud, rounds)})
+        return cls(kills, cloud)
 
     def victims(self, round_index: int) -> list[int]:
         return self.host_kills.get(round_index, [])
 
+    def kill_cloud_at(self, delivery: int) -> bool:
+        return delivery in self.cloud_kills
+
     @property
     def planned(self) -> int:
-        return sum(len(v) for v in self.host_kills.values())
+        return sum(len(v) for v in self.host_kills.values()) + len(self.cloud_kills)
 
-    def report(self) -> dict[str, int]:
-        return {"host_kills_planned": self.planned, "host_failures_seen": self.seen,
-                "host_recoveries": self.recovered}
+    def report(self) -> dict[str, object]:
+        return {"host_kills_planned": sum(len(v) for v in self.host_kills.values()), "host_failures_seen": self.seen,
+                "host_recoveries": self.recovered, "cloud_kills_planned": len(self.cloud_kills),
+                "cloud_failures_seen": self.cloud_seen, "cloud_recoveries": self.cloud_recovered,
+                "deliveries_replayed": self.replayed, "cloud_restored_from": list(self.restored_from)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 
 from cema_ray.data.catalog import LabeledImagesLike
 from cema_ray.runtime.cloud import SHARED, CloudService, Publication
+from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore
 from cema_ray.runtime.edge import EdgeDevice
 from cema_ray.runtime.metrics import CloudMetrics, HostMetrics
 from cema_ray.runtime.fleet import DataContext, EdgePlan, load_model, method_settings
@@ -119,10 +121,32 @@ class HostNeedsRestore(RuntimeError):
     """Raised by a restarted EdgeHost until the driver restores its edges' snapshots."""
 
 
-class CloudActor:
-    """The foundation model, the student(s), the replay buffer and the publication counter."""
+@dataclass
+class Delivery:
+    """What the cloud returns for one delivery of uploads."""
 
-    def __init__(self, cfg: dict[str, Any], threads: int = 1) -> None:
+    steps: dict[int, int]  # cloud steps the delivery made due, per edge
+    pubs: list[Publication]  # versions published at its end
+    checkpoint: int  # deliveries the newest checkpoint on disk covers: the driver may forget older ones
+    published_at: float  # wall clock (time.time) when the publications were made
+
+
+class OutOfOrderDelivery(RuntimeError):
+    """A delivery reached the cloud out of sequence (a restarted cloud resumes at its checkpoint)."""
+
+
+class CloudActor:
+    """The foundation model, the student(s), the replay buffer and the publication counter.
+
+    Deliveries are numbered by the driver and must arrive in order: delivery ``seq`` is accepted only
+    when the cloud has applied exactly ``seq`` before it. Every ``checkpoint_every`` deliveries the
+    state goes to disk before the delivery is applied. When Ray restarts a dead cloud, ``__init__``
+    runs again, finds the run's newest checkpoint and resumes at its position; the driver re-delivers
+    what came after (it holds those uploads), so the restarted cloud reaches the very state it had.
+    """
+
+    def __init__(self, cfg: dict[str, Any], threads: int = 1, checkpoint_dir: str | None = None,
+                 run_id: str = "") -> None:
         from cema_ray.runtime.local import build_cloud
 
         torch.set_num_threads(threads)
@@ -131,6 +155,16 @@ class CloudActor:
         foundation = load_model(cfg["models"]["foundation"], cfg["data"], "foundation") if spec.uses_foundation else None
         self.service: CloudService = build_cloud(cfg, edge_model, foundation)
         self.metrics = CloudMetrics()
+        self.every = int(cfg["cloud"]["checkpoint_every"])
+        self.delay_s = float(cfg["faults"]["slow_cloud_s"])
+        self.store = CloudCheckpointStore(checkpoint_dir, run_id) if checkpoint_dir and self.every else None
+        self.checkpointed = 0
+        self.restored_from: int | None = None
+        found = self.store.latest() if self.store else None
+        if found is not None:
+            state, position = found
+            self.service.load_state_dict(state)
+            self.checkpointed = self.restored_from = position
 
     def __repr__(self) -> str:
         return "CloudActor"
@@ -138,11 +172,24 @@ class CloudActor:
     def ping(self) -> int:
         return os.getpid()
 
-    def newest_versions(self, edge_ids: list[int]) -> dict[int, int]:
-        return {e: self.service.newest_version(e) for e in edge_ids}
+    def position(self) -> tuple[int, int | None]:
+        """(deliveries applied, the checkpoint position this instance was restored from or None)."""
+        return self.service.rounds, self.restored_from
 
-    def receive_round(self, *host_uploads: list[tuple[int, bool, np.ndarray]]) -> dict[int, int]:
-        """Ingest one round's uploads in ascending edge id (the reference order); returns steps per edge."""
+    def deliver(self, seq: int, edge_ids: list[int] | None, *host_uploads: list[tuple[int, bool, np.ndarray]]
+                ) -> Delivery:
+        """Ingest uploads in ascending edge id (the reference order), then publish what falls due.
+
+        ``edge_ids``: the edges taking part (sync: the whole round's, uploads or not); None means the
+        edges in the uploads (async: one host's call).
+        """
+        if seq != self.service.rounds:
+            raise OutOfOrderDelivery(f"cloud expects delivery {self.service.rounds}, got {seq}")
+        if self.store and seq and seq % self.every == 0 and seq > self.checkpointed:
+            self.store.save(self.service.state_dict(), seq)
+            self.checkpointed = seq
+        if self.delay_s:
+            time.sleep(self.delay_s)
         items = sorted((item for uploads in host_uploads for item in uploads), key=lambda it: it[0])
         t0 = time.perf_counter()
         steps = {}
@@ -150,23 +197,12 @@ class CloudActor:
             if reset:
                 self.service.reset(edge_id)
             steps[edge_id] = self.service.receive(edge_id, images)
-        self.metrics.record(sum(steps.values()), sum(len(it[2]) for it in items), 0,
+        pubs = self.service.end_round(sorted(steps if edge_ids is None else edge_ids))
+        self.metrics.record(sum(steps.values()), sum(len(it[2]) for it in items), len(pubs),
                             self.service.trainer.queued(), time.perf_counter() - t0)
-        return steps
-
-    def end_round(self, edge_ids: list[int]) -> list[Publication]:
-        pubs = self.service.end_round(sorted(edge_ids))
-        if pubs:
-            self.metrics.publications.inc(len(pubs))
-        return pubs
-
-    def receive_and_publish(self, uploads: list[tuple[int, bool, np.ndarray]]
-                            ) -> tuple[dict[int, int], list[Publication]]:
-        """Async mode: one host's uploads, then whatever publication falls due."""
-        steps = self.receive_round(uploads)
-        return steps, self.end_round(list(steps))
+        return Delivery(steps, pubs, self.checkpointed, time.time())
 
     def stats(self) -> dict[str, Any]:
         s = self.service.stats
         return {"steps": s.steps, "ingested": s.ingested, "dropped": s.dropped, "publications": s.publications,
-                "step_seconds": s.step_seconds}
+                "step_seconds": s.step_seconds, "deliveries": self.service.rounds}

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 import time
+import uuid
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -20,7 +23,7 @@ from cema_ray.runtime.cloud import SHARED, Publication
 from cema_ray.runtime.faults import FaultSchedule
 from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans
 from cema_ray.runtime.progress import RunProgress
-from cema_ray.runtime.ray_actors import CloudActor, EdgeHost
+from cema_ray.runtime.ray_actors import CloudActor, Delivery, EdgeHost
 
 NAMESPACE = "cema"
 MAX_RECOVERIES_PER_ROUND = 5
@@ -81,12 +84,14 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0.0))
 
 
-def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: Any) -> tuple[Any, list[Any]]:
+def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: Any, checkpoint_dir: str | None,
+                 run_id: str) -> tuple[Any, list[Any]]:
     rcfg = cfg["ray"]
     cloud = ray.remote(CloudActor).options(
-        name="cema-cloud", namespace=NAMESPACE, num_cpus=cfg["cloud"]["num_cpus"], max_restarts=0,
-        lifetime=None,
-    ).remote(cfg, threads=max(1, int(cfg["cloud"]["num_cpus"])))
+        name="cema-cloud", namespace=NAMESPACE, num_cpus=cfg["cloud"]["num_cpus"],
+        max_restarts=cfg["cloud"]["max_restarts"] if checkpoint_dir else 0,
+        max_task_retries=0,  # the driver re-delivers, in order, after a restart
+    ).remote(cfg, max(1, int(cfg["cloud"]["num_cpus"])), checkpoint_dir, run_id)
     hosts = [
         ray.remote(EdgeHost).options(
             name=f"cema-edgehost-{i:03d}", namespace=NAMESPACE, num_cpus=rcfg["host_num_cpus"],
@@ -99,35 +104,111 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
     return cloud, hosts
 
 
+class CloudLink:
+    """The driver's side of the cloud: numbered deliveries, the log since the last checkpoint, recovery.
+
+    The driver owns every upload it delivers (they are its tasks' return values), so after a cloud
+    restart it re-delivers, in order, whatever the restored checkpoint does not cover; publications
+    those replays produce were broadcast the first time and are dropped.
+    """
+
+    def __init__(self, cloud: Any, faults: FaultSchedule, checkpointing: bool) -> None:
+        self.cloud, self.faults, self.checkpointing = cloud, faults, checkpointing
+        self.log: dict[int, tuple[list[int] | None, list[Any]]] = {}  # seq -> (edge ids, upload refs)
+        self.next_seq = 0
+        self.kills_done: set[int] = set()
+
+    def submit(self, edge_ids: list[int] | None, uploads: list[Any]) -> tuple[int, Any]:
+        """Send the next delivery; returns its number and the reference of its result."""
+        seq, self.next_seq = self.next_seq, self.next_seq + 1
+        self.log[seq] = (edge_ids, uploads)
+        return seq, self.send(seq)
+
+    def send(self, seq: int) -> Any:
+        edge_ids, uploads = self.log[seq]
+        ref = self.cloud.deliver.remote(seq, edge_ids, *uploads)
+        if self.faults.kill_cloud_at(seq) and seq not in self.kills_done:
+            self.kills_done.add(seq)
+            ray.kill(self.cloud, no_restart=False)  # injected crash, mid-delivery
+        return ref
+
+    def delivered(self, delivery: Delivery) -> None:
+        for seq in [s for s in self.log if s < delivery.checkpoint]:
+            del self.log[seq]  # the checkpoint on disk covers it
+
+    def is_cloud_failure(self, exc: Exception) -> bool:
+        if isinstance(exc, RayActorError):
+            return True
+        return isinstance(exc, RayTaskError) and "OutOfOrderDelivery" in str(exc)
+
+    def recover(self, first_undone: int) -> None:
+        """Wait for Ray to restart the cloud, then replay the log from its checkpoint up to `first_undone`."""
+        self.faults.cloud_seen += 1
+        if not self.checkpointing:
+            raise RuntimeError("the cloud actor died and cloud.checkpoint_every is 0: there is no checkpoint to "
+                               "restart it from (set cloud.checkpoint_every > 0)")
+        position, restored = wait_for_actor(self.cloud.position)
+        if position < first_undone and position not in self.log:
+            raise RuntimeError(f"the restarted cloud resumed at delivery {position}, which the driver no longer holds")
+        for seq in range(position, first_undone):
+            edge_ids, uploads = self.log[seq]
+            ray.get(self.cloud.deliver.remote(seq, edge_ids, *uploads))  # its publications went out already
+            self.faults.replayed += 1
+        self.faults.cloud_recovered += 1
+        self.faults.restored_from.append(-1 if restored is None else restored)
+
+
+def wait_for_actor(method: Any, *args: Any) -> Any:
+    """Call an actor method until it answers: Ray fails calls while it restarts the actor."""
+    deadline = time.monotonic() + RESTART_TIMEOUT_S
+    while True:
+        try:
+            return ray.get(method.remote(*args), timeout=60)
+        except (RayActorError, GetTimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def track_newest(newest: dict[int, int], pubs: list[Publication]) -> None:
+    for pub in pubs:
+        key = SHARED if pub.edge_id is None else pub.edge_id
+        newest[key] = max(newest.get(key, 0), pub.version)
+
+
 class SyncDriver:
     """Reference rounds on Ray: hosts predict in parallel, the cloud ingests in edge order, one publication.
 
     After every round each host hands back a snapshot of its edges. A host that dies (a crash, an
     OOM kill, `ray.kill`) is restarted by Ray (`max_restarts=-1`); the driver restores its edges from
     the previous round's snapshot, re-sends the newest publication and reruns its step, so every
-    batch is predicted exactly once and the run goes on.
+    batch is predicted exactly once and the run goes on. A dead cloud is restarted from its
+    checkpoint and replayed up to the round it died in (`CloudLink`), so a run with faults gives the
+    records an undisturbed run gives.
     """
 
     def __init__(self, cloud: Any, hosts: list[Any], progress: RunProgress, faults: FaultSchedule,
-                 lengths: dict[int, int]) -> None:
+                 lengths: dict[int, int], checkpointing: bool) -> None:
         self.cloud, self.hosts, self.progress, self.faults = cloud, hosts, progress, faults
+        self.link = CloudLink(cloud, faults, checkpointing)
         self.lengths = lengths  # batches per edge: edge e takes part in rounds 0 .. lengths[e] - 1
         self.snapshots = ray.get([h.snapshot.remote() for h in hosts])
         self.latest_pubs: list[Publication] = []
+        self.newest: dict[int, int] = {}
 
     def run(self) -> None:
         for round_index in range(max(self.lengths.values(), default=0)):
             edge_ids = sorted(e for e, n in self.lengths.items() if n > round_index)
-            newest = ray.get(self.cloud.newest_versions.remote(edge_ids))
+            newest = dict(self.newest)
             calls = [h.step_and_snapshot.options(num_returns=3).remote(newest) for h in self.hosts]
             for victim in self.faults.victims(round_index):
                 ray.kill(self.hosts[victim], no_restart=False)  # injected crash, mid-step
             outs = [self._result(i, call, newest) for i, call in enumerate(calls)]
-            steps = ray.get(self.cloud.receive_round.remote(*[o[1] for o in outs]))
-            pubs = ray.get(self.cloud.end_round.remote(edge_ids))
-            if pubs:
-                self.latest_pubs = pubs
-                pubs_ref = ray.put(pubs)  # put once, every host gets the same reference
+            delivery = self._deliver(edge_ids, [o[1] for o in outs])
+            if delivery.pubs:
+                self.latest_pubs = delivery.pubs
+                track_newest(self.newest, delivery.pubs)
+                pubs_ref = ray.put(delivery.pubs)  # put once, every host gets the same reference
                 for host in self.hosts:
                     try:
                         ray.get(host.apply.remote(pubs_ref))
@@ -136,8 +217,22 @@ class SyncDriver:
             for i, (records, _, snap) in enumerate(outs):
                 self.snapshots[i] = snap
                 for rec in records:
-                    self.progress.add(dict(rec, cloud_steps=steps.get(rec["edge_id"], 0)))
+                    self.progress.add(dict(rec, cloud_steps=delivery.steps.get(rec["edge_id"], 0)))
             self.progress.refresh()
+
+    def _deliver(self, edge_ids: list[int], uploads: list[Any]) -> Delivery:
+        seq, ref = self.link.submit(edge_ids, uploads)
+        for _ in range(MAX_RECOVERIES_PER_ROUND):
+            try:
+                delivery = ray.get(ref)
+                self.link.delivered(delivery)
+                return delivery
+            except (RayActorError, RayTaskError) as exc:
+                if not self.link.is_cloud_failure(exc):
+                    raise
+                self.link.recover(seq)
+                ref = self.link.send(seq)
+        raise RuntimeError(f"the cloud kept failing: gave up after {MAX_RECOVERIES_PER_ROUND} restarts")
 
     def _result(self, i: int, call: list[Any], newest: dict[int, int]) -> tuple[list, Any, dict]:
         """This host's round output; after a crash, restore it and run its step again."""
@@ -150,44 +245,42 @@ class SyncDriver:
                 if isinstance(exc, RayTaskError) and "HostNeedsRestore" not in str(exc):
                     raise
                 self.faults.seen += 1
-                self._restore(i)
+                wait_for_actor(self.hosts[i].restore, self.snapshots[i], self.latest_pubs)
+                self.faults.recovered += 1
                 records_ref, uploads_ref, snap_ref = self.hosts[i].step_and_snapshot.options(
                     num_returns=3).remote(newest)
         raise RuntimeError(f"edge host {i} kept failing: gave up after {MAX_RECOVERIES_PER_ROUND} restarts")
-
-    def _restore(self, i: int) -> None:
-        deadline = time.monotonic() + RESTART_TIMEOUT_S
-        while True:  # Ray restarts the actor; calls fail until its __init__ has run again
-            try:
-                ray.get(self.hosts[i].restore.remote(self.snapshots[i], self.latest_pubs), timeout=60)
-                self.faults.recovered += 1
-                return
-            except (RayActorError, GetTimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
 
 
 class AsyncDriver:
     """Edges run ahead: each host keeps up to `max_in_flight` steps queued, the cloud consumes uploads
     as they come, and each publication is broadcast as soon as it exists.
 
-    Uploads wait in a bounded backlog while the cloud is busy (at most `CLOUD_IN_FLIGHT` calls
-    outstanding); past the bound the oldest are dropped and counted, so a slow cloud never stalls
-    the edges nor grows memory without bound.
+    Uploads wait in a bounded backlog while the cloud is busy (at most `CLOUD_IN_FLIGHT` deliveries
+    outstanding) or down; past the bound the oldest are dropped and counted, so a slow or dead cloud
+    never stalls the edges nor grows memory without bound. A dead cloud is restarted from its
+    checkpoint in the background: the driver keeps the hosts stepping with the weights they have,
+    and when the cloud answers again it replays the deliveries the checkpoint misses, then resends
+    the ones that failed.
     """
 
     CLOUD_IN_FLIGHT = 2
 
-    def __init__(self, cloud: Any, hosts: list[Any], progress: RunProgress, cfg: dict[str, Any]) -> None:
-        self.cloud, self.hosts, self.progress = cloud, hosts, progress
+    def __init__(self, cloud: Any, hosts: list[Any], progress: RunProgress, cfg: dict[str, Any],
+                 faults: FaultSchedule, checkpointing: bool) -> None:
+        self.cloud, self.hosts, self.progress, self.faults = cloud, hosts, progress, faults
+        self.link = CloudLink(cloud, faults, checkpointing)
         self.max_in_flight = cfg["ray"]["max_in_flight_per_host"]
         self.backlog_bound = max(2, 2 * len(hosts))
         self.newest: dict[int, int] = {}
+        self.pub_log: list[tuple[float, int, int]] = []  # (published at, student key, version)
         self.host_calls: dict[Any, tuple[int, Any]] = {}  # records ref -> (host index, uploads ref)
-        self.cloud_calls: dict[Any, list[dict[str, Any]]] = {}  # cloud ref -> records awaiting steps
+        self.cloud_calls: dict[Any, tuple[int, list[dict[str, Any]]]] = {}  # ref -> (seq, records)
         self.backlog: deque[tuple[Any, list[dict[str, Any]]]] = deque()
+        self.redo: dict[int, list[dict[str, Any]]] = {}  # failed deliveries to resend, by seq
+        self.ping: Any = None  # outstanding `position` call while the cloud is down
         self.dropped = 0
+        self.max_backlog = 0
 
     def submit(self, i: int) -> None:
         records_ref, uploads_ref = self.hosts[i].step_round.options(num_returns=2).remote(self.newest, True)
@@ -197,15 +290,19 @@ class AsyncDriver:
         for i in range(len(self.hosts)):
             for _ in range(self.max_in_flight):
                 self.submit(i)
-        while self.host_calls or self.cloud_calls or self.backlog:
-            ready, _ = ray.wait([*self.host_calls, *self.cloud_calls], num_returns=1, timeout=1.0)
+        while self.host_calls or self.cloud_calls or self.backlog or self.redo:
+            waiting = [*self.host_calls, *self.cloud_calls, *([self.ping] if self.ping else [])]
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
             for ref in ready:
                 if ref in self.host_calls:
                     self._host_done(ref)
-                else:
+                elif ref in self.cloud_calls:
                     self._cloud_done(ref)
+                elif ref == self.ping:
+                    self._cloud_back()
             self._dispatch()
-            self.progress.refresh(version=max(self.newest.values(), default=0), backlog=len(self.backlog))
+            self.progress.refresh(version=max(self.newest.values(), default=0), backlog=len(self.backlog),
+                                  **({"cloud": "down"} if self.ping else {}))
         return self.dropped
 
     def _host_done(self, ref: Any) -> None:
@@ -219,30 +316,77 @@ class AsyncDriver:
             for rec in old:
                 self.dropped += rec["uploaded"]
                 self.progress.add(dict(rec, cloud_steps=0, dropped=rec["uploaded"]))
+        self.max_backlog = max(self.max_backlog, len(self.backlog))
         self.submit(i)
 
     def _dispatch(self) -> None:
+        if self.ping:
+            return  # the cloud is down: uploads wait in the backlog
+        for seq in sorted(self.redo):
+            self.cloud_calls[self.link.send(seq)] = (seq, self.redo.pop(seq))
         while self.backlog and len(self.cloud_calls) < self.CLOUD_IN_FLIGHT:
             uploads_ref, records = self.backlog.popleft()
-            self.cloud_calls[self.cloud.receive_and_publish.remote(uploads_ref)] = records
+            seq, ref = self.link.submit(None, [uploads_ref])
+            self.cloud_calls[ref] = (seq, records)
 
     def _cloud_done(self, ref: Any) -> None:
-        records = self.cloud_calls.pop(ref)
-        steps, pubs = ray.get(ref)
-        if pubs:
-            pubs_ref = ray.put(pubs)  # put once; every host gets the same reference
-            for pub in pubs:
-                key = SHARED if pub.edge_id is None else pub.edge_id
-                self.newest[key] = max(self.newest.get(key, 0), pub.version)
+        seq, records = self.cloud_calls.pop(ref)
+        try:
+            delivery = ray.get(ref)
+        except (RayActorError, RayTaskError) as exc:
+            if not self.link.is_cloud_failure(exc):
+                raise
+            self.redo[seq] = records
+            if self.ping is None:
+                self.ping = self.cloud.position.remote()
+            return
+        self.link.delivered(delivery)
+        if delivery.pubs:
+            track_newest(self.newest, delivery.pubs)
+            self.pub_log += [(delivery.published_at, SHARED if p.edge_id is None else p.edge_id, p.version)
+                             for p in delivery.pubs]
+            pubs_ref = ray.put(delivery.pubs)  # put once; every host gets the same reference
             for host in self.hosts:
                 host.apply.remote(pubs_ref)  # fire and forget: applied between the host's steps
         for rec in records:
-            self.progress.add(dict(rec, cloud_steps=steps.get(rec["edge_id"], 0), dropped=0))
+            self.progress.add(dict(rec, cloud_steps=delivery.steps.get(rec["edge_id"], 0), dropped=0))
+
+    def _cloud_back(self) -> None:
+        """The ping answered or failed: once every outstanding delivery has settled, replay and resend."""
+        try:
+            ray.get(self.ping)
+        except (RayActorError, GetTimeoutError):
+            time.sleep(0.2)
+            self.ping = self.cloud.position.remote()  # still restarting
+            return
+        self.ping = None
+        if self.cloud_calls:  # deliveries sent before the crash: each failed or was applied
+            ray.wait(list(self.cloud_calls), num_returns=len(self.cloud_calls), timeout=60)
+            for ref in list(self.cloud_calls):
+                self._cloud_done(ref)
+        if self.ping is None and self.redo:
+            self.link.recover(min(self.redo))
+
+    def fix_lags(self, records: list[dict[str, Any]]) -> None:
+        """Version lag measured after the fact: versions published before the batch was predicted,
+        minus the version it used (the driver's view at submission time would undercount)."""
+        by_key: dict[int, list[tuple[float, int]]] = {}
+        for t, key, version in sorted(self.pub_log):
+            by_key.setdefault(key, []).append((t, version))
+        for rec in records:
+            pubs = by_key.get(rec["edge_id"], by_key.get(SHARED, []))
+            newest = max((v for t, v in pubs if t <= rec["predicted_at"]), default=0)
+            rec["version_lag"] = max(0, newest - rec["weight_version"])
 
 
-def run_ray(cfg: dict[str, Any]) -> tuple[RunRecorder, dict[str, Any]]:
-    """Run the fleet on Ray; returns the per-batch records and run facts."""
+def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None) -> tuple[RunRecorder, dict[str, Any]]:
+    """Run the fleet on Ray; returns the per-batch records and run facts.
+
+    Cloud checkpoints go to ``<out_dir>/cloud_checkpoints`` (a temporary folder without one): on a
+    cluster that folder must be reachable from the cloud actor's node.
+    """
     started = init_ray(cfg)
+    tmp = None
     try:
         t_start = time.perf_counter()
         data = DataContext(cfg["data"])
@@ -251,32 +395,42 @@ def run_ray(cfg: dict[str, Any]) -> tuple[RunRecorder, dict[str, Any]]:
         count = host_count(len(plans), cfg["edges"]["per_host"], cfg["edges"].get("hosts"),
                            cluster_cpus() - cfg["cloud"]["num_cpus"], cfg["ray"]["host_num_cpus"])
         groups = split_hosts(plans, count)
-        cloud, hosts = start_actors(cfg, groups, clean_ref)
+        checkpointing = cfg["cloud"]["checkpoint_every"] > 0
+        if out_dir is None and checkpointing:
+            tmp = tempfile.TemporaryDirectory(prefix="cema-cloud-")
+        ckpt_dir = str(Path(out_dir or tmp.name).resolve() / "cloud_checkpoints") if checkpointing else None
+        cloud, hosts = start_actors(cfg, groups, clean_ref, ckpt_dir, uuid.uuid4().hex)
         startup = time.perf_counter() - t_start
         host_nodes = len(set(ray.get([h.node_id.remote() for h in hosts])))
         lengths = {p.edge_id: len(data.stream(p)) for p in plans}
         total = sum(lengths.values())
-        if cfg["faults"]["kill_cloud"]:
-            raise NotImplementedError("faults.kill_cloud needs cloud checkpoints, not implemented yet")
         progress = RunProgress(f"{cfg['name']} [ray {cfg['mode']}]", total, cfg["output"]["progress"])
-        dropped = 0
-        faults = FaultSchedule.plan(cfg["faults"]["kill_hosts"], max(lengths.values()), len(hosts), cfg["faults"]["seed"])
+        fcfg = cfg["faults"]
+        faults = FaultSchedule.plan(fcfg["kill_hosts"], max(lengths.values()), len(hosts), fcfg["seed"],
+                                    fcfg["kill_cloud"])
+        extra: dict[str, Any] = {}
         if cfg["mode"] == "sync":
-            SyncDriver(cloud, hosts, progress, faults, lengths).run()
+            SyncDriver(cloud, hosts, progress, faults, lengths, checkpointing).run()
+            dropped = 0
         else:
-            if faults.planned or cfg["faults"]["kill_cloud"]:
-                raise NotImplementedError("fault injection runs in mode 'sync' only for now")
-            dropped = AsyncDriver(cloud, hosts, progress, cfg).run()
+            if faults.host_kills:
+                raise NotImplementedError("host kills are injected in mode 'sync' only for now (faults.kill_hosts)")
+            driver = AsyncDriver(cloud, hosts, progress, cfg, faults, checkpointing)
+            dropped = driver.run()
+            driver.fix_lags(progress.recorder.rows)
+            extra = {"max_backlog": driver.max_backlog, "backlog_bound": driver.backlog_bound}
         progress.close()
-        stats = ray.get(cloud.stats.remote())
+        stats = wait_for_actor(cloud.stats)
         facts = {"wall_seconds": progress.elapsed, "startup_seconds": startup, "num_hosts": len(hosts),
                  "host_nodes": host_nodes,
                  "dropped": stats["dropped"] + dropped, "cloud_steps": stats["steps"],
                  "publications": stats["publications"], "cloud_step_seconds": stats["step_seconds"],
-                 "faults": faults.report()}
+                 "cloud_deliveries": stats["deliveries"], "cloud_ingested": stats["ingested"], "faults": faults.report(), **extra}
         for actor in [cloud, *hosts]:
             ray.kill(actor)
         return progress.recorder, facts
     finally:
         if started:
             ray.shutdown()
+        if tmp is not None:
+            tmp.cleanup()

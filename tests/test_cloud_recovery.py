@@ -1,0 +1,158 @@
+"""Cloud checkpoints on disk, a killed cloud's restart and replay, and backpressure from a slow cloud."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from cema_ray.errors import CheckpointError, ConfigError
+from cema_ray.runtime import run_experiment
+from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore, decode_tree, encode_tree
+
+COMPARED = ("edge_id", "batch_index", "domain", "samples", "correct", "uploaded", "bytes_up", "bytes_down",
+            "weight_version", "version_lag", "cloud_steps", "first_id", "last_id")
+
+
+def _table(out) -> dict[str, list]:
+    t = pq.read_table(out / "batches.parquet").sort_by([("edge_id", "ascending"), ("batch_index", "ascending")])
+    return t.to_pydict()
+
+
+def _ids(t: dict[str, list]) -> list[int]:
+    return [i for a, b in zip(t["first_id"], t["last_id"]) for i in range(a, b + 1)]
+
+
+def test_state_tree_survives_encoding_with_key_types_and_tuples():
+    tree = {"opt": {"state": {0: {"step": torch.tensor(3.0), "buf": torch.ones(2, 2)}},
+                    "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0, 1]}]},
+            "queue": np.arange(12, dtype=np.uint8).reshape(1, 2, 2, 3), "nothing": None, "flag": True,
+            "gen": torch.Generator().manual_seed(5).get_state(), "nan": float("nan"), "scalar": np.float32(1.5)}
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = json.loads(json.dumps(encode_tree(tree, tensors)))  # what goes to disk is plain JSON
+    back = decode_tree(encoded, tensors)
+    assert set(back["opt"]["state"]) == {0} and back["opt"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(back["opt"]["state"][0]["buf"], torch.ones(2, 2))
+    np.testing.assert_array_equal(back["queue"], tree["queue"])
+    assert back["queue"].dtype == np.uint8 and back["nothing"] is None and back["flag"] is True
+    assert torch.equal(back["gen"], tree["gen"]) and math.isnan(back["nan"]) and back["scalar"] == 1.5
+    with pytest.raises(TypeError, match="cannot checkpoint a object"):
+        encode_tree({"x": object()}, {})
+
+
+def test_store_keeps_the_newest_two_and_ignores_other_runs(tmp_path):
+    store = CloudCheckpointStore(tmp_path, "run-a")
+    assert store.latest() is None
+    for position in (2, 4, 6):
+        store.save({"position": position, "w": torch.full((3,), float(position))}, position)
+    state, position = store.latest()
+    assert position == 6 and torch.equal(state["w"], torch.full((3,), 6.0))
+    assert sorted(p.name for p in tmp_path.glob("state-*.json")) == ["state-00000004.json", "state-00000006.json"]
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
+    assert CloudCheckpointStore(tmp_path, "run-b").latest() is None  # another run's checkpoint is not resumed
+
+
+def test_tampered_or_truncated_cloud_checkpoint_is_refused(tmp_path):
+    store = CloudCheckpointStore(tmp_path, "r")
+    weights = store.save({"w": torch.arange(100.0)}, 1)
+    data = bytearray(weights.read_bytes())
+    data[-8] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        store.latest()
+    weights.write_bytes(bytes(data[:40]))
+    with pytest.raises(CheckpointError, match="truncated"):
+        store.latest()
+    (tmp_path / "state-00000001.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        store.latest()
+
+
+def test_cema_cloud_resumes_from_disk_exactly(make_run_config, tmp_path):
+    """Save after two deliveries, load into a fresh cloud: both publish the same parameters afterwards."""
+    from cema_ray.runtime.fleet import load_model
+    from cema_ray.runtime.local import build_cloud
+
+    torch.set_num_threads(1)
+    cfg = make_run_config("method.name=cema")
+    rng = np.random.default_rng(0)
+    uploads = [rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8) for _ in range(4)]
+
+    def cloud():
+        return build_cloud(cfg, load_model(cfg["models"]["edge"], cfg["data"], "edge"),
+                           load_model(cfg["models"]["foundation"], cfg["data"], "foundation"))
+
+    a = cloud()
+    for imgs in uploads[:2]:
+        a.receive(0, imgs)
+        a.end_round([0])
+    store = CloudCheckpointStore(tmp_path, "r")
+    store.save(a.state_dict(), 2)
+    b = cloud()
+    state, position = store.latest()
+    b.load_state_dict(state)
+    assert position == 2 and b.rounds == a.rounds and b.versions == a.versions
+    for imgs in uploads[2:]:
+        steps = [c.receive(0, imgs) for c in (a, b)]
+        pubs = [c.end_round([0]) for c in (a, b)]
+        assert steps[0] == steps[1] >= 1 and len(pubs[0]) == len(pubs[1]) == 1
+        assert pubs[0][0].version == pubs[1][0].version
+        for k, v in pubs[0][0].state.items():
+            np.testing.assert_array_equal(v, pubs[1][0].state[k])
+
+
+def test_kill_cloud_needs_checkpoints(make_run_config):
+    with pytest.raises(ConfigError, match="faults.kill_cloud.*checkpoint_every"):
+        make_run_config("faults.kill_cloud=1", "cloud.checkpoint_every=0")
+    with pytest.raises(ConfigError, match="max_restarts"):
+        make_run_config("faults.kill_cloud=1", "cloud.max_restarts=0")
+
+
+@pytest.mark.ray
+def test_killed_cloud_and_host_in_sync_mode_change_nothing(ray_session, make_run_config, tmp_path):
+    """A cloud kill and a host kill: the cloud restarts from its checkpoint, the driver replays what the
+    checkpoint misses, and every record equals an undisturbed local run's."""
+    torch.set_num_threads(1)
+    common = ("method.name=cema", "edges.count=3", "edges.per_host=2", "stream.samples_per_domain=128",
+              "cloud.checkpoint_every=3")
+    run_experiment(make_run_config("runtime=local", *common), tmp_path / "local")
+    hit = run_experiment(make_run_config("runtime=ray", "faults.kill_cloud=1", "faults.kill_hosts=1", *common),
+                         tmp_path / "hit")
+    f = hit["faults"]
+    assert f["cloud_kills_planned"] == 1 and f["cloud_failures_seen"] >= 1 and f["cloud_recoveries"] >= 1
+    assert f["host_recoveries"] >= 1 and all(p >= 0 for p in f["cloud_restored_from"])
+    a, b = _table(tmp_path / "local"), _table(tmp_path / "hit")
+    for col in COMPARED:
+        assert a[col] == b[col], col
+    assert len(_ids(b)) == len(set(_ids(b))) == hit["samples"]
+    assert (tmp_path / "hit" / "cloud_checkpoints" / "LATEST").is_file()
+
+
+@pytest.mark.ray
+def test_killed_cloud_in_async_mode_loses_no_sample(ray_session, make_run_config, tmp_path):
+    cfg = make_run_config("runtime=ray", "mode=async", "method.name=upload-all", "edges.count=4",
+                          "edges.per_host=2", "stream.samples_per_domain=128", "cloud.checkpoint_every=2",
+                          "faults.kill_cloud=1")
+    summary = run_experiment(cfg, tmp_path / "a")
+    t = _table(tmp_path / "a")
+    assert len(_ids(t)) == len(set(_ids(t))) == summary["samples"] == 4 * 256
+    assert summary["faults"]["cloud_recoveries"] >= 1
+    assert summary["uploaded"] == summary["cloud_ingested"] + summary["dropped"]  # each upload used or counted
+
+
+@pytest.mark.ray
+def test_slow_cloud_bounds_the_backlog_and_counts_what_it_drops(ray_session, make_run_config, tmp_path):
+    """The cloud sleeps 1 s per delivery while hosts step in milliseconds: no deadlock, the backlog never
+    passes its bound, the excess is dropped oldest first and counted, and every sample is still predicted."""
+    cfg = make_run_config("runtime=ray", "mode=async", "method.name=upload-all", "edges.count=4",
+                          "edges.per_host=2", "stream.samples_per_domain=128", "faults.slow_cloud_s=1.0")
+    summary = run_experiment(cfg, tmp_path / "s")
+    t = _table(tmp_path / "s")
+    assert len(_ids(t)) == len(set(_ids(t))) == summary["samples"]
+    assert summary["max_backlog"] <= summary["backlog_bound"]
+    assert summary["dropped"] > 0
+    assert summary["uploaded"] == summary["cloud_ingested"] + summary["dropped"]
+    assert sum(t["dropped"]) == summary["dropped"]
