@@ -217,6 +217,7 @@ RUN_SCHEMA = Section({
         "kill_hosts": _int(0, "EdgeHost actors to kill during the run (fault injection)", lo=0),
         "kill_cloud": _int(0, "times to kill the cloud actor during the run (needs cloud.checkpoint_every > 0)",
                            lo=0),
+        "raise_in_hosts": _int(0, "EdgeHost steps that raise an exception during the run (fault injection)", lo=0),
         "slow_cloud_s": _num(0.0, "extra seconds the cloud sleeps per delivery: rehearses a cloud that cannot "
                                   "keep up (backpressure)", lo=0),
         "seed": _int(0, "seed of when and which actors are killed"),

@@ -112,18 +112,20 @@ def test_kill_cloud_needs_checkpoints(make_run_config):
 
 
 @pytest.mark.ray
-def test_killed_cloud_and_host_in_sync_mode_change_nothing(ray_session, make_run_config, tmp_path):
-    """A cloud kill and a host kill: the cloud restarts from its checkpoint, the driver replays what the
-    checkpoint misses, and every record equals an undisturbed local run's."""
+def test_killed_cloud_and_failed_hosts_in_sync_mode_change_nothing(ray_session, make_run_config, tmp_path):
+    """A cloud kill, a host kill and a host step that raises: the cloud restarts from its checkpoint and the
+    driver replays what the checkpoint misses; the hosts restart at their snapshots. Every record equals an
+    undisturbed local run's."""
     torch.set_num_threads(1)
     common = ("method.name=cema", "edges.count=3", "edges.per_host=2", "stream.samples_per_domain=128",
               "cloud.checkpoint_every=3")
     run_experiment(make_run_config("runtime=local", *common), tmp_path / "local")
-    hit = run_experiment(make_run_config("runtime=ray", "faults.kill_cloud=1", "faults.kill_hosts=1", *common),
-                         tmp_path / "hit")
+    hit = run_experiment(make_run_config("runtime=ray", "faults.kill_cloud=1", "faults.kill_hosts=1",
+                                         "faults.raise_in_hosts=1", "faults.seed=3", *common), tmp_path / "hit")
     f = hit["faults"]
     assert f["cloud_kills_planned"] == 1 and f["cloud_failures_seen"] >= 1 and f["cloud_recoveries"] >= 1
-    assert f["host_recoveries"] >= 1 and all(p >= 0 for p in f["cloud_restored_from"])
+    assert f["host_kills_planned"] == f["host_exceptions_planned"] == 1
+    assert f["host_recoveries"] >= 2 and all(p >= 0 for p in f["cloud_restored_from"])
     a, b = _table(tmp_path / "local"), _table(tmp_path / "hit")
     for col in COMPARED:
         assert a[col] == b[col], col
@@ -132,14 +134,16 @@ def test_killed_cloud_and_host_in_sync_mode_change_nothing(ray_session, make_run
 
 
 @pytest.mark.ray
-def test_killed_cloud_in_async_mode_loses_no_sample(ray_session, make_run_config, tmp_path):
+def test_failures_in_async_mode_lose_no_sample(ray_session, make_run_config, tmp_path):
+    """Async: the cloud, a host and a host's step fail while edges run ahead; nothing lost or predicted twice."""
     cfg = make_run_config("runtime=ray", "mode=async", "method.name=upload-all", "edges.count=4",
                           "edges.per_host=2", "stream.samples_per_domain=128", "cloud.checkpoint_every=2",
-                          "faults.kill_cloud=1")
+                          "faults.kill_cloud=1", "faults.kill_hosts=1", "faults.raise_in_hosts=1")
     summary = run_experiment(cfg, tmp_path / "a")
     t = _table(tmp_path / "a")
     assert len(_ids(t)) == len(set(_ids(t))) == summary["samples"] == 4 * 256
-    assert summary["faults"]["cloud_recoveries"] >= 1
+    f = summary["faults"]
+    assert f["cloud_recoveries"] >= 1 and f["host_recoveries"] >= 2 and f["host_failures_seen"] >= 2
     assert summary["uploaded"] == summary["cloud_ingested"] + summary["dropped"]  # each upload used or counted
 
 

@@ -22,37 +22,67 @@ class FaultSchedule:
 
     host_kills: dict[int, list[int]] = field(default_factory=dict)
     cloud_kills: list[int] = field(default_factory=list)
+    host_raises: dict[int, list[int]] = field(default_factory=dict)  # round -> hosts whose step raises
     seen: int = 0
     recovered: int = 0
     cloud_seen: int = 0
     cloud_recovered: int = 0
     replayed: int = 0
     restored_from: list[int] = field(default_factory=list)
+    raises_seen: list[int] = field(default_factory=list)
 
     @classmethod
-    def plan(cls, kill_hosts: int, rounds: int, hosts: int, seed: int, kill_cloud: int = 0) -> "FaultSchedule":
-        """Spread the kills evenly over the run's rounds, host victims drawn with `seed`."""
+    def plan(cls, kill_hosts: int, rounds: int, hosts: int, seed: int, kill_cloud: int = 0,
+             raise_in_hosts: int = 0) -> "FaultSchedule":
+        """Spread the faults evenly over the run's rounds, host victims drawn with `seed`."""
         rng = np.random.default_rng(seed)
         kills: dict[int, list[int]] = {}
         for at in spread(kill_hosts, rounds):
             kills.setdefault(at, []).append(int(rng.integers(hosts)))
+        raises: dict[int, list[int]] = {}
+        for at in spread(raise_in_hosts, rounds):  # a third of a gap after the kills
+            at = min(at + max(1, rounds // (3 * (raise_in_hosts + 1))), max(rounds - 1, 0))
+            raises.setdefault(at, []).append(int(rng.integers(hosts)))
         # the cloud dies between the host kills (offset by half a gap) so each recovery is seen alone
         cloud = sorted({min(max(1, at + max(1, rounds // (2 * (kill_cloud + 1)))), max(rounds - 1, 1))
                         for at in spread(kill_cloud, rounds)})
-        return cls(kills, cloud)
+        return cls(kills, cloud, raises)
 
     def victims(self, round_index: int) -> list[int]:
         return self.host_kills.get(round_index, [])
+
+    def wants_raise(self, host: int, round_index: int) -> bool:
+        """Whether host's step at this round must raise: a planned exception that has not been seen yet
+        (a step discarded by another fault before it could raise keeps its exception armed)."""
+        return any(at <= round_index and host in hs for at, hs in self._unraised().items())
+
+    def raised(self, host: int) -> None:
+        """The driver saw host's injected exception: disarm the earliest one planned for it."""
+        self.raises_seen.append(host)
+
+    def _unraised(self) -> dict[int, list[int]]:
+        left = list(self.raises_seen)
+        out: dict[int, list[int]] = {}
+        for at in sorted(self.host_raises):
+            for h in self.host_raises[at]:
+                if h in left:
+                    left.remove(h)
+                else:
+                    out.setdefault(at, []).append(h)
+        return out
 
     def kill_cloud_at(self, delivery: int) -> bool:
         return delivery in self.cloud_kills
 
     @property
     def planned(self) -> int:
-        return sum(len(v) for v in self.host_kills.values()) + len(self.cloud_kills)
+        return (sum(len(v) for v in self.host_kills.values()) + len(self.cloud_kills)
+                + sum(len(v) for v in self.host_raises.values()))
 
     def report(self) -> dict[str, object]:
-        return {"host_kills_planned": sum(len(v) for v in self.host_kills.values()), "host_failures_seen": self.seen,
+        return {"host_kills_planned": sum(len(v) for v in self.host_kills.values()),
+                "host_exceptions_planned": sum(len(v) for v in self.host_raises.values()),
+                "host_failures_seen": self.seen,
                 "host_recoveries": self.recovered, "cloud_kills_planned": len(self.cloud_kills),
                 "cloud_failures_seen": self.cloud_seen, "cloud_recoveries": self.cloud_recovered,
                 "deliveries_replayed": self.replayed, "cloud_restored_from": list(self.restored_from)}

@@ -103,9 +103,15 @@ class EdgeHost:
     def snapshot(self) -> dict[int, dict[str, Any]]:
         return {e.edge_id: e.snapshot() for e in self.edges}
 
-    def step_and_snapshot(self, newest: dict[int, int]) -> tuple[list[dict[str, Any]], list[Any], dict[int, Any]]:
-        """A sync round's step plus the snapshot to resume from if this host dies before the next one."""
-        records, uploads = self.step_round(newest)
+    def step_and_snapshot(self, newest: dict[int, int], paced: bool = False, fail: bool = False
+                          ) -> tuple[list[dict[str, Any]], list[Any], dict[int, Any]]:
+        """A step plus the snapshot to resume from if this host dies before its next step.
+
+        ``fail``: fault injection; the step raises instead of running, as a bug or a torch error would.
+        """
+        if fail:
+            raise InjectedFault(f"{self!r}: injected exception (faults.raise_in_hosts)")
+        records, uploads = self.step_round(newest, paced)
         return records, uploads, self.snapshot()
 
     def restore(self, snaps: dict[int, dict[str, Any]], pubs: list[Publication]) -> int:
@@ -119,6 +125,10 @@ class EdgeHost:
 
 class HostNeedsRestore(RuntimeError):
     """Raised by a restarted EdgeHost until the driver restores its edges' snapshots."""
+
+
+class InjectedFault(RuntimeError):
+    """An exception raised on purpose by fault injection."""
 
 
 @dataclass

@@ -170,6 +170,22 @@ def wait_for_actor(method: Any, *args: Any) -> Any:
             time.sleep(0.5)
 
 
+def revive_host(host: Any, index: int, exc: Exception, snapshot: dict[int, Any], pubs: list[Publication],
+                faults: FaultSchedule) -> None:
+    """Bring a failed host back at its last snapshot: whatever it did after that is discarded and redone.
+
+    A dead process is restarted by Ray; a host whose step raised is killed first (its edges may be half
+    stepped), so both come back through the same restart and restore.
+    """
+    faults.seen += 1
+    if isinstance(exc, RayTaskError) and "HostNeedsRestore" not in str(exc):
+        if "InjectedFault" in str(exc):
+            faults.raised(index)
+        ray.kill(host, no_restart=False)
+    wait_for_actor(host.restore, snapshot, pubs)
+    faults.recovered += 1
+
+
 def track_newest(newest: dict[int, int], pubs: list[Publication]) -> None:
     for pub in pubs:
         key = SHARED if pub.edge_id is None else pub.edge_id
@@ -200,10 +216,11 @@ class SyncDriver:
         for round_index in range(max(self.lengths.values(), default=0)):
             edge_ids = sorted(e for e, n in self.lengths.items() if n > round_index)
             newest = dict(self.newest)
-            calls = [h.step_and_snapshot.options(num_returns=3).remote(newest) for h in self.hosts]
+            calls = [h.step_and_snapshot.options(num_returns=3).remote(
+                newest, False, self.faults.wants_raise(i, round_index)) for i, h in enumerate(self.hosts)]
             for victim in self.faults.victims(round_index):
                 ray.kill(self.hosts[victim], no_restart=False)  # injected crash, mid-step
-            outs = [self._result(i, call, newest) for i, call in enumerate(calls)]
+            outs = [self._result(i, call, newest, round_index) for i, call in enumerate(calls)]
             delivery = self._deliver(edge_ids, [o[1] for o in outs])
             if delivery.pubs:
                 self.latest_pubs = delivery.pubs
@@ -234,22 +251,19 @@ class SyncDriver:
                 ref = self.link.send(seq)
         raise RuntimeError(f"the cloud kept failing: gave up after {MAX_RECOVERIES_PER_ROUND} restarts")
 
-    def _result(self, i: int, call: list[Any], newest: dict[int, int]) -> tuple[list, Any, dict]:
-        """This host's round output; after a crash, restore it and run its step again."""
+    def _result(self, i: int, call: list[Any], newest: dict[int, int], round_index: int) -> tuple[list, Any, dict]:
+        """This host's round output; after a crash or an exception, restore it and run its step again."""
         records_ref, uploads_ref, snap_ref = call
         for _ in range(MAX_RECOVERIES_PER_ROUND):
             try:
                 records, snap = ray.get([records_ref, snap_ref])
                 return records, uploads_ref, snap
             except (RayActorError, RayTaskError) as exc:
-                if isinstance(exc, RayTaskError) and "HostNeedsRestore" not in str(exc):
-                    raise
-                self.faults.seen += 1
-                wait_for_actor(self.hosts[i].restore, self.snapshots[i], self.latest_pubs)
-                self.faults.recovered += 1
+                error = exc
+                revive_host(self.hosts[i], i, exc, self.snapshots[i], self.latest_pubs, self.faults)
                 records_ref, uploads_ref, snap_ref = self.hosts[i].step_and_snapshot.options(
-                    num_returns=3).remote(newest)
-        raise RuntimeError(f"edge host {i} kept failing: gave up after {MAX_RECOVERIES_PER_ROUND} restarts")
+                    num_returns=3).remote(newest, False, self.faults.wants_raise(i, round_index))
+        raise RuntimeError(f"edge host {i} kept failing: gave up after {MAX_RECOVERIES_PER_ROUND} restarts") from error
 
 
 class AsyncDriver:
@@ -273,8 +287,12 @@ class AsyncDriver:
         self.max_in_flight = cfg["ray"]["max_in_flight_per_host"]
         self.backlog_bound = max(2, 2 * len(hosts))
         self.newest: dict[int, int] = {}
+        self.latest_pubs: dict[int, Publication] = {}  # per student key: what a restored host must load
         self.pub_log: list[tuple[float, int, int]] = []  # (published at, student key, version)
-        self.host_calls: dict[Any, tuple[int, Any]] = {}  # records ref -> (host index, uploads ref)
+        self.snapshots = ray.get([h.snapshot.remote() for h in hosts])
+        self.host_queues: list[deque[tuple[Any, Any, Any]]] = [deque() for _ in hosts]  # in submission order
+        self.ref_host: dict[Any, int] = {}  # records ref -> host index
+        self.host_steps = [0] * len(hosts)  # calls submitted per host: the fault schedule's clock
         self.cloud_calls: dict[Any, tuple[int, list[dict[str, Any]]]] = {}  # ref -> (seq, records)
         self.backlog: deque[tuple[Any, list[dict[str, Any]]]] = deque()
         self.redo: dict[int, list[dict[str, Any]]] = {}  # failed deliveries to resend, by seq
@@ -283,19 +301,25 @@ class AsyncDriver:
         self.max_backlog = 0
 
     def submit(self, i: int) -> None:
-        records_ref, uploads_ref = self.hosts[i].step_round.options(num_returns=2).remote(self.newest, True)
-        self.host_calls[records_ref] = (i, uploads_ref)
+        step = self.host_steps[i]
+        self.host_steps[i] += 1
+        call = self.hosts[i].step_and_snapshot.options(num_returns=3).remote(
+            self.newest, True, self.faults.wants_raise(i, step))
+        self.host_queues[i].append(call)
+        self.ref_host[call[0]] = i
+        if i in self.faults.victims(step):
+            ray.kill(self.hosts[i], no_restart=False)  # injected crash, mid-step
 
     def run(self) -> int:
         for i in range(len(self.hosts)):
             for _ in range(self.max_in_flight):
                 self.submit(i)
-        while self.host_calls or self.cloud_calls or self.backlog or self.redo:
-            waiting = [*self.host_calls, *self.cloud_calls, *([self.ping] if self.ping else [])]
+        while self.ref_host or self.cloud_calls or self.backlog or self.redo:
+            waiting = [*self.ref_host, *self.cloud_calls, *([self.ping] if self.ping else [])]
             ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
             for ref in ready:
-                if ref in self.host_calls:
-                    self._host_done(ref)
+                if ref in self.ref_host:
+                    self._drain_host(self.ref_host[ref], ref)
                 elif ref in self.cloud_calls:
                     self._cloud_done(ref)
                 elif ref == self.ping:
@@ -305,9 +329,32 @@ class AsyncDriver:
                                   **({"cloud": "down"} if self.ping else {}))
         return self.dropped
 
-    def _host_done(self, ref: Any) -> None:
-        i, uploads_ref = self.host_calls.pop(ref)
-        records = ray.get(ref)
+    def _drain_host(self, i: int, upto: Any) -> None:
+        """Take host i's finished steps in the order they ran, up to `upto`; a failed one revives the host."""
+        queue = self.host_queues[i]
+        while queue:
+            records_ref, uploads_ref, snap_ref = queue.popleft()
+            del self.ref_host[records_ref]
+            try:
+                records, snap = ray.get([records_ref, snap_ref])
+            except (RayActorError, RayTaskError) as exc:
+                self._revive(i, exc)
+                return
+            self.snapshots[i] = snap
+            self._host_records(i, records, uploads_ref)
+            if records_ref == upto:
+                return
+
+    def _revive(self, i: int, exc: Exception) -> None:
+        """Discard the host's later steps (they ran after the failure or will not run), restore, resubmit."""
+        for call in self.host_queues[i]:
+            del self.ref_host[call[0]]
+        self.host_queues[i].clear()
+        revive_host(self.hosts[i], i, exc, self.snapshots[i], list(self.latest_pubs.values()), self.faults)
+        for _ in range(self.max_in_flight):
+            self.submit(i)
+
+    def _host_records(self, i: int, records: list[dict[str, Any]], uploads_ref: Any) -> None:
         if not records:
             return  # the host's edges are done: no more calls to it
         self.backlog.append((uploads_ref, records))
@@ -343,6 +390,7 @@ class AsyncDriver:
         self.link.delivered(delivery)
         if delivery.pubs:
             track_newest(self.newest, delivery.pubs)
+            self.latest_pubs.update({SHARED if p.edge_id is None else p.edge_id: p for p in delivery.pubs})
             self.pub_log += [(delivery.published_at, SHARED if p.edge_id is None else p.edge_id, p.version)
                              for p in delivery.pubs]
             pubs_ref = ray.put(delivery.pubs)  # put once; every host gets the same reference
@@ -407,14 +455,12 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None) -> tuple[Run
         progress = RunProgress(f"{cfg['name']} [ray {cfg['mode']}]", total, cfg["output"]["progress"])
         fcfg = cfg["faults"]
         faults = FaultSchedule.plan(fcfg["kill_hosts"], max(lengths.values()), len(hosts), fcfg["seed"],
-                                    fcfg["kill_cloud"])
+                                    fcfg["kill_cloud"], fcfg["raise_in_hosts"])
         extra: dict[str, Any] = {}
         if cfg["mode"] == "sync":
             SyncDriver(cloud, hosts, progress, faults, lengths, checkpointing).run()
             dropped = 0
         else:
-            if faults.host_kills:
-                raise NotImplementedError("host kills are injected in mode 'sync' only for now (faults.kill_hosts)")
             driver = AsyncDriver(cloud, hosts, progress, cfg, faults, checkpointing)
             dropped = driver.run()
             driver.fix_lags(progress.recorder.rows)
