@@ -217,6 +217,8 @@ RUN_SCHEMA = Section({
         "kill_hosts": _int(0, "EdgeHost actors to kill during the run (fault injection)", lo=0),
         "kill_cloud": _int(0, "times to kill the cloud actor during the run (needs cloud.checkpoint_every > 0)",
                            lo=0),
+        "bad_batches": _int(0, "malformed batches injected into the edges' streams (NaN, Inf, wrong shape, wrong "
+                               "dtype, labels out of range, empty, in turn): each is rejected and counted", lo=0),
         "raise_in_hosts": _int(0, "EdgeHost steps that raise an exception during the run (fault injection)", lo=0),
         "slow_cloud_s": _num(0.0, "extra seconds the cloud sleeps per delivery: rehearses a cloud that cannot "
                                   "keep up (backpressure)", lo=0),

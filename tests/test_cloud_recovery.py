@@ -160,3 +160,19 @@ def test_slow_cloud_bounds_the_backlog_and_counts_what_it_drops(ray_session, mak
     assert summary["dropped"] > 0
     assert summary["uploaded"] == summary["cloud_ingested"] + summary["dropped"]
     assert sum(t["dropped"]) == summary["dropped"]
+
+
+def test_injected_bad_batches_are_rejected_counted_and_named(make_run_config, tmp_path):
+    """Six malformed batches (one of each kind) reach the edges: each is rejected with its reason, the
+    edges keep going, and the rejected samples are still accounted for by id."""
+    torch.set_num_threads(1)
+    cfg = make_run_config("edges.count=3", "method.name=cema", "faults.bad_batches=6", "faults.seed=1")
+    summary = run_experiment(cfg, tmp_path / "b")
+    t = _table(tmp_path / "b")
+    reasons = sorted(r["error"].split(": ", 1)[1] for r in summary["rejected_batches"])
+    assert len(reasons) == 6, reasons
+    for expected in ("NaN or Inf", "images of shape", "must be uint8", "labels outside", "empty batch"):
+        assert any(expected in r for r in reasons), (expected, reasons)
+    assert summary["rejected"] == sum(r["rejected"] for r in summary["rejected_batches"]) > 0
+    assert len(_ids(t)) == len(set(_ids(t))) == summary["samples"] == 3 * 128  # nothing lost
+    assert sum(t["samples"]) - summary["rejected"] > 0 and summary["accuracy"] > 0

@@ -46,6 +46,14 @@ def _version_lag(table: pa.Table) -> dict[str, float | None]:
     return {"median": float(np.median(lag)), "p95": float(np.percentile(lag, 95)), "max": float(lag.max())}
 
 
+def _rejected(table: pa.Table) -> list[dict[str, Any]]:
+    """Each rejected batch with the reason the edge gave, so a bad input is never only a count."""
+    if "error" not in table.column_names:
+        return []
+    rows = table.select(["edge_id", "batch_index", "rejected", "error"]).to_pylist()
+    return [r for r in rows if r["rejected"]]
+
+
 def summarize(table: pa.Table, meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Summary of a per-batch table; `meta` adds run facts (method, runtime, mode, dropped...)."""
     meta = dict(meta or {})
@@ -69,6 +77,7 @@ def summarize(table: pa.Table, meta: Mapping[str, Any] | None = None) -> dict[st
         "per_domain": _per_domain(table),
         "dropped": int(meta.get("dropped", 0)),
         "rejected": int(_col(table, "rejected").sum()),
+        "rejected_batches": _rejected(table),
         "version_lag": _version_lag(table),
     }
     for key, value in meta.items():

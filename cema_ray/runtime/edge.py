@@ -18,6 +18,7 @@ from cema_ray.errors import BatchRejected
 from cema_ray.methods.base import EdgePolicy, NormState
 from cema_ray.models.norm import state_nbytes
 from cema_ray.models.preprocess import to_input
+from cema_ray.runtime.faults import malform
 
 
 @dataclass
@@ -47,6 +48,8 @@ def validate_batch(batch: Batch, image_shape: tuple[int, ...], num_classes: int)
         raise BatchRejected(f"batch {batch.index}: images must be a numpy array, got {type(imgs).__name__}")
     if len(imgs) == 0:
         raise BatchRejected(f"batch {batch.index}: empty batch")
+    if np.issubdtype(imgs.dtype, np.floating) and not np.isfinite(imgs).all():
+        raise BatchRejected(f"batch {batch.index}: images contain NaN or Inf")
     if imgs.dtype != np.uint8:
         raise BatchRejected(f"batch {batch.index}: images must be uint8 pixels, got {imgs.dtype}")
     if imgs.ndim != 4 or tuple(imgs.shape[1:]) != tuple(image_shape):
@@ -68,7 +71,9 @@ class EdgeDevice:
         profile: EdgeProfile,
         image_shape: tuple[int, ...],
         num_classes: int,
+        bad_batches: tuple[tuple[float, str], ...] = (),
     ) -> None:
+        """``bad_batches``: fault injection, (position in the stream as a fraction, kind) pairs."""
         self.edge_id = edge_id
         self.stream = stream
         self.policy = policy
@@ -80,6 +85,7 @@ class EdgeDevice:
         self.uplink_credit = 0.0  # samples (or bytes) the uplink may still send
         self.pending_bytes_down = 0
         self.last_state: NormState | None = None  # what it loaded last: a restarted edge reloads it
+        self.bad_batches = {int(f * len(stream)): kind for f, kind in bad_batches}
 
     def __len__(self) -> int:
         return len(self.stream)
@@ -91,6 +97,8 @@ class EdgeDevice:
     def step(self, newest_version: int) -> EdgeStep:
         """Predict the next batch of the stream and decide its uploads."""
         batch = self.stream.batch(self.cursor)
+        if self.cursor in self.bad_batches:
+            batch = malform(batch, self.bad_batches[self.cursor], self.num_classes)
         self.cursor += 1
         return self.process(batch, newest_version)
 

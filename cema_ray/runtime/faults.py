@@ -6,9 +6,42 @@ drivers then see and recover from is counted here too, for the run's summary.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+
+from cema_ray.data.streams import Batch
+
+BAD_INPUTS = ("nan", "inf", "shape", "dtype", "labels", "empty")  # what `faults.bad_batches` cycles through
+
+
+def plan_bad_batches(count: int, edges: int, seed: int) -> dict[int, list[tuple[float, str]]]:
+    """`count` malformed batches over the fleet: edge id -> [(position in its stream as a fraction, kind)]."""
+    rng = np.random.default_rng([seed, 7])
+    plan: dict[int, list[tuple[float, str]]] = {}
+    for i in range(count):
+        plan.setdefault(int(rng.integers(edges)), []).append((float(rng.random()), BAD_INPUTS[i % len(BAD_INPUTS)]))
+    return plan
+
+
+def malform(batch: Batch, kind: str, num_classes: int) -> Batch:
+    """The batch made bad in one way, keeping its ids so its samples stay accounted for (as rejected)."""
+    images, labels = batch.images, batch.labels
+    if kind in ("nan", "inf"):
+        images = images.astype(np.float32)
+        images.flat[len(images.flat) // 2] = np.nan if kind == "nan" else np.inf
+    elif kind == "shape":
+        images = images[:, :-1]
+    elif kind == "dtype":
+        images = images.astype(np.int64)
+    elif kind == "labels":
+        labels = labels.copy()
+        labels[0] = num_classes
+    elif kind == "empty":
+        images, labels = images[:0], labels[:0]
+    else:
+        raise ValueError(f"unknown bad input kind {kind!r}; known: {', '.join(BAD_INPUTS)}")
+    return replace(batch, images=images, labels=labels)
 
 
 def spread(count: int, length: int) -> list[int]:

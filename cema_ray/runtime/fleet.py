@@ -22,6 +22,7 @@ from cema_ray.methods.base import MethodSpec
 from cema_ray.models.checkpoint import load_checkpoint
 from cema_ray.models.factory import TIMM_PREFIX, create_model
 from cema_ray.runtime.edge import EdgeProfile
+from cema_ray.runtime.faults import plan_bad_batches
 
 
 @dataclass
@@ -31,6 +32,7 @@ class EdgePlan:
     edge_id: int
     spec: StreamSpec
     profile: EdgeProfile
+    bad_batches: tuple[tuple[float, str], ...] = ()  # fault injection: (position as a fraction, kind)
 
 
 def method_settings(cfg: dict[str, Any]) -> tuple[MethodSpec, dict[str, Any]]:
@@ -81,6 +83,8 @@ def edge_plans(cfg: dict[str, Any]) -> list[EdgePlan]:
         for e in order[start : start + n]:
             assignment[int(e)] = g
         start += n
+    faults = cfg.get("faults") or {}
+    bad = plan_bad_batches(faults.get("bad_batches", 0), count, faults.get("seed", 0))
     plans = []
     for e in range(count):
         stream = dict(cfg["stream"])
@@ -100,7 +104,7 @@ def edge_plans(cfg: dict[str, Any]) -> list[EdgePlan]:
             batch_size=stream["batch_size"], samples_per_domain=stream["samples_per_domain"],
             dirichlet_alpha=stream["dirichlet_alpha"], seed=cfg["seed"],
         )
-        plans.append(EdgePlan(e, spec, profile))
+        plans.append(EdgePlan(e, spec, profile, tuple(bad.get(e, ()))))
     return plans
 
 
