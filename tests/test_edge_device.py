@@ -44,8 +44,9 @@ GOOD = np.zeros((3, 4, 4, 1), np.uint8)
 
 
 @pytest.mark.parametrize("images,labels,text", [
-    (np.full((3, 4, 4, 1), np.nan, np.float32), None, "uint8"),
-    (np.full((3, 4, 4, 1), np.inf, np.float64), None, "uint8"),
+    (np.full((3, 4, 4, 1), np.nan, np.float32), None, "NaN or Inf"),
+    (np.full((3, 4, 4, 1), np.inf, np.float64), None, "NaN or Inf"),
+    (np.zeros((3, 4, 4, 1), np.float32), None, "uint8"),
     (np.zeros((3, 5, 4, 1), np.uint8), None, "shape"),
     (np.zeros((0, 4, 4, 1), np.uint8), None, "empty"),
     (GOOD, np.array([0, 10, 1]), "labels outside 0..9"),
