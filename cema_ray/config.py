@@ -154,6 +154,12 @@ GROUP = Section({
                                lo_open=True, nullable=True),
 }, "one group of edges with its own stream, frame rate and uplink")
 
+# Per-edge values drawn from distributions (`edges.distributions`): the keys a distribution may set, each with the
+# field that every drawn value must satisfy, and the forms of distribution (one per key).
+PROFILE_KEYS = ("frame_rate", "uplink_samples_per_s", "uplink_bytes_per_s")
+DISTRIBUTION_TARGETS: dict[str, Field] = {**_stream_fields(), **{k: GROUP.fields[k] for k in PROFILE_KEYS}}
+DISTRIBUTION_FORMS = ("choice", "uniform", "loguniform", "randint", "permute")
+
 RUN_SCHEMA = Section({
     "name": _str(REQUIRED, "run name (default: the config file's stem)"),
     "runtime": _str("ray", "where edges and cloud run: local (one process) or ray (actors)",
@@ -185,6 +191,11 @@ RUN_SCHEMA = Section({
         "hosts": _int(None, "EdgeHost actors (null: ceil(count / per_host))", lo=1, nullable=True),
         "groups": Field("list", [], "heterogeneous edge groups; edges not covered use the top-level stream",
                         item=GROUP),
+        "distributions": Field("dict", {}, "per-edge values drawn with seed (heterogeneity_seed, edge id, key): "
+                               "<key>: {choice: [v, ...], weights: [w, ...]}, {uniform: [lo, hi]}, "
+                               "{loguniform: [lo, hi]}, {randint: [lo, hi]} or {permute: [c, ...]} (corruptions "
+                               "only); keys: the group stream keys, frame_rate, uplink_samples_per_s, "
+                               "uplink_bytes_per_s; a group's own keys win"),
         "heterogeneity_seed": _int(None, "seed of per-edge variation (null: the run seed)", nullable=True),
     }),
     "method": Section({
@@ -197,6 +208,8 @@ RUN_SCHEMA = Section({
     "cloud": Section({
         "queue_capacity": _int(8192, "uploaded samples the cloud queues before dropping", lo=1),
         "num_cpus": _num(1.0, "CPUs reserved for the cloud actor", lo=0, lo_open=True),
+        "threads": _int(None, "torch threads of the cloud actor (null: cloud.num_cpus rounded up)", lo=1,
+                        nullable=True),
         "checkpoint_every": _int(10, "Ray runtime: checkpoint the cloud's state to <out>/cloud_checkpoints every N "
                                      "deliveries (a sync round, or one host's uploads in async); 0 = off, and a "
                                      "dead cloud then ends the run", lo=0),
@@ -562,6 +575,96 @@ def _check_groups(edges: dict[str, Any]) -> None:
         _fail("edges.hosts", edges["hosts"], f"must be at most edges.count ({edges['count']})")
 
 
+def _check_distributions(edges: dict[str, Any]) -> None:
+    """edges.distributions: known keys, one form each, and every value a draw can give valid for its key.
+
+    Normalises in place: numbers of number keys become floats, randint bounds stay integers.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, dist in edges["distributions"].items():
+        key = f"edges.distributions.{name}"
+        if name not in DISTRIBUTION_TARGETS:
+            _fail(key, dist, f"unknown key{_suggest(name, DISTRIBUTION_TARGETS)}; "
+                             f"allowed: {', '.join(DISTRIBUTION_TARGETS)}")
+        forms_text = ", ".join(DISTRIBUTION_FORMS)
+        if not isinstance(dist, dict) or not all(isinstance(k, str) for k in dist):
+            _fail(key, dist, f"must be a mapping with one of {forms_text}, e.g. {{choice: [16, 32]}}")
+        for form in dist:
+            if form not in (*DISTRIBUTION_FORMS, "weights"):
+                _fail(_join(key, form), dist[form], f"unknown distribution{_suggest(form, DISTRIBUTION_FORMS)}; "
+                                                    f"allowed: {forms_text} (and weights with choice)")
+        forms = [f for f in dist if f in DISTRIBUTION_FORMS]
+        if len(forms) != 1:
+            _fail(key, dist, f"give exactly one of {forms_text}" + (f"; got {', '.join(forms)}" if forms else ""))
+        form = forms[0]
+        if "weights" in dist and form != "choice":
+            _fail(_join(key, "weights"), dist["weights"], f"weights go with choice, not {form}")
+        spec = DISTRIBUTION_TARGETS[name]
+        if form == "choice":
+            out[name] = _check_choice(key, name, spec, dist)
+        elif form == "permute":
+            if name != "corruptions":
+                _fail(_join(key, form), dist[form], "permute shuffles a list per edge: only "
+                                                    "edges.distributions.corruptions takes it")
+            out[name] = {form: _drawable(name, spec, dist[form], _join(key, form))}
+        else:
+            out[name] = {form: _check_bounds(key, name, spec, form, dist[form])}
+    edges["distributions"] = out
+
+
+def _drawable(name: str, spec: Field, value: Any, key: str) -> Any:
+    """One value a distribution can give `name`, validated as the key itself would be."""
+    if name == "corruptions" and not isinstance(value, list):
+        _fail(key, value, "must be a list of corruption names (a choice picks a whole list, e.g. "
+                          "{choice: [[fog], [snow, frost]]})")
+    value = _validate_value(spec, value, key)
+    if name == "corruptions" and not value:
+        _fail(key, value, "must be a non-empty list of corruption names")
+    return value
+
+
+def _check_choice(key: str, name: str, spec: Field, dist: dict[str, Any]) -> dict[str, Any]:
+    values, ckey = dist["choice"], _join(key, "choice")
+    if not isinstance(values, list) or not values:
+        _fail(ckey, values, f"must be a non-empty list of values for {name}")
+    out: dict[str, Any] = {"choice": [_drawable(name, spec, v, _join(ckey, i)) for i, v in enumerate(values)]}
+    if "weights" in dist:
+        weights, wkey = dist["weights"], _join(key, "weights")
+        if not isinstance(weights, list) or len(weights) != len(values):
+            _fail(wkey, weights, f"must be a list of {len(values)} numbers >= 0, one per choice")
+        for i, w in enumerate(weights):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                _fail(_join(wkey, i), w, "must be a number >= 0")
+        if not sum(weights) > 0:
+            _fail(wkey, weights, "must not all be 0")
+        out["weights"] = [float(w) for w in weights]
+    return out
+
+
+def _check_bounds(key: str, name: str, spec: Field, form: str, bounds: Any) -> list[Any]:
+    bkey = _join(key, form)
+    if form in ("uniform", "loguniform") and spec.kind != "float":
+        hint = "use randint" if spec.kind == "int" else "use choice"
+        _fail(bkey, bounds, f"{form} draws real numbers; {name} must be {describe(spec)}: {hint}")
+    if form == "randint" and spec.kind not in ("int", "float"):
+        _fail(bkey, bounds, f"randint draws integers; {name} must be {describe(spec)}: use choice")
+    integer = form == "randint"
+    what = "integers" if integer else "numbers"
+    if not isinstance(bounds, list) or len(bounds) != 2 or any(
+            isinstance(b, bool) or not isinstance(b, int if integer else (int, float))
+            or (isinstance(b, float) and not math.isfinite(b)) for b in bounds):
+        _fail(bkey, bounds, f"must be [lo, hi], two {what}")
+    lo, hi = bounds
+    if lo > hi:
+        _fail(bkey, bounds, f"lo ({fmt(lo)}) must be <= hi ({fmt(hi)})")
+    if form == "loguniform" and lo <= 0:
+        _fail(bkey, bounds, "loguniform needs lo > 0")
+    bound_spec = Field(spec.kind, doc=spec.doc, lo=spec.lo, hi=spec.hi, lo_open=spec.lo_open, hi_open=spec.hi_open)
+    for i, b in enumerate(bounds):
+        _validate_value(bound_spec, b, _join(bkey, i))  # a draw lies in [lo, hi]: both ends must be valid values
+    return [int(lo), int(hi)] if integer else [float(lo), float(hi)]
+
+
 def _check_corruption_lists(cfg: dict[str, Any]) -> None:
     lists = [("stream.corruptions", cfg["stream"].get("corruptions"))]
     lists += [(f"edges.groups.{i}.stream.corruptions", g["stream"].get("corruptions"))
@@ -606,6 +709,7 @@ def validate_run_config(raw: dict[str, Any], *, check_paths: bool = True) -> dic
     cfg = _validate_section(RUN_SCHEMA, raw, "")
     _check_corruption_lists(cfg)
     _check_groups(cfg["edges"])
+    _check_distributions(cfg["edges"])
     _check_settings(cfg)
     _check_faults(cfg)
     cfg["data"]["root"] = resolve_data_root(cfg["data"]["source"], cfg["data"]["root"], check=check_paths)

@@ -114,6 +114,6 @@ class EntropyFilter:
 
     def restore(self, snap: dict[str, Any]) -> None:
         m = snap["m"]
-        self.m = None if m is None else torch.as_tensor(np.asarray(m)).clone()
+        self.m = None if m is None else torch.as_tensor(np.array(m))  # a copy: arrays from the object store are read-only
         self.ent_sum, self.ent_count = float(snap["ent_sum"]), int(snap["ent_count"])
         self.warm_sum, self.warm_count = float(snap["warm_sum"]), int(snap["warm_count"])

@@ -6,6 +6,8 @@ identical parts; only where the parts live differs.
 from __future__ import annotations
 
 import copy
+import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cema_ray.config import DISTRIBUTION_TARGETS, PROFILE_KEYS
 from cema_ray.data.catalog import LabeledImagesLike, corrupted_provider, load_clean_split, source_info
 from cema_ray.data.streams import EdgeStream, StreamSpec
 from cema_ray.errors import CheckpointError
@@ -70,12 +73,22 @@ def load_model(model_cfg: dict[str, Any], data_cfg: dict[str, Any], role: str) -
     return model
 
 
+UPLINK_KEYS = ("uplink_samples_per_s", "uplink_bytes_per_s")
+
+
 def edge_plans(cfg: dict[str, Any]) -> list[EdgePlan]:
-    """Assign every edge its group (stream overrides, frame rate, uplink) deterministically."""
+    """Every edge's stream and profile, deterministically.
+
+    Precedence, lowest first: the top-level `stream`, then the edge's draws from `edges.distributions`, then its
+    group's keys (the group's `stream` keys; its `frame_rate` and uplink budget where they are not null; a group
+    that sets either uplink key sets the whole budget).
+    """
     count = cfg["edges"]["count"]
     groups = cfg["edges"].get("groups") or []
+    distributions = cfg["edges"].get("distributions") or {}
     seed = cfg["edges"].get("heterogeneity_seed")
-    order = np.random.default_rng(cfg["seed"] if seed is None else seed).permutation(count)
+    seed = cfg["seed"] if seed is None else seed
+    order = np.random.default_rng(seed).permutation(count)
     assignment: dict[int, int] = {}
     start = 0
     for g, group in enumerate(groups):
@@ -87,25 +100,61 @@ def edge_plans(cfg: dict[str, Any]) -> list[EdgePlan]:
     bad = plan_bad_batches(faults.get("bad_batches", 0), count, faults.get("seed", 0))
     plans = []
     for e in range(count):
-        stream = dict(cfg["stream"])
-        profile = EdgeProfile()
+        drawn = draw_edge_values(distributions, seed, e)
+        stream = {**cfg["stream"], **{k: v for k, v in drawn.items() if k not in PROFILE_KEYS}}
+        profile = {k: drawn.get(k) for k in PROFILE_KEYS}
+        name = "default"
         g = assignment.get(e)
         if g is not None:
             group = groups[g]
             stream.update(group.get("stream") or {})
-            profile = EdgeProfile(
-                group=group.get("name") or f"group{g}",
-                frame_rate=group.get("frame_rate"),
-                uplink_samples_per_s=group.get("uplink_samples_per_s"),
-                uplink_bytes_per_s=group.get("uplink_bytes_per_s"),
-            )
+            name = group.get("name") or f"group{g}"
+            if group.get("frame_rate") is not None:
+                profile["frame_rate"] = group["frame_rate"]
+            if any(group.get(k) is not None for k in UPLINK_KEYS):
+                profile.update({k: group.get(k) for k in UPLINK_KEYS})
         spec = StreamSpec(
             protocol=stream["protocol"], corruptions=tuple(stream["corruptions"]), severity=stream["severity"],
             batch_size=stream["batch_size"], samples_per_domain=stream["samples_per_domain"],
             dirichlet_alpha=stream["dirichlet_alpha"], seed=cfg["seed"],
         )
-        plans.append(EdgePlan(e, spec, profile, tuple(bad.get(e, ()))))
+        plans.append(EdgePlan(e, spec, EdgeProfile(group=name, **profile), tuple(bad.get(e, ()))))
     return plans
+
+
+def draw_edge_values(distributions: dict[str, dict[str, Any]], seed: int, edge_id: int) -> dict[str, Any]:
+    """One edge's draw from each validated distribution of `edges.distributions`.
+
+    Each key has its own generator, seeded from (seed, edge id, CRC-32 of the key's name): an edge's values do not
+    depend on the fleet's size, on the other keys, or on the order they are written in.
+    """
+    out: dict[str, Any] = {}
+    for name, dist in distributions.items():
+        rng = np.random.default_rng([seed, edge_id, zlib.crc32(name.encode())])
+        value = _draw(dist, rng)
+        if DISTRIBUTION_TARGETS[name].kind == "float" and value is not None:
+            value = float(value)
+        out[name] = value
+    return out
+
+
+def _draw(dist: dict[str, Any], rng: np.random.Generator) -> Any:
+    if "choice" in dist:
+        values = dist["choice"]
+        weights = dist.get("weights")
+        p = None if weights is None else np.asarray(weights, float) / float(sum(weights))
+        return copy.deepcopy(values[int(rng.choice(len(values), p=p))])
+    if "permute" in dist:
+        values = dist["permute"]
+        return [values[int(i)] for i in rng.permutation(len(values))]
+    if "randint" in dist:
+        lo, hi = dist["randint"]
+        return int(rng.integers(lo, hi, endpoint=True))
+    if "uniform" in dist:
+        lo, hi = dist["uniform"]
+        return min(max(float(rng.uniform(lo, hi)), lo), hi)
+    lo, hi = dist["loguniform"]
+    return min(max(math.exp(float(rng.uniform(math.log(lo), math.log(hi)))), lo), hi)
 
 
 class DataContext:

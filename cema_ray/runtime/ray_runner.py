@@ -84,6 +84,11 @@ def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 0.0))
 
 
+def cloud_threads(cloud_cfg: dict[str, Any]) -> int:
+    """The cloud's torch threads: `cloud.threads`, else its CPU reservation rounded up."""
+    return int(cloud_cfg.get("threads") or max(1, math.ceil(cloud_cfg["num_cpus"])))
+
+
 def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: Any, checkpoint_dir: str | None,
                  run_id: str) -> tuple[Any, list[Any]]:
     rcfg = cfg["ray"]
@@ -91,7 +96,7 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
         name="cema-cloud", namespace=NAMESPACE, num_cpus=cfg["cloud"]["num_cpus"],
         max_restarts=cfg["cloud"]["max_restarts"] if checkpoint_dir else 0,
         max_task_retries=0,  # the driver re-delivers, in order, after a restart
-    ).remote(cfg, max(1, int(cfg["cloud"]["num_cpus"])), checkpoint_dir, run_id)
+    ).remote(cfg, cloud_threads(cfg["cloud"]), checkpoint_dir, run_id)
     hosts = [
         ray.remote(EdgeHost).options(
             name=f"cema-edgehost-{i:03d}", namespace=NAMESPACE, num_cpus=rcfg["host_num_cpus"],
