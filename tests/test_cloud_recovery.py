@@ -176,3 +176,18 @@ def test_injected_bad_batches_are_rejected_counted_and_named(make_run_config, tm
     assert summary["rejected"] == sum(r["rejected"] for r in summary["rejected_batches"]) > 0
     assert len(_ids(t)) == len(set(_ids(t))) == summary["samples"] == 3 * 128  # nothing lost
     assert sum(t["samples"]) - summary["rejected"] > 0 and summary["accuracy"] > 0
+
+
+def test_fault_schedule_is_a_pure_function_of_the_config():
+    from cema_ray.runtime.faults import FaultSchedule
+
+    a = FaultSchedule.plan(2, 10, 4, seed=3, kill_cloud=1, raise_in_hosts=1)
+    b = FaultSchedule.plan(2, 10, 4, seed=3, kill_cloud=1, raise_in_hosts=1)
+    assert a == b and a.planned == 4
+    assert sorted(a.host_kills) == [3, 6] and all(1 <= r <= 9 for r in [*a.cloud_kills, *a.host_raises])
+    assert not set(a.cloud_kills) & set(a.host_kills)  # each recovery is seen alone
+    (at, hosts), = a.host_raises.items()
+    host = hosts[0]
+    assert not a.wants_raise(host, at - 1) and a.wants_raise(host, at) and a.wants_raise(host, at + 5)
+    a.raised(host)  # seen once: disarmed, however late the step that raised it ran
+    assert not a.wants_raise(host, at + 5)

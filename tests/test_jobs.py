@@ -63,6 +63,12 @@ def test_job_submit_against_a_head_node(tmp_path, tiny_raw_config):
     try:
         address = f"http://127.0.0.1:{dash_port}"
         _wait_http(f"{address}/api/version", timeout=120, log=log, proc=head)
+        import urllib.error
+        import urllib.request
+
+        with pytest.raises(urllib.error.HTTPError) as denied:  # token authentication is on: no token, no jobs
+            urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+        assert denied.value.code in (401, 403)
         config = tiny_raw_config()
         config.update(name="job", runtime="ray", ray={})
         config["stream"]["corruptions"] = ["fog"]
