@@ -103,14 +103,19 @@ class EdgeHost:
     def snapshot(self) -> dict[int, dict[str, Any]]:
         return {e.edge_id: e.snapshot() for e in self.edges}
 
-    def step_and_snapshot(self, newest: dict[int, int], paced: bool = False, fail: bool = False
+    def step_and_snapshot(self, newest: dict[int, int], paced: bool = False, fail: bool = False,
+                          pubs: list[Publication] | None = None
                           ) -> tuple[list[dict[str, Any]], list[Any], dict[int, Any]]:
         """A step plus the snapshot to resume from if this host dies before its next step.
 
-        ``fail``: fault injection; the step raises instead of running, as a bug or a torch error would.
+        ``pubs``: publications to load first (sync rounds send them with the next step: one call
+        per host and round instead of two). ``fail``: fault injection; the step raises instead of
+        running, as a bug or a torch error would.
         """
         if fail:
             raise InjectedFault(f"{self!r}: injected exception (faults.raise_in_hosts)")
+        if pubs:
+            self.apply(pubs)
         records, uploads = self.step_round(newest, paced)
         return records, uploads, self.snapshot()
 

@@ -215,6 +215,7 @@ class SyncDriver:
         self.lengths = lengths  # batches per edge: edge e takes part in rounds 0 .. lengths[e] - 1
         self.snapshots = ray.get([h.snapshot.remote() for h in hosts])
         self.latest_pubs: list[Publication] = []
+        self.pubs_ref: Any = None  # the last round's publications, sent with the next round's steps
         self.newest: dict[int, int] = {}
 
     def run(self) -> None:
@@ -222,20 +223,17 @@ class SyncDriver:
             edge_ids = sorted(e for e, n in self.lengths.items() if n > round_index)
             newest = dict(self.newest)
             calls = [h.step_and_snapshot.options(num_returns=3).remote(
-                newest, False, self.faults.wants_raise(i, round_index)) for i, h in enumerate(self.hosts)]
+                newest, False, self.faults.wants_raise(i, round_index), self.pubs_ref)
+                for i, h in enumerate(self.hosts)]
             for victim in self.faults.victims(round_index):
                 ray.kill(self.hosts[victim], no_restart=False)  # injected crash, mid-step
             outs = [self._result(i, call, newest, round_index) for i, call in enumerate(calls)]
             delivery = self._deliver(edge_ids, [o[1] for o in outs])
+            self.pubs_ref = None
             if delivery.pubs:
                 self.latest_pubs = delivery.pubs
                 track_newest(self.newest, delivery.pubs)
-                pubs_ref = ray.put(delivery.pubs)  # put once, every host gets the same reference
-                for host in self.hosts:
-                    try:
-                        ray.get(host.apply.remote(pubs_ref))
-                    except RayActorError:
-                        pass  # restarting: its restore re-sends these publications
+                self.pubs_ref = ray.put(delivery.pubs)  # put once; every host loads it with its next step
             for i, (records, _, snap) in enumerate(outs):
                 self.snapshots[i] = snap
                 for rec in records:
@@ -267,7 +265,7 @@ class SyncDriver:
                 error = exc
                 revive_host(self.hosts[i], i, exc, self.snapshots[i], self.latest_pubs, self.faults)
                 records_ref, uploads_ref, snap_ref = self.hosts[i].step_and_snapshot.options(
-                    num_returns=3).remote(newest, False, self.faults.wants_raise(i, round_index))
+                    num_returns=3).remote(newest, False, self.faults.wants_raise(i, round_index), self.pubs_ref)
         raise RuntimeError(f"edge host {i} kept failing: gave up after {MAX_RECOVERIES_PER_ROUND} restarts") from error
 
 
