@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pyarrow.parquet as pq
 
 from cema_ray.runtime import run_experiment
 
@@ -72,10 +73,14 @@ def measure(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         summary = run_experiment(cfg, out)
         total = time.perf_counter() - t0
     wall = summary["wall_seconds"]
+    predicted = pq.read_table(Path(out) / "batches.parquet", columns=["predicted_at"]).column(0).to_numpy()
+    span = float(predicted.max() - predicted.min()) if len(predicted) > 1 else 0.0
     return {
         "runtime": cfg["runtime"], "mode": cfg["mode"], "edges": cfg["edges"]["count"],
         "hosts": summary.get("num_hosts", 0), "samples": summary["samples"], "wall_s": wall,
-        "samples_per_s": summary["samples"] / wall, "cloud_steps": summary.get("cloud_steps", 0),
+        "samples_per_s": summary["samples"] / wall,
+        # the edges' own pace: first to last prediction (the run's wall time also waits for the cloud to drain)
+        "edge_samples_per_s": summary["samples"] / span if span > 0 else None, "cloud_steps": summary.get("cloud_steps", 0),
         "cloud_steps_per_s": summary.get("cloud_steps", 0) / wall, "startup_s": summary.get("startup_seconds"),
         "total_s": total, "worker_uss_mb": mem.peak_bytes / 2**20, "workers": mem.peak_workers,
         "version_lag_median": (summary.get("version_lag") or {}).get("median"),
@@ -101,14 +106,15 @@ def run_scale(base: dict[str, Any], edge_counts: list[int], out: Path, max_hosts
 
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
-    head = ("| runtime | mode | edges | hosts | samples | samples/s | cloud steps/s | start-up s | worker USS MB "
-            "(workers) | lag median | accuracy | uploads | dropped | Ray/local |\n" + "|---" * 14 + "|\n")
+    head = ("| runtime | mode | edges | hosts | samples | samples/s | edge samples/s | cloud steps/s | start-up s | "
+            "worker USS MB (workers) | lag median | accuracy | uploads | dropped | Ray/local |\n" + "|---" * 15 + "|\n")
     local = {r["edges"]: r["samples_per_s"] for r in rows if r["runtime"] == "local"}
     lines = []
     for r in rows:
         ratio = r["samples_per_s"] / local[r["edges"]] if r["runtime"] == "ray" and r["edges"] in local else None
         cells = [
             r["runtime"], r["mode"], r["edges"], r["hosts"], r["samples"], f"{r['samples_per_s']:.0f}",
+            _fmt(r.get("edge_samples_per_s"), ".0f"),
             f"{r['cloud_steps_per_s']:.2f}", _fmt(r["startup_s"], ".1f"),
             f"{r['worker_uss_mb']:.0f} ({r['workers']})", _fmt(r["version_lag_median"], ".0f"),
             f"{100 * r['accuracy']:.1f}%", f"{100 * r['upload_fraction']:.1f}%", r["dropped"], _fmt(ratio, ".2f"),

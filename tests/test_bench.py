@@ -239,3 +239,4 @@ def test_scale_measures_ray_and_local_side_by_side(run_yaml: Path, tmp_path: Pat
     assert ray_row["accuracy"] == local_row["accuracy"]  # same math in both runtimes
     assert ray_row["workers"] >= 3 and ray_row["worker_uss_mb"] > 0  # 2 hosts + the cloud were measured
     assert "Ray/local" in (out / "scale.md").read_text()
+    assert all(r["edge_samples_per_s"] is None or r["edge_samples_per_s"] > 0 for r in rows)
