@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also run the single-process runner for fleets up to this size (ratio Ray/local)")
     sca.add_argument("--override", action="append", default=[], metavar="key=value",
                      help="config override applied to every run, repeatable")
+    sca.add_argument("--local-threads", type=int, default=None,
+                     help="torch threads of the local runner (default: torch's, one per core)")
     sca.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench-scale-<time>)")
     sca.set_defaults(func=cmd_scale)
     return parser
@@ -105,7 +107,9 @@ def cmd_scale(args: argparse.Namespace) -> int:
     cfg = bench_config(args.config, args.override)
     out = _out_dir(args.out, "scale", args.config)
     t0 = time.perf_counter()
-    rows = run_scale(cfg, counts, out, args.hosts, modes, args.local_up_to)
+    if args.local_threads is not None and args.local_threads < 1:
+        raise ConfigError(f"--local-threads = {args.local_threads}: must be >= 1")
+    rows = run_scale(cfg, counts, out, args.hosts, modes, args.local_up_to, args.local_threads)
     table = markdown(rows, args.command_line)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(rows, indent=2))

@@ -18,6 +18,7 @@ from typing import Any
 
 import psutil
 import pyarrow.parquet as pq
+import torch
 
 from cema_ray.runtime import run_experiment
 
@@ -90,8 +91,13 @@ def measure(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def run_scale(base: dict[str, Any], edge_counts: list[int], out: Path, max_hosts: int,
-              modes: list[str], local_up_to: int) -> list[dict[str, Any]]:
-    """Measure every (edges, mode) on Ray, and the local runner for fleets up to `local_up_to` edges."""
+              modes: list[str], local_up_to: int, local_threads: int | None = None) -> list[dict[str, Any]]:
+    """Measure every (edges, mode) on Ray, and the local runner for fleets up to `local_up_to` edges.
+
+    ``local_threads``: torch threads of the local runner (None: torch's default, one per core). On a
+    machine where other work holds cores, more threads than free cores make every parallel op wait
+    for a descheduled thread: measure the local runner with the threads the Ray actors get, too.
+    """
     rows = []
     for edges in edge_counts:
         for mode in modes:
@@ -100,7 +106,13 @@ def run_scale(base: dict[str, Any], edge_counts: list[int], out: Path, max_hosts
             print(json.dumps(rows[-1]), flush=True)
         if edges <= local_up_to:
             cfg = scale_config(base, edges, max_hosts, "sync", "local")
-            rows.append(measure(cfg, out / f"local-{edges}"))
+            threads = torch.get_num_threads()
+            torch.set_num_threads(local_threads or threads)
+            try:
+                rows.append(measure(cfg, out / f"local-{edges}"))
+            finally:
+                torch.set_num_threads(threads)
+            rows[-1]["threads"] = local_threads or threads
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
