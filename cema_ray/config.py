@@ -255,6 +255,8 @@ PRETRAIN_SCHEMA = Section({
     "model": Section({
         "name": _str(REQUIRED, "model name", check=_check_model),
         "role": _str(REQUIRED, "which model of a run this becomes", choices=("edge", "foundation")),
+        "init_checkpoint": _str(None, "start from this checkpoint's weights (same architecture; a second "
+                                "training stage) instead of a random initialisation", nullable=True),
     }),
     "train": Section({
         "epochs": _int(10, "training epochs", lo=1),
@@ -720,6 +722,9 @@ def validate_pretrain_config(raw: dict[str, Any], *, check_paths: bool = True) -
     """Validate a raw pretrain config and return it with defaults filled."""
     cfg = _validate_section(PRETRAIN_SCHEMA, raw, "")
     cfg["data"]["root"] = resolve_data_root(cfg["data"]["source"], cfg["data"]["root"], check=check_paths)
+    init = cfg["model"]["init_checkpoint"]
+    if init is not None and check_paths and not Path(init).is_file():
+        raise ConfigError(f"model.init_checkpoint = {fmt(init)}: no such file")
     return cfg
 
 

@@ -178,6 +178,39 @@ def test_replay_only_step_condition() -> None:
     assert off.on_edge_batch(0) == 0
 
 
+def test_replay_only_cadence_fleet_round() -> None:
+    """A shared student serving 4 edges: the authors' cadence replays after every step-less edge batch,
+    "fleet_round" once per 4 (as many as the edges it serves); a chunk step restarts the count."""
+    per_batch, per_round = cloud(), cloud({"replay_only_cadence": "fleet_round"})
+    for c in (per_batch, per_round):
+        c.ingest(0, images(257))  # 8 chunk steps, then 1 queued and a buffer above the warm-up
+        assert c.on_edge_batch(0) == 8
+    steps = {id(c): [c.on_edge_batch(e) for e in (1, 2, 3, 0, 1, 2)] for c in (per_batch, per_round)}
+    assert steps[id(per_batch)] == [1, 1, 1, 1, 1, 1]
+    assert steps[id(per_round)] == [0, 0, 0, 1, 0, 0]  # 4 edges served: one replay per 4 idle batches
+    per_round.ingest(3, images(31, seed=1))  # 32 queued: a chunk step, which resets the idle count
+    assert per_round.on_edge_batch(3) == 1 and per_round._lanes[0].idle_batches == 0
+    assert [per_round.on_edge_batch(e) for e in (0, 1, 2, 3)] == [0, 0, 0, 1]
+    assert per_round.counters["replay_only_steps"] == 2
+    restored = cloud({"replay_only_cadence": "fleet_round"})
+    restored.load_state_dict(pickle.loads(pickle.dumps(per_round.state_dict())))
+    assert restored._lanes[0].served == {0, 1, 2, 3} and restored._lanes[0].idle_batches == 0
+    with pytest.raises(ConfigError, match="replay_only_cadence"):
+        cloud({"replay_only_cadence": "sometimes"})
+
+
+def test_single_edge_cadences_agree() -> None:
+    """With one edge, "fleet_round" is the authors' cadence: the same steps and the same student."""
+    a, b = cloud(), cloud({"replay_only_cadence": "fleet_round"})
+    for c in (a, b):
+        for i in range(16):
+            c.ingest(0, images(50 if i % 3 == 0 else 9, seed=i))  # the buffer passes 256 at i = 12
+            c.on_edge_batch(0)
+    assert a.counters == b.counters and a.counters["replay_only_steps"] > 0
+    sa, sb = norm_state(a.student), norm_state(b.student)
+    assert all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
 def test_export_contents_and_cadence() -> None:
     c = cloud({"publish_every": 2})
     c.ingest(0, images(32))

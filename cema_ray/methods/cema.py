@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "replay_ratio": 3,  # replayed samples per chunk = ratio * B_c
     "replay_only_step": True,
     "replay_only_ratio": 4,  # replay-only step size = ratio * B_c
+    "replay_only_cadence": "edge_batch",  # "edge_batch" (authors) | "fleet_round": see CemaCloud.on_edge_batch
     "lr_foundation": 2.5e-4,
     "lr_student": 2.5e-3,
     "momentum": 0.9,
@@ -65,6 +66,7 @@ DEFAULTS: dict[str, Any] = {
 }
 EDGE_STATS = ("published", "batch", "mix")
 SCOPES = ("shared", "per_edge")
+CADENCES = ("edge_batch", "fleet_round")
 
 
 # --- settings and small helpers ---------------------------------------------------------------
@@ -76,6 +78,9 @@ def resolve_settings(method: str, defaults: Mapping[str, Any], settings: Mapping
         raise ConfigError(f"method '{method}': setting 'edge_stats' is {s['edge_stats']!r}; allowed: {', '.join(EDGE_STATS)}")
     if s["student_scope"] not in SCOPES:
         raise ConfigError(f"method '{method}': setting 'student_scope' is {s['student_scope']!r}; allowed: {', '.join(SCOPES)}")
+    if s["replay_only_cadence"] not in CADENCES:
+        raise ConfigError(f"method '{method}': setting 'replay_only_cadence' is {s['replay_only_cadence']!r}; "
+                          f"allowed: {', '.join(CADENCES)}")
     for key in ("chunk_size", "publish_every", "replay_capacity", "warmup_samples"):
         if int(s[key]) < 1:
             raise ConfigError(f"method '{method}': setting '{key}' must be >= 1, got {s[key]!r}")
@@ -206,6 +211,8 @@ class _Lane:
     queue: list[np.ndarray] = field(default_factory=list)
     queued: int = 0
     version: int = 0  # student steps taken: tells export whether an edge is up to date
+    idle_batches: int = 0  # edge batches since this lane's last step (replay-only cadence)
+    served: set[int] = field(default_factory=set)  # edges whose batches this lane has seen
 
     def push(self, images: np.ndarray) -> None:
         self.queue.append(images)
@@ -341,21 +348,35 @@ class CemaCloud(CloudTrainer):
             self._lane(edge_id).push(images.copy())
 
     def on_edge_batch(self, edge_id: int) -> int:
-        """Cloud steps 1-5 for whatever the queue of ``edge_id``'s lane holds; returns steps taken."""
+        """Cloud steps 1-5 for whatever the queue of ``edge_id``'s lane holds; returns steps taken.
+
+        Step 5's cadence: the authors' code ("edge_batch") takes a replay-only step after every edge
+        batch that brought no full chunk. One edge is their setting; a student shared by E edges would
+        then take E replay steps per round whatever the uploads, so the cloud's work grows with the
+        fleet rather than with what the edges send. "fleet_round" takes one replay-only step once the
+        lane has seen as many step-less edge batches as it serves edges (one per round in sync mode),
+        which is the authors' cadence for a single edge.
+        """
         s = self.settings
         edge_id = int(edge_id)
         self._batches[edge_id] = self._batches.get(edge_id, 0) + 1
         lane, key = self._lane(edge_id), self._key(edge_id)
+        lane.served.add(edge_id)
+        lane.idle_batches += 1
         steps = 0
         while lane.queued >= s["chunk_size"]:
             self._activate(key)
             self._chunk_step(lane, lane.pop(s["chunk_size"]))
             steps += 1
         replay_n = s["replay_only_ratio"] * s["chunk_size"]
-        if steps == 0 and s["replay_only_step"] and len(lane.buffer) > s["replay_warmup"] and len(lane.buffer) >= replay_n:
+        every = 1 if s["replay_only_cadence"] == "edge_batch" else len(lane.served)
+        if (steps == 0 and s["replay_only_step"] and lane.idle_batches >= every
+                and len(lane.buffer) > s["replay_warmup"] and len(lane.buffer) >= replay_n):
             self._activate(key)
             self._replay_step(lane)
             steps += 1
+        if steps:
+            lane.idle_batches = 0
         return steps
 
     def queued(self) -> int:
@@ -381,7 +402,7 @@ class CemaCloud(CloudTrainer):
 
     def _reset_lane(self, key: int) -> None:
         lane = self._lanes[key]
-        lane.queue, lane.queued = [], 0
+        lane.queue, lane.queued, lane.idle_batches = [], 0, 0
         lane.buffer.clear()
         lane.student, lane.opt = copy.deepcopy(self._s_init), copy.deepcopy(self._s_opt_init)
         if self._active == key:
@@ -413,7 +434,8 @@ class CemaCloud(CloudTrainer):
         self._park()
         lanes = {
             key: {"queue": np.concatenate(l.queue) if l.queue else None, "buffer": l.buffer.state_dict(),
-                  "student": copy.deepcopy(l.student), "opt": copy.deepcopy(l.opt), "version": l.version}
+                  "student": copy.deepcopy(l.student), "opt": copy.deepcopy(l.opt), "version": l.version,
+                  "idle_batches": l.idle_batches, "served": sorted(l.served)}
             for key, l in self._lanes.items()
         }
         return {"foundation": capture_norm_modules(self.foundation), "foundation_opt": copy.deepcopy(self.f_opt.state_dict()),
@@ -426,7 +448,8 @@ class CemaCloud(CloudTrainer):
         self._lanes, self._active = {}, None
         for key, d in state["lanes"].items():
             lane = _Lane(buffer=ReplayBuffer(self.settings["replay_capacity"], self.generator),
-                         student=copy.deepcopy(d["student"]), opt=copy.deepcopy(d["opt"]), version=int(d["version"]))
+                         student=copy.deepcopy(d["student"]), opt=copy.deepcopy(d["opt"]), version=int(d["version"]),
+                         idle_batches=int(d.get("idle_batches", 0)), served={int(e) for e in d.get("served", ())})
             lane.buffer.load_state_dict(d["buffer"])
             if d["queue"] is not None:
                 lane.queue, lane.queued = [np.asarray(d["queue"]).copy()], len(d["queue"])
