@@ -121,3 +121,23 @@ def test_killed_hosts_restart_resume_and_predict_every_sample_exactly_once(ray_s
     for col in COMPARED:
         assert a[col] == b[col], col  # nothing lost, nothing twice, and the same predictions
     assert hit["dropped"] == 0 and local["accuracy"] == hit["accuracy"]
+
+
+@pytest.mark.ray
+def test_edge_hosts_run_at_lower_priority_than_the_cloud(ray_session, make_run_config):
+    """ray.host_nice: Ray's num_cpus admits actors but does not share the CPU between them; the niceness
+    added to EdgeHost processes is what lets a cloud on the same node win the CPU in async mode."""
+    import psutil
+
+    from cema_ray.runtime.fleet import edge_plans
+    from cema_ray.runtime.ray_actors import EdgeHost
+
+    cfg = make_run_config("runtime=ray", "edges.count=1")
+    plans = edge_plans(cfg)
+    plain = ray_session.remote(EdgeHost).options(num_cpus=0.1).remote(0, cfg, plans, None, 1, 0)
+    nice = ray_session.remote(EdgeHost).options(num_cpus=0.1).remote(1, cfg, plans, None, 1, 3)
+    pids = ray_session.get([plain.ping.remote(), nice.ping.remote()])
+    base = psutil.Process(pids[0]).nice()  # Ray starts workers at 15 (its worker_niceness)
+    assert base <= 16 and psutil.Process(pids[1]).nice() == base + 3
+    for actor in (plain, nice):
+        ray_session.kill(actor)

@@ -28,10 +28,14 @@ class EdgeHost:
     """Hosts a contiguous range of virtual edges sharing one process and one torch runtime."""
 
     def __init__(self, host_id: int, cfg: dict[str, Any], plans: list[EdgePlan],
-                 clean: LabeledImagesLike | None = None, threads: int = 1) -> None:
+                 clean: LabeledImagesLike | None = None, threads: int = 1, nice: int = 0) -> None:
+        """``nice``: added to this process's niceness, so that a cloud on the same node gets the CPU first
+        when both are busy (async mode): a starved cloud falls behind and its backlog drops uploads."""
         from cema_ray.runtime.local import build_edges
 
         torch.set_num_threads(threads)
+        if nice:
+            os.nice(nice)
         self.host_id = host_id
         data = DataContext(cfg["data"], clean=clean)
         edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")

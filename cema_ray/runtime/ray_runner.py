@@ -102,7 +102,7 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
             name=f"cema-edgehost-{i:03d}", namespace=NAMESPACE, num_cpus=rcfg["host_num_cpus"],
             memory=int(rcfg["host_memory_mb"]) * 2**20 or None, scheduling_strategy="SPREAD",
             max_restarts=-1, max_task_retries=0,  # restarted by Ray, restored by the driver
-        ).remote(i, cfg, plans, clean_ref, 1)
+        ).remote(i, cfg, plans, clean_ref, 1, int(rcfg["host_nice"]))
         for i, plans in enumerate(groups)
     ]
     ray.get([cloud.ping.remote(), *[h.restore.remote({}, []) for h in hosts]])  # arms every host
