@@ -411,6 +411,32 @@ def methods_markdown(rows: Sequence[MethodRow]) -> str:
     return "\n".join(lines)
 
 
+def domains_markdown(rows: Sequence[MethodRow]) -> str:
+    """Accuracy per domain (rows) and method (columns), one table per protocol, from each run's summary.json.
+
+    The whole-stream column hides where a method wins or loses; on a continual stream a method whose
+    edge lags every shift loses on the domains that differ most from the one before.
+    """
+    tables = []
+    for protocol in dict.fromkeys(r.protocol for r in rows):
+        runs = {r.method: _per_domain(r) for r in rows if r.protocol == protocol and r.status == "ok"}
+        runs = {m: d for m, d in runs.items() if d}
+        if not runs:
+            continue
+        domains = list(dict.fromkeys(d for per in runs.values() for d in per))
+        lines = [f"{protocol}: accuracy (%) per domain", "", "| domain | " + " | ".join(runs) + " |",
+                 "| --- |" + " ---: |" * len(runs)]
+        for d in domains:
+            lines.append(f"| {d} | " + " | ".join(_pct(per.get(d, {}).get("accuracy")) for per in runs.values()) + " |")
+        tables.append("\n".join(lines))
+    return "\n\n".join(tables)
+
+
+def _per_domain(row: MethodRow) -> dict[str, dict[str, Any]]:
+    path = Path(row.out_dir) / "summary.json"
+    return json.loads(path.read_text()).get("per_domain", {}) if path.is_file() else {}
+
+
 def _stream_text(cfg: dict[str, Any]) -> str:
     s = cfg["stream"]
     n = len(s["corruptions"])
@@ -433,7 +459,8 @@ def write_methods(rows: Sequence[MethodRow], table: str, out: Path, command: str
         writer.writerows(asdict(r) for r in rows)
     seconds = sum(r.total_seconds or 0.0 for r in rows)
     intro = (f"{setting}.\n\nAccuracy is the edge's online accuracy over the whole stream; uploads are the "
-             f"samples the edge sent to the cloud. Each run's outputs: `<protocol>/<method>/`.\n\n{table}")
+             f"samples the edge sent to the cloud. Each run's outputs: `<protocol>/<method>/`.\n\n{table}\n\n"
+             f"{domains_markdown(rows)}")
     (out / "methods.md").write_text(_markdown_page("Method comparison", intro, command, seconds))
 
 
@@ -465,5 +492,5 @@ def _markdown_page(title: str, body: str, command: str, seconds: float) -> str:
 
 
 __all__: list[str] = ["DEFAULT_METHODS", "DEFAULT_PROTOCOLS", "MethodRow", "ModelsResult", "bench_config",
-                      "build_parser", "evaluate_models", "main", "methods_markdown", "models_markdown",
+                      "build_parser", "domains_markdown", "evaluate_models", "main", "methods_markdown", "models_markdown",
                       "plan_method_runs", "run_one", "subset_indices"]

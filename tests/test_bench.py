@@ -132,6 +132,13 @@ def test_methods_quick_table(run_yaml: Path, tmp_path: Path, capsys) -> None:
     assert md.count("\n| continual |") == 3 and md.count("\n| reset |") == 3
     assert "cema-ray bench " + " ".join(argv) in md
     assert "| reset | upload-all |" in capsys.readouterr().out
+    # per-domain tables: one per protocol, a row per corruption, the values of each run's own summary
+    assert md.count("accuracy (%) per domain") == 2 and "| domain | source | upload-all | bn |" in md
+    per = json.loads((out / "reset" / "bn" / "summary.json").read_text())["per_domain"]
+    first = next(iter(per))
+    reset_part = md[md.index("reset: accuracy (%) per domain"):]
+    row = next(line for line in reset_part.splitlines() if line.startswith(f"| {first} |"))
+    assert row.split(" | ")[3].rstrip(" |") == f"{100 * per[first]['accuracy']:.2f}"  # bn is the 3rd method
 
 
 def test_methods_reports_a_failed_run(run_yaml: Path, tmp_path: Path, monkeypatch) -> None:
