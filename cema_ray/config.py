@@ -223,6 +223,10 @@ RUN_SCHEMA = Section({
         "host_num_cpus": _num(0.5, "CPUs reserved per EdgeHost actor", lo=0, lo_open=True),
         "host_memory_mb": _int(700, "memory reserved per EdgeHost actor, MiB (admission only)", lo=0),
         "max_in_flight_per_host": _int(2, "outstanding step calls per host", lo=1),
+        "backlog_full": _str("drop_oldest", "async mode, when the uploads waiting for the cloud reach their bound "
+                             "(2 x hosts deliveries): drop the oldest (edges never wait; counted in dropped) or "
+                             "wait (hosts pause until the cloud catches up: nothing dropped)",
+                             choices=("drop_oldest", "wait")),
         "host_nice": _int(4, "niceness added to EdgeHost processes (Ray starts workers at 15; 19 is the most): "
                              "the cloud wins the CPU when edges and cloud share a node (num_cpus only admits)",
                           lo=0, hi=19),

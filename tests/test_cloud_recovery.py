@@ -134,17 +134,21 @@ def test_killed_cloud_and_failed_hosts_in_sync_mode_change_nothing(ray_session, 
 
 
 @pytest.mark.ray
-def test_failures_in_async_mode_lose_no_sample(ray_session, make_run_config, tmp_path):
+@pytest.mark.parametrize("backlog_full", ["drop_oldest", "wait"])
+def test_failures_in_async_mode_lose_no_sample(ray_session, make_run_config, tmp_path, backlog_full):
     """Async: the cloud, a host and a host's step fail while edges run ahead; nothing lost or predicted twice."""
     cfg = make_run_config("runtime=ray", "mode=async", "method.name=upload-all", "edges.count=4",
                           "edges.per_host=2", "stream.samples_per_domain=128", "cloud.checkpoint_every=2",
-                          "faults.kill_cloud=1", "faults.kill_hosts=1", "faults.raise_in_hosts=1")
+                          "faults.kill_cloud=1", "faults.kill_hosts=1", "faults.raise_in_hosts=1",
+                          f"ray.backlog_full={backlog_full}")
     summary = run_experiment(cfg, tmp_path / "a")
     t = _table(tmp_path / "a")
     assert len(_ids(t)) == len(set(_ids(t))) == summary["samples"] == 4 * 256
     f = summary["faults"]
     assert f["cloud_recoveries"] >= 1 and f["host_recoveries"] >= 2 and f["host_failures_seen"] >= 2
     assert summary["uploaded"] == summary["cloud_ingested"] + summary["dropped"]  # each upload used or counted
+    if backlog_full == "wait":
+        assert summary["dropped"] == 0  # the hosts waited for the restarted cloud instead
 
 
 @pytest.mark.ray
@@ -160,6 +164,21 @@ def test_slow_cloud_bounds_the_backlog_and_counts_what_it_drops(ray_session, mak
     assert summary["dropped"] > 0
     assert summary["uploaded"] == summary["cloud_ingested"] + summary["dropped"]
     assert sum(t["dropped"]) == summary["dropped"]
+
+
+@pytest.mark.ray
+def test_slow_cloud_with_backpressure_drops_nothing(ray_session, make_run_config, tmp_path):
+    """ray.backlog_full=wait: the same slow cloud, but hosts pause while the backlog is full, so every upload
+    reaches the cloud and the edges never run more than the backlog's bound ahead of it."""
+    cfg = make_run_config("runtime=ray", "mode=async", "method.name=upload-all", "edges.count=4",
+                          "edges.per_host=2", "stream.samples_per_domain=128", "faults.slow_cloud_s=0.5",
+                          "ray.backlog_full=wait")
+    summary = run_experiment(cfg, tmp_path / "w")
+    t = _table(tmp_path / "w")
+    assert len(_ids(t)) == len(set(_ids(t))) == summary["samples"]
+    assert summary["dropped"] == 0 and sum(t["dropped"]) == 0
+    assert summary["uploaded"] == summary["cloud_ingested"] == summary["samples"]
+    assert summary["max_backlog"] <= summary["backlog_bound"]
 
 
 def test_injected_bad_batches_are_rejected_counted_and_named(make_run_config, tmp_path):

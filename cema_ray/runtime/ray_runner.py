@@ -275,7 +275,9 @@ class AsyncDriver:
 
     Uploads wait in a bounded backlog while the cloud is busy (at most `CLOUD_IN_FLIGHT` deliveries
     outstanding) or down; past the bound the oldest are dropped and counted, so a slow or dead cloud
-    never stalls the edges nor grows memory without bound. A dead cloud is restarted from its
+    never stalls the edges nor grows memory without bound. With `ray.backlog_full: wait` a host gets its
+    next step only while the deliveries the cloud has not taken (backlog plus steps in flight) are
+    below the bound (backpressure): nothing is dropped, and edges stay within a few steps of the cloud. A dead cloud is restarted from its
     checkpoint in the background: the driver keeps the hosts stepping with the weights they have,
     and when the cloud answers again it replays the deliveries the checkpoint misses, then resends
     the ones that failed.
@@ -289,6 +291,8 @@ class AsyncDriver:
         self.link = CloudLink(cloud, faults, checkpointing)
         self.max_in_flight = cfg["ray"]["max_in_flight_per_host"]
         self.backlog_bound = max(2, 2 * len(hosts))
+        self.wait_when_full = cfg["ray"]["backlog_full"] == "wait"
+        self.paused: deque[int] = deque()  # hosts whose next step waits for room in the backlog (wait mode)
         self.newest: dict[int, int] = {}
         self.latest_pubs: dict[int, Publication] = {}  # per student key: what a restored host must load
         self.pub_log: list[tuple[float, int, int]] = []  # (published at, student key, version)
@@ -317,7 +321,7 @@ class AsyncDriver:
         for i in range(len(self.hosts)):
             for _ in range(self.max_in_flight):
                 self.submit(i)
-        while self.ref_host or self.cloud_calls or self.backlog or self.redo:
+        while self.ref_host or self.cloud_calls or self.backlog or self.redo or self.paused:
             waiting = [*self.ref_host, *self.cloud_calls, *([self.ping] if self.ping else [])]
             ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
             for ref in ready:
@@ -353,6 +357,7 @@ class AsyncDriver:
         for call in self.host_queues[i]:
             del self.ref_host[call[0]]
         self.host_queues[i].clear()
+        self.paused = deque(h for h in self.paused if h != i)  # resubmitted below
         revive_host(self.hosts[i], i, exc, self.snapshots[i], list(self.latest_pubs.values()), self.faults)
         for _ in range(self.max_in_flight):
             self.submit(i)
@@ -361,6 +366,10 @@ class AsyncDriver:
         if not records:
             return  # the host's edges are done: no more calls to it
         self.backlog.append((uploads_ref, records))
+        if self.wait_when_full and self._pending() >= self.backlog_bound:
+            self.paused.append(i)  # backpressure: this host's next step waits for the cloud
+            self.max_backlog = max(self.max_backlog, len(self.backlog))
+            return
         while len(self.backlog) > self.backlog_bound:
             _, old = self.backlog.popleft()  # oldest first: the freshest uploads matter most
             for rec in old:
@@ -378,6 +387,12 @@ class AsyncDriver:
             uploads_ref, records = self.backlog.popleft()
             seq, ref = self.link.submit(None, [uploads_ref])
             self.cloud_calls[ref] = (seq, records)
+        while self.paused and self._pending() < self.backlog_bound:
+            self.submit(self.paused.popleft())
+
+    def _pending(self) -> int:
+        """Deliveries the cloud has not taken: waiting in the backlog, or still being stepped by a host."""
+        return len(self.backlog) + len(self.ref_host)
 
     def _cloud_done(self, ref: Any) -> None:
         seq, records = self.cloud_calls.pop(ref)
