@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="config override applied to every run, repeatable")
     sca.add_argument("--local-threads", type=int, default=None,
                      help="torch threads of the local runner (default: torch's, one per core)")
+    sca.add_argument("--repeat", type=int, default=1,
+                     help="run the whole sequence N times, runtimes interleaved; tables quote medians (default 1)")
     sca.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench-scale-<time>)")
     sca.set_defaults(func=cmd_scale)
     return parser
@@ -109,7 +111,9 @@ def cmd_scale(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.local_threads is not None and args.local_threads < 1:
         raise ConfigError(f"--local-threads = {args.local_threads}: must be >= 1")
-    rows = run_scale(cfg, counts, out, args.hosts, modes, args.local_up_to, args.local_threads)
+    if args.repeat < 1:
+        raise ConfigError(f"--repeat = {args.repeat}: must be >= 1")
+    rows = run_scale(cfg, counts, out, args.hosts, modes, args.local_up_to, args.local_threads, args.repeat)
     table = markdown(rows, args.command_line)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(rows, indent=2))

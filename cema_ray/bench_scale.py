@@ -14,6 +14,7 @@ import math
 import threading
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import psutil
@@ -91,48 +92,77 @@ def measure(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def run_scale(base: dict[str, Any], edge_counts: list[int], out: Path, max_hosts: int,
-              modes: list[str], local_up_to: int, local_threads: int | None = None) -> list[dict[str, Any]]:
+              modes: list[str], local_up_to: int, local_threads: int | None = None,
+              repeats: int = 1) -> list[dict[str, Any]]:
     """Measure every (edges, mode) on Ray, and the local runner for fleets up to `local_up_to` edges.
 
     ``local_threads``: torch threads of the local runner (None: torch's default, one per core). On a
     machine where other work holds cores, more threads than free cores make every parallel op wait
     for a descheduled thread: measure the local runner with the threads the Ray actors get, too.
+    ``repeats``: the whole sequence runs this many times, the runtimes interleaved, so that a shared
+    machine's slow minutes hit both sides of a ratio alike (`summary_markdown` quotes medians).
     """
     rows = []
-    for edges in edge_counts:
-        for mode in modes:
-            cfg = scale_config(base, edges, max_hosts, mode, "ray")
-            rows.append(measure(cfg, out / f"ray-{mode}-{edges}"))
-            print(json.dumps(rows[-1]), flush=True)
-        if edges <= local_up_to:
-            cfg = scale_config(base, edges, max_hosts, "sync", "local")
-            threads = torch.get_num_threads()
-            torch.set_num_threads(local_threads or threads)
-            try:
-                rows.append(measure(cfg, out / f"local-{edges}"))
-            finally:
-                torch.set_num_threads(threads)
-            rows[-1]["threads"] = local_threads or threads
-            print(json.dumps(rows[-1]), flush=True)
+    for rep in range(repeats):
+        suffix = f"-r{rep}" if repeats > 1 else ""
+        for edges in edge_counts:
+            for mode in modes:
+                cfg = scale_config(base, edges, max_hosts, mode, "ray")
+                rows.append(dict(measure(cfg, out / f"ray-{mode}-{edges}{suffix}"), repeat=rep))
+                print(json.dumps(rows[-1]), flush=True)
+            if edges <= local_up_to:
+                cfg = scale_config(base, edges, max_hosts, "sync", "local")
+                threads = torch.get_num_threads()
+                torch.set_num_threads(local_threads or threads)
+                try:
+                    rows.append(dict(measure(cfg, out / f"local-{edges}{suffix}"), repeat=rep))
+                finally:
+                    torch.set_num_threads(threads)
+                rows[-1]["threads"] = local_threads or threads
+                print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
+def summary_markdown(rows: list[dict[str, Any]]) -> str:
+    """Medians over repeats per (runtime, mode, edges); Ray/local is the median of the ratios of runs
+    made in the same repeat (side by side), not a ratio of medians."""
+    keys = list(dict.fromkeys((r["runtime"], r["mode"], r["edges"]) for r in rows))
+    local = {(r["repeat"], r["edges"]): r["samples_per_s"] for r in rows if r["runtime"] == "local"}
+    head = ("| runtime | mode | edges | runs | samples/s (median) | min - max | cloud steps/s (median) | "
+            "Ray/local (median of paired ratios) |\n" + "|---" * 8 + "|\n")
+    lines = []
+    for runtime, mode, edges in keys:
+        runs = [r for r in rows if (r["runtime"], r["mode"], r["edges"]) == (runtime, mode, edges)]
+        rates = [r["samples_per_s"] for r in runs]
+        ratios = [r["samples_per_s"] / local[r["repeat"], edges] for r in runs
+                  if runtime == "ray" and (r["repeat"], edges) in local]
+        cells = [runtime, mode, edges, len(runs), f"{median(rates):.0f}", f"{min(rates):.0f} - {max(rates):.0f}",
+                 f"{median([r['cloud_steps_per_s'] for r in runs]):.2f}",
+                 f"{median(ratios):.2f}" if ratios else ""]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
-    head = ("| runtime | mode | edges | hosts | samples | samples/s | edge samples/s | cloud steps/s | start-up s | "
-            "worker USS MB (workers) | lag median | accuracy | uploads | dropped | Ray/local |\n" + "|---" * 15 + "|\n")
-    local = {r["edges"]: r["samples_per_s"] for r in rows if r["runtime"] == "local"}
+    head = ("| run | runtime | mode | edges | hosts | samples | samples/s | edge samples/s | cloud steps/s | start-up s | "
+            "worker USS MB (workers) | lag median | accuracy | uploads | dropped | Ray/local |\n" + "|---" * 16 + "|\n")
+    local = {(r.get("repeat", 0), r["edges"]): r["samples_per_s"] for r in rows if r["runtime"] == "local"}
     lines = []
     for r in rows:
-        ratio = r["samples_per_s"] / local[r["edges"]] if r["runtime"] == "ray" and r["edges"] in local else None
+        key = (r.get("repeat", 0), r["edges"])
+        ratio = r["samples_per_s"] / local[key] if r["runtime"] == "ray" and key in local else None
         cells = [
-            r["runtime"], r["mode"], r["edges"], r["hosts"], r["samples"], f"{r['samples_per_s']:.0f}",
+            r.get("repeat", 0), r["runtime"], r["mode"], r["edges"], r["hosts"], r["samples"], f"{r['samples_per_s']:.0f}",
             _fmt(r.get("edge_samples_per_s"), ".0f"),
             f"{r['cloud_steps_per_s']:.2f}", _fmt(r["startup_s"], ".1f"),
             f"{r['worker_uss_mb']:.0f} ({r['workers']})", _fmt(r["version_lag_median"], ".0f"),
             f"{100 * r['accuracy']:.1f}%", f"{100 * r['upload_fraction']:.1f}%", r["dropped"], _fmt(ratio, ".2f"),
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return f"Reproduce: `{command}`\n\n" + head + "\n".join(lines) + "\n"
+    table = head + "\n".join(lines) + "\n"
+    if max((r.get("repeat", 0) for r in rows), default=0) > 0:
+        table = summary_markdown(rows) + "\nEvery run:\n\n" + table
+    return f"Reproduce: `{command}`\n\n" + table
 
 
 def _fmt(value: float | None, spec: str) -> str:

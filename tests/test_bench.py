@@ -101,6 +101,11 @@ def test_subset_indices() -> None:
 
 
 # ---------------------------------------------------------------------------------- bench methods
+def cells(line: str) -> list[str]:
+    """The cells of a Markdown table row."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
 def test_methods_quick_table(run_yaml: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "methods"
     argv = ["methods", str(run_yaml), "--quick", "--methods", "source,upload-all,bn", "--protocols",
@@ -138,7 +143,7 @@ def test_methods_quick_table(run_yaml: Path, tmp_path: Path, capsys) -> None:
     first = next(iter(per))
     reset_part = md[md.index("reset: accuracy (%) per domain"):]
     row = next(line for line in reset_part.splitlines() if line.startswith(f"| {first} |"))
-    assert row.split(" | ")[3].rstrip(" |") == f"{100 * per[first]['accuracy']:.2f}"  # bn is the 3rd method
+    assert cells(row)[3] == f"{100 * per[first]['accuracy']:.2f}"  # bn is the 3rd method
 
 
 def test_methods_reports_a_failed_run(run_yaml: Path, tmp_path: Path, monkeypatch) -> None:
@@ -247,3 +252,23 @@ def test_scale_measures_ray_and_local_side_by_side(run_yaml: Path, tmp_path: Pat
     assert ray_row["workers"] >= 3 and ray_row["worker_uss_mb"] > 0  # 2 hosts + the cloud were measured
     assert "Ray/local" in (out / "scale.md").read_text()
     assert all(r["edge_samples_per_s"] is None or r["edge_samples_per_s"] > 0 for r in rows)
+
+
+def test_scale_summary_quotes_medians_of_paired_ratios() -> None:
+    """Ray/local is the median of ratios within a repeat: a slow minute that hits one pair does not skew it."""
+    from cema_ray.bench_scale import markdown, summary_markdown
+
+    base = {"mode": "sync", "edges": 4, "hosts": 2, "samples": 128, "edge_samples_per_s": None,
+            "cloud_steps_per_s": 1.0, "startup_s": None, "worker_uss_mb": 0.0, "workers": 0,
+            "version_lag_median": 0.0, "accuracy": 0.5, "upload_fraction": 0.5, "dropped": 0}
+    rates = [(100.0, 200.0), (50.0, 60.0), (90.0, 100.0)]  # (ray, local) per repeat: ratios 0.5, 0.83, 0.9
+    rows = [dict(base, runtime=rt, samples_per_s=rate, repeat=rep)
+            for rep, pair in enumerate(rates) for rt, rate in zip(("ray", "local"), pair)]
+    summary = summary_markdown(rows)
+    ray_line = next(line for line in summary.splitlines() if line.startswith("| ray |"))
+    assert cells(ray_line)[3:8] == ["3", "90", "50 - 100", "1.00", "0.83"]
+    local_line = next(line for line in summary.splitlines() if line.startswith("| local |"))
+    assert cells(local_line)[4] == "100"  # median of 200, 60, 100
+    page = markdown(rows, "cmd")
+    assert page.index("(median of paired ratios)") < page.index("Every run:")
+    assert "| 1 | ray | sync | 4 |" in page and page.count("| 0.83 |") == 2  # the summary and repeat 1's row
