@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     sca = sub.add_parser("scale", help="Ray runtime throughput, cloud steps/s, worker memory vs fleet size")
     sca.add_argument("config", type=Path, help="run config (e.g. configs/scale.yaml)")
     sca.add_argument("--edges", default="1,16,64,256,1024", help="fleet sizes, comma-separated")
-    sca.add_argument("--hosts", type=int, default=4, help="at most this many EdgeHost actors (default 4)")
+    sca.add_argument("--hosts", type=int, default=None,
+                     help="at most this many EdgeHost actors (default: as many as the CPUs left after the cloud's "
+                          "reservation admit, at ray.host_num_cpus each)")
     sca.add_argument("--modes", default="sync,async", help="Ray modes to measure (default sync,async)")
     sca.add_argument("--local-up-to", type=int, default=64,
                      help="also run the single-process runner for fleets up to this size (ratio Ray/local)")
@@ -103,7 +105,7 @@ def cmd_scale(args: argparse.Namespace) -> int:
         counts = [int(x) for x in args.edges.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"--edges = {args.edges!r}: give comma-separated integers, e.g. 1,16,64") from None
-    if not counts or min(counts) < 1 or args.hosts < 1:
+    if not counts or min(counts) < 1 or (args.hosts is not None and args.hosts < 1):
         raise ConfigError("--edges needs fleet sizes >= 1 and --hosts >= 1")
     modes = _split_names(args.modes, "mode", ("sync", "async"), "--modes")
     cfg = bench_config(args.config, args.override)

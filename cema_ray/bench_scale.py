@@ -59,11 +59,18 @@ class WorkerMemorySampler:
             self._stop.wait(self.interval)
 
 
-def scale_config(base: dict[str, Any], edges: int, max_hosts: int, mode: str, runtime: str) -> dict[str, Any]:
-    """The base config with `edges` edges spread over at most `max_hosts` EdgeHosts."""
+def scale_config(base: dict[str, Any], edges: int, max_hosts: int | None, mode: str, runtime: str) -> dict[str, Any]:
+    """The base config with `edges` edges spread over at most `max_hosts` EdgeHosts.
+
+    ``max_hosts`` None: one host per edge asked for, which the runner caps at what the cluster's CPUs
+    admit (`host_count`). On a small machine, hosts beyond its cores only time-share them.
+    """
     cfg = copy.deepcopy(base)
-    hosts = min(edges, max_hosts)
-    cfg["edges"].update(count=edges, per_host=math.ceil(edges / hosts), hosts=hosts, groups=[])
+    if max_hosts is None:
+        cfg["edges"].update(count=edges, per_host=1, hosts=None, groups=[])
+    else:
+        hosts = min(edges, max_hosts)
+        cfg["edges"].update(count=edges, per_host=math.ceil(edges / hosts), hosts=hosts, groups=[])
     cfg.update(runtime=runtime, mode=mode)
     cfg["output"].update(report=False, progress=False)
     return cfg
@@ -91,7 +98,7 @@ def measure(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     }
 
 
-def run_scale(base: dict[str, Any], edge_counts: list[int], out: Path, max_hosts: int,
+def run_scale(base: dict[str, Any], edge_counts: list[int], out: Path, max_hosts: int | None,
               modes: list[str], local_up_to: int, local_threads: int | None = None,
               repeats: int = 1) -> list[dict[str, Any]]:
     """Measure every (edges, mode) on Ray, and the local runner for fleets up to `local_up_to` edges.

@@ -5,7 +5,6 @@ import json
 import math
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -13,13 +12,7 @@ from cema_ray.errors import CheckpointError, ConfigError
 from cema_ray.runtime import run_experiment
 from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore, decode_tree, encode_tree
 
-COMPARED = ("edge_id", "batch_index", "domain", "samples", "correct", "uploaded", "bytes_up", "bytes_down",
-            "weight_version", "version_lag", "cloud_steps", "first_id", "last_id")
-
-
-def _table(out) -> dict[str, list]:
-    t = pq.read_table(out / "batches.parquet").sort_by([("edge_id", "ascending"), ("batch_index", "ascending")])
-    return t.to_pydict()
+from batch_tables import COMPARED, batch_table
 
 
 def _ids(t: dict[str, list]) -> list[int]:
@@ -126,7 +119,7 @@ def test_killed_cloud_and_failed_hosts_in_sync_mode_change_nothing(ray_session, 
     assert f["cloud_kills_planned"] == 1 and f["cloud_failures_seen"] >= 1 and f["cloud_recoveries"] >= 1
     assert f["host_kills_planned"] == f["host_exceptions_planned"] == 1
     assert f["host_recoveries"] >= 2 and all(p >= 0 for p in f["cloud_restored_from"])
-    a, b = _table(tmp_path / "local"), _table(tmp_path / "hit")
+    a, b = batch_table(tmp_path / "local"), batch_table(tmp_path / "hit")
     for col in COMPARED:
         assert a[col] == b[col], col
     assert len(_ids(b)) == len(set(_ids(b))) == hit["samples"]
@@ -142,7 +135,7 @@ def test_failures_in_async_mode_lose_no_sample(ray_session, make_run_config, tmp
                           "faults.kill_cloud=1", "faults.kill_hosts=1", "faults.raise_in_hosts=1",
                           f"ray.backlog_full={backlog_full}")
     summary = run_experiment(cfg, tmp_path / "a")
-    t = _table(tmp_path / "a")
+    t = batch_table(tmp_path / "a")
     assert len(_ids(t)) == len(set(_ids(t))) == summary["samples"] == 4 * 256
     f = summary["faults"]
     assert f["cloud_recoveries"] >= 1 and f["host_recoveries"] >= 2 and f["host_failures_seen"] >= 2
@@ -158,7 +151,7 @@ def test_slow_cloud_bounds_the_backlog_and_counts_what_it_drops(ray_session, mak
     cfg = make_run_config("runtime=ray", "mode=async", "method.name=upload-all", "edges.count=4",
                           "edges.per_host=2", "stream.samples_per_domain=128", "faults.slow_cloud_s=1.0")
     summary = run_experiment(cfg, tmp_path / "s")
-    t = _table(tmp_path / "s")
+    t = batch_table(tmp_path / "s")
     assert len(_ids(t)) == len(set(_ids(t))) == summary["samples"]
     assert summary["max_backlog"] <= summary["backlog_bound"]
     assert summary["dropped"] > 0
@@ -174,7 +167,7 @@ def test_slow_cloud_with_backpressure_drops_nothing(ray_session, make_run_config
                           "edges.per_host=2", "stream.samples_per_domain=128", "faults.slow_cloud_s=0.5",
                           "ray.backlog_full=wait")
     summary = run_experiment(cfg, tmp_path / "w")
-    t = _table(tmp_path / "w")
+    t = batch_table(tmp_path / "w")
     assert len(_ids(t)) == len(set(_ids(t))) == summary["samples"]
     assert summary["dropped"] == 0 and sum(t["dropped"]) == 0
     assert summary["uploaded"] == summary["cloud_ingested"] == summary["samples"]
@@ -187,7 +180,7 @@ def test_injected_bad_batches_are_rejected_counted_and_named(make_run_config, tm
     torch.set_num_threads(1)
     cfg = make_run_config("edges.count=3", "method.name=cema", "faults.bad_batches=6", "faults.seed=1")
     summary = run_experiment(cfg, tmp_path / "b")
-    t = _table(tmp_path / "b")
+    t = batch_table(tmp_path / "b")
     reasons = sorted(r["error"].split(": ", 1)[1] for r in summary["rejected_batches"])
     assert len(reasons) == 6, reasons
     for expected in ("NaN or Inf", "images of shape", "must be uint8", "labels outside", "empty batch"):

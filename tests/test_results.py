@@ -21,7 +21,7 @@ def rec(edge: int, idx: int, domain: str, samples: int, correct: int, uploaded: 
         "edge_id": edge, "host_id": edge // 2, "domain": domain, "batch_index": idx, "samples": samples,
         "correct": correct, "uploaded": uploaded, "bytes_up": uploaded * 784, "bytes_down": 100,
         "weight_version": idx, "version_lag": lag, "latency_ms": 1.5, "e_max": 0.921, "mean_entropy": 0.5,
-        "cloud_steps": 1, "t_wall": t, "rejected": rejected,
+        "cloud_steps": 1, "t_wall": t, "rejected": rejected, "skipped_unreliable": samples - uploaded - rejected,
     }
 
 
@@ -51,7 +51,9 @@ def test_summary_numbers_by_hand() -> None:
     assert (s["method"], s["runtime"], s["mode"]) == ("cema", "local", "sync")
     assert list(s["per_domain"]) == ["fog-5", "snow-5"]
     assert s["per_domain"]["fog-5"] == {"accuracy": pytest.approx(16 / 30), "upload_fraction":
-                                        pytest.approx(14 / 30), "samples": 30}
+                                        pytest.approx(14 / 30), "samples": 30,
+                                        "skipped": {"skipped_unreliable": pytest.approx(14 / 30)}}  # (10-4) + (20-10-2)
+    assert s["skipped"] == {"skipped_unreliable": pytest.approx(38 / 60)}  # only the columns the table has
     assert s["per_domain"]["snow-5"]["accuracy"] == pytest.approx(24 / 30)
     # lags 0, 1, 2, 4: median 1.5; p95 by linear interpolation = 2 + 0.85 * (4 - 2) = 3.7
     assert s["version_lag"] == {"median": 1.5, "p95": pytest.approx(3.7), "max": 4.0}
@@ -82,7 +84,7 @@ def test_missing_record_key_is_named() -> None:
 def test_parquet_round_trip(tmp_path) -> None:
     summary = write_outputs(tmp_path, recorder(), {"method": "cema"})
     table = pq.read_table(tmp_path / "batches.parquet")
-    assert table.column_names == list(RECORD_KEYS)
+    assert table.column_names == [*RECORD_KEYS, "skipped_unreliable"]  # the schema first, then extra keys
     assert table.num_rows == 4
     assert table.column("correct").to_pylist() == [6, 10, 9, 15]
     assert table.column("domain").to_pylist() == ["fog-5", "fog-5", "snow-5", "snow-5"]

@@ -4,19 +4,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from cema_ray.runtime import run_experiment
 
-COMPARED = ("edge_id", "batch_index", "domain", "samples", "correct", "uploaded", "bytes_up", "bytes_down",
-            "weight_version", "version_lag", "cloud_steps", "first_id", "last_id")
-
-
-def _table(out) -> dict[str, list]:
-    t = pq.read_table(out / "batches.parquet").sort_by([("edge_id", "ascending"), ("batch_index", "ascending")])
-    return t.to_pydict()
+from batch_tables import COMPARED, batch_table
 
 
 def _expected_ids(cfg) -> set[int]:
@@ -40,12 +33,29 @@ def test_local_run_writes_outputs_and_accounts_every_sample(make_run_config, tmp
     assert on_disk["samples"] == summary["samples"] == 3 * 2 * 64
     assert on_disk["upload_fraction"] == 1.0  # upload-all
     assert on_disk["dropped"] == 0
-    t = _table(tmp_path / "out")
+    t = batch_table(tmp_path / "out")
     seen = [i for a, b in zip(t["first_id"], t["last_id"]) for i in range(a, b + 1)]
     assert len(seen) == len(set(seen)) == sum(t["samples"])  # no sample predicted twice
     assert set(seen) == _expected_ids(cfg)  # none missing
     assert max(t["cloud_steps"]) >= 1 and max(t["weight_version"]) >= 1
     assert set(t["domain"]) == {"gaussian_noise-5", "fog-5"}
+
+
+def test_cema_records_which_filter_kept_each_sample_off_the_uplink(make_run_config, tmp_path):
+    """samples = uploaded + throttled + skipped by each filter, batch by batch; the summary adds them up."""
+    torch.set_num_threads(1)
+    summary = run_experiment(make_run_config("method.name=cema", "edges.count=2", "method.settings={e_max_factor: 0.97}"),
+                             tmp_path / "o")  # the tiny untrained models' entropies sit near 0.97 ln C
+    t = batch_table(tmp_path / "o")
+    reasons = ("skipped_unreliable", "skipped_confident", "skipped_redundant", "throttled")
+    for i, n in enumerate(t["samples"]):
+        assert n == t["uploaded"][i] + sum(t[c][i] for c in reasons)
+    assert sum(t["skipped_unreliable"]) > 0 and sum(t["skipped_redundant"]) > 0  # both filters at work
+    assert sum(t["skipped_confident"]) == 0  # the authors' code has no entropy floor
+    total = sum(t["samples"])
+    assert summary["skipped"]["skipped_redundant"] == pytest.approx(sum(t["skipped_redundant"]) / total)
+    for domain in summary["per_domain"].values():
+        assert domain["upload_fraction"] + sum(domain["skipped"].values()) == pytest.approx(1.0)
 
 
 def test_source_method_uploads_nothing(make_run_config, tmp_path):
@@ -63,7 +73,7 @@ def test_ray_sync_reproduces_local(ray_session, make_run_config, tmp_path, metho
     common = (f"method.name={method}", f"edges.count={edges}", f"edges.per_host={per_host}")
     local = run_experiment(make_run_config("runtime=local", *common), tmp_path / "local")
     remote = run_experiment(make_run_config("runtime=ray", *common), tmp_path / "ray")
-    a, b = _table(tmp_path / "local"), _table(tmp_path / "ray")
+    a, b = batch_table(tmp_path / "local"), batch_table(tmp_path / "ray")
     for col in COMPARED:
         assert a[col] == b[col], col
     assert remote["num_hosts"] == -(-edges // per_host)
@@ -77,7 +87,7 @@ def test_ray_async_accounts_every_sample_and_records_staleness(ray_session, make
                           "ray.max_in_flight_per_host=2", "stream.samples_per_domain=128",
                           "edges.groups=[{name: paced, fraction: 1.0, frame_rate: 4.0}]")
     summary = run_experiment(cfg, tmp_path / "a")
-    t = _table(tmp_path / "a")
+    t = batch_table(tmp_path / "a")
     seen = [i for a, b in zip(t["first_id"], t["last_id"]) for i in range(a, b + 1)]
     assert len(seen) == len(set(seen)) and set(seen) == _expected_ids(cfg)
     assert summary["uploaded"] == summary["samples"]  # upload-all: every sample sent
@@ -117,7 +127,7 @@ def test_killed_hosts_restart_resume_and_predict_every_sample_exactly_once(ray_s
     local = run_experiment(make_run_config("runtime=local", *common), tmp_path / "local")
     hit = run_experiment(make_run_config("runtime=ray", "faults.kill_hosts=2", *common), tmp_path / "hit")
     assert hit["faults"]["host_failures_seen"] >= 2 and hit["faults"]["host_recoveries"] >= 2
-    a, b = _table(tmp_path / "local"), _table(tmp_path / "hit")
+    a, b = batch_table(tmp_path / "local"), batch_table(tmp_path / "hit")
     for col in COMPARED:
         assert a[col] == b[col], col  # nothing lost, nothing twice, and the same predictions
     assert hit["dropped"] == 0 and local["accuracy"] == hit["accuracy"]
@@ -141,3 +151,4 @@ def test_edge_hosts_run_at_lower_priority_than_the_cloud(ray_session, make_run_c
     assert base <= 16 and psutil.Process(pids[1]).nice() == base + 3
     for actor in (plain, nice):
         ray_session.kill(actor)
+

@@ -85,6 +85,19 @@ def test_redundancy_filter_and_moving_average_over_three_batches() -> None:
     np.testing.assert_allclose(flt.m.numpy(), [0.415, 0.405, 0.18], rtol=1e-6)
 
 
+def test_skipped_counts_name_the_filter_that_turned_each_sample_away() -> None:
+    flt = EntropyFilter(3, e_max_factor=1.0, d_margin=0.5, entropy_floor=0.05)  # E_max = ln 3, e_min = 0.055
+    assert flt.last_skipped == {"unreliable": 0, "confident": 0, "redundant": 0}
+    flt.select(t([1, 0, 0], [0, 1, 0]), t(0.1, 0.1))  # m = [0.5, 0.5, 0]
+    # unreliable (1.2), confident (0.01), redundant (cos 0.71 with m), kept
+    mask = flt.select(t([0.1, 0.9, 0], [0, 0, 1], [1, 0, 0], [0, 0, 1]), t(1.2, 0.01, 0.1, 0.1))
+    assert mask.tolist() == [False, False, False, True]
+    assert flt.last_skipped == {"unreliable": 1, "confident": 1, "redundant": 1}
+    no_floor = EntropyFilter(3, e_max_factor=1.0, redundancy=False)
+    no_floor.select(t([1, 0, 0], [0, 1, 0]), t(2.0, 0.1))
+    assert no_floor.last_skipped == {"unreliable": 1, "confident": 0, "redundant": 0}
+
+
 def test_first_batch_without_reliable_samples_leaves_m_unset() -> None:
     flt = EntropyFilter(3, e_max_factor=1.0, d_margin=0.01)
     assert flt.select(t([1, 0, 0]), t(2.0)).tolist() == [False]

@@ -18,6 +18,7 @@ from cema_ray.algorithms.entropy import e0 as e0_of
 from cema_ray.errors import ConfigError
 
 MOVING_AVERAGE = 0.9  # m <- 0.9 m + 0.1 mean(p kept), EATA's constant
+SKIP_REASONS = ("unreliable", "confident", "redundant")  # in the order the filters apply
 
 
 def default_d_margin(num_classes: int) -> float:
@@ -46,6 +47,7 @@ class EntropyFilter:
         self.d_margin = default_d_margin(self.num_classes) if d_margin is None else float(d_margin)
         self.redundancy = bool(redundancy)
         self.e_min = None if entropy_floor is None else float(entropy_floor) * math.log(self.num_classes)
+        self.last_skipped: dict[str, int] = dict.fromkeys(SKIP_REASONS, 0)
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -82,17 +84,25 @@ class EntropyFilter:
         """Bool mask (N,) of samples to upload; updates the running entropy and the moving average m.
 
         The entropy statistics include this batch before the threshold is computed, as in the
-        authors' code; comparisons are strict.
+        authors' code; comparisons are strict. ``last_skipped`` counts, per filter, the samples it
+        turned away that the filters before it let through: when uploads collapse, it tells an
+        entropy threshold that rejects everything from a redundancy filter that does.
         """
         probs, ent = probs.detach(), ent.detach()
         if probs.dim() != 2 or ent.shape != probs.shape[:1]:
             raise ValueError(f"select expects probs (N, C) and entropies (N,), got {tuple(probs.shape)} and {tuple(ent.shape)}")
         self._observe(ent)
         mask = ent < self.e_max
+        skipped = {"unreliable": int((~mask).sum())}
         if self.e_min is not None:
+            reliable = int(mask.sum())
             mask &= ent > self.e_min
+            skipped["confident"] = reliable - int(mask.sum())
         if self.redundancy:
+            candidates = int(mask.sum())
             mask = self._non_redundant(probs, mask)
+            skipped["redundant"] = candidates - int(mask.sum())
+        self.last_skipped = {reason: skipped.get(reason, 0) for reason in SKIP_REASONS}
         return mask
 
     def _non_redundant(self, probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ class EdgeResult:
     upload: np.ndarray  # bool (N,)
     entropy: np.ndarray  # float32 (N,)
     e_max: float = float("nan")  # the unreliable-sample threshold in force, nan if none
+    skipped: dict[str, int] | None = None  # samples each upload filter turned away (EntropyFilter.last_skipped)
 
 
 class EdgePolicy:

@@ -174,12 +174,12 @@ class CemaEdge(EdgePolicy):
             ent = entropy(logits)
             if self.settings["select"]:
                 upload = self.filter.select(logits.softmax(dim=1), ent)
-                e_max = self.filter.e_max
+                e_max, skipped = self.filter.e_max, dict(self.filter.last_skipped)
             else:
-                upload, e_max = torch.ones_like(ent, dtype=torch.bool), float("nan")
+                upload, e_max, skipped = torch.ones_like(ent, dtype=torch.bool), float("nan"), None
         return EdgeResult(predictions=logits.argmax(dim=1).cpu().numpy().astype(np.int64),
                           upload=upload.cpu().numpy().astype(bool),
-                          entropy=ent.float().cpu().numpy(), e_max=float(e_max))
+                          entropy=ent.float().cpu().numpy(), e_max=float(e_max), skipped=skipped)
 
     def apply_update(self, state: NormState | None) -> None:
         if state:

@@ -81,7 +81,8 @@ class EataEdge(EdgePolicy):
         with torch.inference_mode():
             mask = self.filter.select(logits.softmax(1), torch.as_tensor(ent))
         upload = np.asarray(torch.as_tensor(mask).cpu(), dtype=bool)
-        return EdgeResult(predictions=preds, upload=upload, entropy=ent, e_max=float(self.filter.e_max))
+        return EdgeResult(predictions=preds, upload=upload, entropy=ent, e_max=float(self.filter.e_max),
+                          skipped=dict(self.filter.last_skipped))
 
     def apply_update(self, state: NormState | None) -> None:
         if state:

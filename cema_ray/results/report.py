@@ -11,6 +11,8 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 
+from cema_ray.results.summary import SKIP_COLUMNS
+
 ACCURACY_PNG = "accuracy_over_time.png"
 UPLOADS_PNG = "cumulative_uploads.png"
 DOMAINS_PNG = "upload_fraction_by_domain.png"
@@ -146,10 +148,16 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         f"{_num(summary.get('rejected'))} |",
         f"| version lag median / p95 / max | {_num(lag.get('median'), 'g')} / {_num(lag.get('p95'), 'g')} / "
         f"{_num(lag.get('max'), 'g')} |", "",
-        "## Per domain", "", "| domain | samples | accuracy | upload fraction |", "| --- | --- | --- | --- |",
+        "## Per domain", "",
+        "Not uploaded, as fractions of the samples: turned away by the entropy threshold (unreliable), the entropy "
+        "floor (confident), the redundancy filter (redundant), or the uplink budget (throttled).", "",
+        "| domain | samples | accuracy | upload fraction | unreliable | confident | redundant | throttled |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, d in summary.get("per_domain", {}).items():
-        lines.append(f"| {name} | {_num(d['samples'])} | {_pct(d['accuracy'])} | {_pct(d['upload_fraction'])} |")
+        skipped = d.get("skipped", {})
+        why = " | ".join(_pct(skipped.get(c)) for c in SKIP_COLUMNS)
+        lines.append(f"| {name} | {_num(d['samples'])} | {_pct(d['accuracy'])} | {_pct(d['upload_fraction'])} | {why} |")
     lines += ["", "## Plots", "",
               f"Edge accuracy over time (rolling over {ROLLING_BATCHES} rounds):", "", f"![accuracy]({ACCURACY_PNG})",
               "", "Cumulative uploads:", "", f"![uploads]({UPLOADS_PNG})", "",

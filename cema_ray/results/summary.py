@@ -26,6 +26,15 @@ def _col(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).to_numpy(zero_copy_only=False)
 
 
+SKIP_COLUMNS = ("skipped_unreliable", "skipped_confident", "skipped_redundant", "throttled")
+
+
+def _skip_fractions(table: pa.Table, mask: np.ndarray, n: int) -> dict[str, float | None]:
+    """Why samples were not uploaded, as fractions of the samples: one per filter, and the uplink's
+    throttling. Tables written before a column existed simply lack it."""
+    return {c: _ratio(_col(table, c)[mask].sum(), n) for c in SKIP_COLUMNS if c in table.column_names}
+
+
 def _per_domain(table: pa.Table) -> dict[str, dict[str, Any]]:
     """Per domain, in order of first appearance."""
     domains = [str(d) for d in table.column("domain").to_pylist()]
@@ -35,7 +44,8 @@ def _per_domain(table: pa.Table) -> dict[str, dict[str, Any]]:
         mask = np.array([d == name for d in domains])
         n = int(samples[mask].sum())
         out[name] = {"accuracy": _ratio(correct[mask].sum(), n),
-                     "upload_fraction": _ratio(uploaded[mask].sum(), n), "samples": n}
+                     "upload_fraction": _ratio(uploaded[mask].sum(), n), "samples": n,
+                     "skipped": _skip_fractions(table, mask, n)}
     return out
 
 
@@ -70,6 +80,7 @@ def summarize(table: pa.Table, meta: Mapping[str, Any] | None = None) -> dict[st
         "accuracy": _ratio(_col(table, "correct").sum(), samples),
         "uploaded": uploaded,
         "upload_fraction": _ratio(uploaded, samples),
+        "skipped": _skip_fractions(table, np.ones(table.num_rows, bool), samples),
         "bytes_up": int(_col(table, "bytes_up").sum()),
         "bytes_down": int(_col(table, "bytes_down").sum()),
         "wall_seconds": wall,

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cema_ray.algorithms.selection import SKIP_REASONS
 from cema_ray.data.streams import Batch, EdgeStream
 from cema_ray.errors import BatchRejected
 from cema_ray.methods.base import EdgePolicy, NormState
@@ -58,6 +59,12 @@ def validate_batch(batch: Batch, image_shape: tuple[int, ...], num_classes: int)
         raise BatchRejected(f"batch {batch.index}: {len(imgs)} images but {len(batch.labels)} labels, {len(batch.ids)} ids")
     if len(batch.labels) and (batch.labels.min() < 0 or batch.labels.max() >= num_classes):
         raise BatchRejected(f"batch {batch.index}: labels outside 0..{num_classes - 1}")
+
+
+def skip_columns(skipped: dict[str, int] | None) -> dict[str, int]:
+    """One record column per upload filter (``skipped_unreliable``...), 0 where a method has none, so
+    samples = uploaded + throttled + the skipped columns (+ rejected) holds for every selecting method."""
+    return {f"skipped_{reason}": int((skipped or {}).get(reason, 0)) for reason in SKIP_REASONS}
 
 
 class EdgeDevice:
@@ -116,7 +123,8 @@ class EdgeDevice:
             validate_batch(batch, self.image_shape, self.num_classes)
         except BatchRejected as exc:
             record.update(correct=0, uploaded=0, bytes_up=0, latency_ms=0.0, e_max=float("nan"),
-                          mean_entropy=float("nan"), rejected=len(batch.ids), error=str(exc), throttled=0)
+                          mean_entropy=float("nan"), rejected=len(batch.ids), error=str(exc), throttled=0,
+                          **skip_columns(None))
             return EdgeStep(record, empty, reset=batch.reset)
         if batch.reset:
             self.policy.reset()
@@ -131,7 +139,7 @@ class EdgeDevice:
             correct=int((result.predictions == batch.labels).sum()), uploaded=int(len(kept)),
             bytes_up=int(images.nbytes), latency_ms=latency, e_max=float(result.e_max),
             mean_entropy=float(np.mean(result.entropy)), rejected=0, error="",
-            throttled=int(len(selected) - len(kept)),
+            throttled=int(len(selected) - len(kept)), **skip_columns(result.skipped),
         )
         return EdgeStep(record, images, batch.ids[kept], reset=batch.reset)
 
