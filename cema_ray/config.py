@@ -230,6 +230,10 @@ RUN_SCHEMA = Section({
         "host_nice": _int(4, "niceness added to EdgeHost processes (Ray starts workers at 15; 19 is the most): "
                              "the cloud wins the CPU when edges and cloud share a node (num_cpus only admits)",
                           lo=0, hi=19),
+        "malloc_keep_mb": _int(256, "EdgeHost and cloud processes: glibc malloc serves buffers below 32 MB from its "
+                                    "heap and keeps up to this many MiB of freed memory for reuse, instead of "
+                                    "mapping and unmapping torch's buffers at every batch (0: glibc's defaults)",
+                               lo=0),
         "include_dashboard": _bool(True, "start the Ray dashboard (local instance)"),
         "dashboard_host": _str("127.0.0.1", "dashboard bind address (keep loopback unless token auth is on)"),
     }),

@@ -272,3 +272,26 @@ def test_scale_summary_quotes_medians_of_paired_ratios() -> None:
     page = markdown(rows, "cmd")
     assert page.index("(median of paired ratios)") < page.index("Every run:")
     assert "| 1 | ray | sync | 4 |" in page and page.count("| 0.83 |") == 2  # the summary and repeat 1's row
+
+
+# ------------------------------------------------------------------------------------ bench cloud
+@pytest.mark.ray
+def test_cloud_bench_times_every_placement(run_yaml: Path, tmp_path: Path, ray_session) -> None:
+    """Four placements of the same cloud step; each timed step really stepped the cloud."""
+    out = tmp_path / "cloud"
+    assert bench.main(["cloud", str(run_yaml), "--threads", "2", "--steps", "2", "--out", str(out)]) == 0
+    rows = json.loads((out / "cloud.json").read_text())
+    assert [(r["where"], r["processes"], r["threads"]) for r in rows] == [
+        ("this process", 1, 1), ("this process", 1, 2), ("concurrent processes", 2, 1), ("Ray task", 1, 2)]
+    assert [r["steps"] for r in rows] == [2, 2, 4, 2]
+    assert all(r["ms_per_step"] > 0 for r in rows) and rows[0]["speedup"] == pytest.approx(1.0)
+    assert rows[2]["steps_per_s"] == pytest.approx(2000 / rows[2]["ms_per_step"])  # two processes at once
+    assert "speed-up over 1 thread" in (out / "cloud.md").read_text()
+
+
+def test_cloud_bench_refuses_a_method_without_a_cloud(run_yaml: Path) -> None:
+    from cema_ray.bench_cloud import time_steps
+
+    cfg = bench.bench_config(run_yaml, ["method.name=bn", "method.settings={}"])
+    with pytest.raises(ConfigError, match="method 'bn' has none"):
+        time_steps(cfg, 1, 1, 32)

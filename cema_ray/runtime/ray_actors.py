@@ -8,6 +8,7 @@ object store hands to a reader on the same node without a copy.
 from __future__ import annotations
 
 import os
+import resource
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from cema_ray.data.catalog import LabeledImagesLike
 from cema_ray.runtime.cloud import SHARED, CloudService, Publication
 from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore
 from cema_ray.runtime.edge import EdgeDevice
+from cema_ray.runtime.malloc import keep_freed_memory
 from cema_ray.runtime.metrics import CloudMetrics, HostMetrics
 from cema_ray.runtime.fleet import DataContext, EdgePlan, load_model, method_settings
 
@@ -34,6 +36,7 @@ class EdgeHost:
         when both are busy (async mode): a starved cloud falls behind and its backlog drops uploads."""
         from cema_ray.runtime.local import build_edges
 
+        self.malloc_tuned = keep_freed_memory(int(cfg["ray"]["malloc_keep_mb"]))
         torch.set_num_threads(threads)
         if nice:
             os.nice(nice)
@@ -56,6 +59,11 @@ class EdgeHost:
 
     def ping(self) -> int:
         return os.getpid()
+
+    def resource_usage(self) -> dict[str, float]:
+        """This process's CPU seconds (user, kernel) and minor page faults so far: what `ray.malloc_keep_mb`
+        changes (kernel time spent handing torch fresh pages)."""
+        return process_usage()
 
     def node_id(self) -> str:
         """The Ray node this host runs on (hosts are spread across nodes)."""
@@ -135,6 +143,11 @@ class EdgeHost:
         return os.getpid()
 
 
+def process_usage() -> dict[str, float]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": usage.ru_utime, "system_s": usage.ru_stime, "minor_faults": usage.ru_minflt}
+
+
 class HostNeedsRestore(RuntimeError):
     """Raised by a restarted EdgeHost until the driver restores its edges' snapshots."""
 
@@ -171,6 +184,7 @@ class CloudActor:
                  run_id: str = "") -> None:
         from cema_ray.runtime.local import build_cloud
 
+        self.malloc_tuned = keep_freed_memory(int(cfg["ray"]["malloc_keep_mb"]))
         torch.set_num_threads(threads)
         spec, _ = method_settings(cfg)
         edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")
