@@ -23,7 +23,7 @@ def test_kept_memory_removes_the_page_faults_of_edge_steps(ray_session, make_run
     faults = {}
     for keep in (0, 256):  # the first arm is context for a failure message, not asserted
         cfg = make_run_config("runtime=ray", "edges.count=8", "method.name=bn", f"ray.malloc_keep_mb={keep}")
-        clean = [ray_session.put(DataContext(cfg["data"]).clean)]
+        clean = ray_session.put(DataContext(cfg["data"]).clean)
         host = ray_session.remote(EdgeHost).options(num_cpus=0.1).remote(0, cfg, edge_plans(cfg), clean, 1, 0)
         ray_session.get(host.restore.remote({}, []))
         ray_session.get(host.step_round.remote({}))  # warm-up round

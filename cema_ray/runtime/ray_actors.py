@@ -30,9 +30,8 @@ class EdgeHost:
     """Hosts a contiguous range of virtual edges sharing one process and one torch runtime."""
 
     def __init__(self, host_id: int, cfg: dict[str, Any], plans: list[EdgePlan],
-                 clean: LabeledImagesLike | list[Any] | None = None, threads: int = 1, nice: int = 0) -> None:
-        """``clean``: the clean images, or a one-item list holding their object reference (the Ray
-        runner's way, see `start_actors`). ``nice``: added to this process's niceness, so that a cloud on the same node gets the CPU first
+                 clean: LabeledImagesLike | None = None, threads: int = 1, nice: int = 0) -> None:
+        """``nice``: added to this process's niceness, so that a cloud on the same node gets the CPU first
         when both are busy (async mode): a starved cloud falls behind and its backlog drops uploads."""
         from cema_ray.runtime.local import build_edges
 
@@ -41,8 +40,6 @@ class EdgeHost:
         if nice:
             os.nice(nice)
         self.host_id = host_id
-        if isinstance(clean, list):
-            clean = ray.get(clean[0]) if clean[0] is not None else None
         data = DataContext(cfg["data"], clean=clean)
         edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")
         self.edges = build_edges(cfg, data, edge_model, plans)

@@ -91,9 +91,9 @@ def cloud_threads(cloud_cfg: dict[str, Any]) -> int:
 
 def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: Any, checkpoint_dir: str | None,
                  run_id: str) -> tuple[Any, list[Any]]:
-    """The cloud and the hosts. The clean images reach the hosts as a reference inside a list, which
-    Ray does not resolve for them: a restarted host fetches them again, and the driver keeps the
-    reference alive for the whole run (the restart risk of ray#53727 does not arise)."""
+    """The cloud and the hosts. Ray warns that a restartable host has a constructor argument in the object
+    store (the clean images; ray#53727): a restart would fail if that object were gone, but the driver
+    holds its reference for the whole run, so a restarted host always finds it."""
     rcfg = cfg["ray"]
     cloud = ray.remote(CloudActor).options(
         name="cema-cloud", namespace=NAMESPACE, num_cpus=cfg["cloud"]["num_cpus"],
@@ -105,7 +105,7 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
             name=f"cema-edgehost-{i:03d}", namespace=NAMESPACE, num_cpus=rcfg["host_num_cpus"],
             memory=int(rcfg["host_memory_mb"]) * 2**20 or None, scheduling_strategy="SPREAD",
             max_restarts=-1, max_task_retries=0,  # restarted by Ray, restored by the driver
-        ).remote(i, cfg, plans, [clean_ref], 1, int(rcfg["host_nice"]))
+        ).remote(i, cfg, plans, clean_ref, 1, int(rcfg["host_nice"]))
         for i, plans in enumerate(groups)
     ]
     ray.get([cloud.ping.remote(), *[h.restore.remote({}, []) for h in hosts]])  # arms every host
