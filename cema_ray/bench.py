@@ -119,11 +119,16 @@ def cmd_cloud(args: argparse.Namespace) -> int:
     out = _out_dir(args.out, "cloud", args.config)
     t0 = time.perf_counter()
     rows = run_cloud_bench(cfg, args.threads, args.steps)
-    table = markdown(rows, args.command_line)
+    return _write_table(out, "cloud", "The cloud's step by placement", rows, markdown(rows, args.command_line),
+                        args.command_line, t0)
+
+
+def _write_table(out: Path, kind: str, title: str, rows: list[dict[str, Any]], table: str, command: str,
+                 t0: float) -> int:
+    """`<kind>.json` (every number) and `<kind>.md` (the table and the command that made it); prints the table."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "cloud.json").write_text(json.dumps(rows, indent=2))
-    (out / "cloud.md").write_text(_markdown_page("The cloud's step by placement", table, args.command_line,
-                                                 time.perf_counter() - t0))
+    (out / f"{kind}.json").write_text(json.dumps(rows, indent=2))
+    (out / f"{kind}.md").write_text(_markdown_page(title, table, command, time.perf_counter() - t0))
     print(table)
     return 0
 
@@ -146,13 +151,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
     if args.repeat < 1:
         raise ConfigError(f"--repeat = {args.repeat}: must be >= 1")
     rows = run_scale(cfg, counts, out, args.hosts, modes, args.local_up_to, args.local_threads, args.repeat)
-    table = markdown(rows, args.command_line)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scale.json").write_text(json.dumps(rows, indent=2))
-    (out / "scale.md").write_text(_markdown_page("Ray runtime scaling", table, args.command_line,
-                                                 time.perf_counter() - t0))
-    print(table)
-    return 0
+    return _write_table(out, "scale", "Ray runtime scaling", rows, markdown(rows, args.command_line),
+                        args.command_line, t0)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -32,6 +32,6 @@ def test_kept_memory_removes_the_page_faults_of_edge_steps(ray_session, make_run
             ray_session.get(host.step_round.remote({}))
         faults[keep] = ray_session.get(host.resource_usage.remote())["minor_faults"] - before
         ray_session.kill(host)
-    # Under glibc's defaults the count depends on the allocator's history: 19,000-55,000 in 11 of 12 runs
-    # on the development machine, low in the other. Kept memory: 33-436 in all 12.
+    # Under glibc's defaults the count depends on the allocator's history: 19,000-55,000 in the 11 trial runs
+    # whose counts were printed on the development machine; kept memory: 33-436 in the same runs.
     assert faults[256] < 2_000, faults

@@ -3,8 +3,8 @@
 Torch allocates every activation of every forward pass afresh. Under glibc's defaults a buffer above
 the mmap threshold (128 KB at first, then adjusted as buffers are freed) is mapped on allocation and
 unmapped on free, so the kernel hands out and zeroes fresh pages again and again. Inside Ray's worker
-processes that is what happened: an EdgeHost's step ran 1.37x slower, a quarter of its CPU time in page
-faults, while the same step in a plain process showed none (docs/BENCHMARKS.md, section 3). Serving
+processes that is what happened: an EdgeHost's step ran 1.3-1.6x slower, a fifth to a third of its CPU
+time in page faults, while the same step in a plain process showed none (docs/BENCHMARKS.md, section 3). Serving
 buffers up to 32 MB from the heap and keeping freed memory for reuse removes that cost, for a bounded
 amount of memory held per process.
 """
