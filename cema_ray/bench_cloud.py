@@ -82,7 +82,7 @@ def _worker(cfg: dict[str, Any], steps: int, chunk: int, barrier: Any, results: 
     try:
         cloud_times = time_steps(cfg, 1, steps, chunk, ready=barrier)
     finally:
-        results.put((os.getpid(), cloud_times))
+        results.put(cloud_times)
 
 
 def concurrent_processes(cfg: dict[str, Any], processes: int, steps: int, chunk: int) -> list[list[float]]:
@@ -92,7 +92,7 @@ def concurrent_processes(cfg: dict[str, Any], processes: int, steps: int, chunk:
     procs = [ctx.Process(target=_worker, args=(cfg, steps, chunk, barrier, results)) for _ in range(processes)]
     for p in procs:
         p.start()
-    out = [results.get(timeout=1800)[1] for _ in procs]
+    out = [results.get(timeout=1800) for _ in procs]
     for p in procs:
         p.join(timeout=60)
     if any(p.exitcode for p in procs) or any(not t for t in out):
@@ -116,7 +116,8 @@ def in_ray_task(cfg: dict[str, Any], threads: int, steps: int, chunk: int) -> li
             ray.shutdown()
 
 
-def run_cloud_bench(cfg: dict[str, Any], threads: int, steps: int, chunk: int | None = None) -> list[dict[str, Any]]:
+def run_cloud_bench(cfg: dict[str, Any], threads: int, steps: int,
+                    chunk: int | None = None) -> list[dict[str, Any]]:
     """The four placements, one after the other; a row each with the median step and the aggregate rate."""
     chunk = int(chunk or (cfg["method"].get("settings") or {}).get("chunk_size", 32))
     one = time_steps(cfg, 1, steps, chunk)
@@ -124,9 +125,8 @@ def run_cloud_bench(cfg: dict[str, Any], threads: int, steps: int, chunk: int | 
     procs = concurrent_processes(cfg, threads, steps, chunk)
     ray_times = in_ray_task(cfg, threads, steps, chunk)
     base = median(one)
-    rows = [_row("this process", 1, 1, [one], base), _row("this process", 1, threads, [many], base),
+    return [_row("this process", 1, 1, [one], base), _row("this process", 1, threads, [many], base),
             _row("concurrent processes", threads, 1, procs, base), _row("Ray task", 1, threads, [ray_times], base)]
-    return rows
 
 
 def _row(where: str, processes: int, threads: int, times: list[list[float]], base: float) -> dict[str, Any]:

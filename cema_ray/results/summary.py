@@ -14,6 +14,8 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 
+from cema_ray.algorithms.selection import SKIP_REASONS
+
 # Keys `meta` may set because the table cannot know them (or knows them less well).
 META_KEYS = ("method", "runtime", "mode", "num_edges", "wall_seconds", "dropped")
 
@@ -26,7 +28,8 @@ def _col(table: pa.Table, name: str) -> np.ndarray:
     return table.column(name).to_numpy(zero_copy_only=False)
 
 
-SKIP_COLUMNS = ("skipped_unreliable", "skipped_confident", "skipped_redundant", "throttled")
+# The record columns `EdgeDevice` writes for samples it did not upload (`edge.skip_columns`), and throttling.
+SKIP_COLUMNS = (*(f"skipped_{reason}" for reason in SKIP_REASONS), "throttled")
 
 
 def _skip_fractions(table: pa.Table, mask: np.ndarray, n: int) -> dict[str, float | None]:

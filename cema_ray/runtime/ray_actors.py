@@ -35,7 +35,7 @@ class EdgeHost:
         when both are busy (async mode): a starved cloud falls behind and its backlog drops uploads."""
         from cema_ray.runtime.local import build_edges
 
-        self.malloc_tuned = keep_freed_memory(int(cfg["ray"]["malloc_keep_mb"]))
+        self.malloc_kept = keep_freed_memory(int(cfg["ray"]["malloc_keep_mb"]))
         torch.set_num_threads(threads)
         if nice:
             os.nice(nice)
@@ -58,9 +58,11 @@ class EdgeHost:
         return os.getpid()
 
     def resource_usage(self) -> dict[str, float]:
-        """This process's CPU seconds (user, kernel) and minor page faults so far: what `ray.malloc_keep_mb`
-        changes (kernel time spent handing torch fresh pages)."""
-        return process_usage()
+        """This process's CPU seconds (user, kernel) and minor page faults so far, and whether
+        `ray.malloc_keep_mb` took effect: what it changes is the kernel time spent handing torch fresh pages."""
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {"user_s": usage.ru_utime, "system_s": usage.ru_stime, "minor_faults": usage.ru_minflt,
+                "malloc_kept": self.malloc_kept}
 
     def node_id(self) -> str:
         """The Ray node this host runs on (hosts are spread across nodes)."""
@@ -140,11 +142,6 @@ class EdgeHost:
         return os.getpid()
 
 
-def process_usage() -> dict[str, float]:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return {"user_s": usage.ru_utime, "system_s": usage.ru_stime, "minor_faults": usage.ru_minflt}
-
-
 class HostNeedsRestore(RuntimeError):
     """Raised by a restarted EdgeHost until the driver restores its edges' snapshots."""
 
@@ -181,7 +178,7 @@ class CloudActor:
                  run_id: str = "") -> None:
         from cema_ray.runtime.local import build_cloud
 
-        self.malloc_tuned = keep_freed_memory(int(cfg["ray"]["malloc_keep_mb"]))
+        keep_freed_memory(int(cfg["ray"]["malloc_keep_mb"]))
         torch.set_num_threads(threads)
         spec, _ = method_settings(cfg)
         edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")

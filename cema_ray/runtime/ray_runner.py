@@ -281,9 +281,9 @@ class AsyncDriver:
     never stalls the edges nor grows memory without bound. With `ray.backlog_full: wait` a host gets its
     next step only while the deliveries the cloud has not taken (backlog plus steps in flight) are
     below the bound (backpressure): nothing is dropped, and edges stay within a few steps of the cloud.
-    A dead cloud is restarted from its checkpoint in the background: the driver keeps the hosts stepping with the weights they have,
-    and when the cloud answers again it replays the deliveries the checkpoint misses, then resends
-    the ones that failed.
+    A dead cloud is restarted from its checkpoint in the background: the driver keeps the hosts stepping
+    with the weights they have, and when the cloud answers again it replays the deliveries the checkpoint
+    misses, then resends the ones that failed.
     """
 
     CLOUD_IN_FLIGHT = 2
