@@ -39,8 +39,11 @@ from cema_ray.config import (PROTOCOLS, RUN_SCHEMA, apply_overrides, method_regi
                              validate_run_config)
 from cema_ray.errors import ConfigError
 
-DEFAULT_METHODS = ("source", "bn", "tent", "eata", "cotta", "sar", "upload-all", "cema", "cema-paper",
-                   "cema-edgebn")
+# References first: the foundation run as if it were the edge (no cloud, no uploads; the ceiling a cloud can
+# hand down) and the oracle (cema-fleet's student trained on true labels: what the edge model can hold).
+REFERENCES = {"foundation-source": "source", "foundation-bn": "bn"}  # row -> method run on the foundation
+DEFAULT_METHODS = ("foundation-source", "foundation-bn", "oracle", "source", "bn", "tent", "eata", "cotta", "sar",
+                   "upload-all", "cema", "cema-paper", "cema-edgebn", "cema-fleet")
 DEFAULT_PROTOCOLS = ("continual", "reset")
 ROLES = ("edge", "foundation")
 EVAL_BATCH = 500
@@ -76,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
                           f"allowed: {', '.join(PROTOCOLS)})")
     met.add_argument("--override", action="append", default=[], metavar="key=value",
                      help="config override applied to every run, repeatable (e.g. --override seed=1)")
+    met.add_argument("--seeds", default=None,
+                     help="comma-separated seeds; each row becomes the mean +- std over them (default: the config's)")
+    met.add_argument("--ablations", action="store_true",
+                     help="add cema-fleet's ablation rows (each lever turned off in turn, methods/fleet.py ABLATIONS)")
+    met.add_argument("--resume", action="store_true",
+                     help="reuse every run whose summary.json is already in --out (a long table survives a restart)")
     met.add_argument("--quick", action="store_true",
                      help="a short stream (64 samples x 4 corruptions) for smoke tests")
     met.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench-methods-<time>)")
@@ -355,7 +364,7 @@ class MethodRow:
     """One (protocol, method) run: the numbers of its summary.json, or the error that stopped it."""
 
     protocol: str
-    method: str
+    method: str  # the row's label: a method, a reference or an ablation
     status: str  # "ok" or "failed"
     accuracy: float | None = None
     upload_fraction: float | None = None
@@ -367,18 +376,39 @@ class MethodRow:
     total_seconds: float | None = None
     out_dir: str = ""
     error: str = ""
+    seed: int | None = None
+
+
+def _row_names(args: argparse.Namespace) -> list[str]:
+    from cema_ray.methods.fleet import ABLATIONS
+
+    known = [*REFERENCES, *method_registry().names()]
+    names = _split_names(args.methods, "method", known, "--methods")
+    return names + ([a for a in ABLATIONS if a not in names] if args.ablations else [])
+
+
+def _seeds(text: str | None) -> list[int | None]:
+    if text is None:
+        return [None]
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds = {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds = {text!r}: give distinct integers >= 0")
+    return seeds
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    methods = _split_names(args.methods, "method", method_registry().names(), "--methods")
+    methods = _row_names(args)
     protocols = _split_names(args.protocols, "protocol", PROTOCOLS, "--protocols")
     out = _out_dir(args.out, "methods", args.config)
     user = [*(QUICK_OVERRIDES if args.quick else ()), *args.override]
-    plan = plan_method_runs(args.config, user, methods, protocols, out)  # every config checked before any run
+    plan = plan_method_runs(args.config, user, methods, protocols, out, _seeds(args.seeds))  # all checked first
     rows = []
     for i, (protocol, method, cfg) in enumerate(plan):
-        _progress(f"[{i + 1}/{len(plan)}] {protocol}/{method} -> {cfg['output']['dir']}")
-        rows.append(run_one(cfg, protocol, method))
+        _progress(f"[{i + 1}/{len(plan)}] {protocol}/{method} seed {cfg['seed']} -> {cfg['output']['dir']}")
+        rows.append(run_one(cfg, protocol, method, resume=args.resume))
         _progress(f"  {_row_line(rows[-1])}")
     table = methods_markdown(rows)
     write_methods(rows, table, out, args.command_line, plan)
@@ -387,38 +417,61 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 1 if any(r.status != "ok" for r in rows) else 0
 
 
+def _row_overrides(row: str) -> list[str]:
+    """The fixed keys that turn a row label into a run: a method, a reference or an ablation."""
+    from cema_ray.methods.fleet import ABLATIONS
+
+    if row in REFERENCES:
+        return [f"method.name={REFERENCES[row]}", "method.settings={}"]
+    if row in ABLATIONS:
+        return ["method.name=cema-fleet", *(f"method.settings.{k}={v}" for k, v in ABLATIONS[row].items())]
+    return [f"method.name={row}"]
+
+
 def plan_method_runs(config: Path, overrides: Sequence[str], methods: Sequence[str], protocols: Sequence[str],
-                     out: Path) -> list[tuple[str, str, dict[str, Any]]]:
-    """(protocol, method, validated config) per run, in table order: protocols outer, methods inner."""
+                     out: Path, seeds: Sequence[int | None] = (None,)) -> list[tuple[str, str, dict[str, Any]]]:
+    """(protocol, row, validated config) per run, in table order: protocols, then rows, then seeds.
+
+    A reference row runs its method with the foundation's checkpoint in the edge's place. With more
+    than one seed each run goes to ``<protocol>/<row>/seed<k>``.
+    """
     base = read_yaml(config).get("name", config.stem)
     plan = []
     for protocol in protocols:
         for method in methods:
-            fixed = ["runtime=local", "edges.count=1", "edges.hosts=null", "edges.groups=[]",
-                     f"method.name={method}", f"stream.protocol={protocol}", "output.report=false"]
-            cfg = bench_config(config, overrides, fixed)
-            cfg["name"] = f"{base}-{protocol}-{method}"  # set after validation: free text, not YAML
-            cfg["output"]["dir"] = str(out / protocol / method)
-            plan.append((protocol, method, cfg))
+            for seed in seeds:
+                fixed = ["runtime=local", "edges.count=1", "edges.hosts=null", "edges.groups=[]",
+                         *_row_overrides(method), f"stream.protocol={protocol}", "output.report=false",
+                         *([f"seed={seed}"] if seed is not None else [])]
+                cfg = bench_config(config, overrides, fixed)
+                if method in REFERENCES:
+                    cfg["models"]["edge"] = dict(cfg["models"]["foundation"])
+                cfg["name"] = f"{base}-{protocol}-{method}"  # set after validation: free text, not YAML
+                where = out / protocol / method
+                cfg["output"]["dir"] = str(where / f"seed{seed}" if len(seeds) > 1 else where)
+                plan.append((protocol, method, cfg))
     return plan
 
 
-def run_one(cfg: dict[str, Any], protocol: str, method: str) -> MethodRow:
-    """Run one config; any exception becomes a failed row (its traceback saved as error.txt)."""
+def run_one(cfg: dict[str, Any], protocol: str, method: str, resume: bool = False) -> MethodRow:
+    """Run one config; any exception becomes a failed row (its traceback saved as error.txt).
+
+    ``resume``: a run whose summary.json exists is read back instead of run again."""
     from cema_ray.runtime import run_experiment
 
     out = Path(cfg["output"]["dir"])
     t0 = time.perf_counter()
     try:
-        s = run_experiment(cfg, out)
+        done = out / "summary.json"
+        s = json.loads(done.read_text()) if resume and done.is_file() else run_experiment(cfg, out)
     except Exception as exc:  # noqa: BLE001  a benchmark reports every failure and goes on
         out.mkdir(parents=True, exist_ok=True)
         (out / "error.txt").write_text(traceback.format_exc())
         return MethodRow(protocol, method, "failed", total_seconds=time.perf_counter() - t0, out_dir=str(out),
-                         error=f"{type(exc).__name__}: {exc}")
+                         error=f"{type(exc).__name__}: {exc}", seed=cfg["seed"])
     return MethodRow(protocol, method, "ok", s.get("accuracy"), s.get("upload_fraction"), s.get("uploaded"),
                      s.get("samples"), s.get("bytes_up"), s.get("bytes_down"), s.get("wall_seconds"),
-                     time.perf_counter() - t0, str(out))
+                     time.perf_counter() - t0, str(out), seed=cfg["seed"])
 
 
 def _row_line(row: MethodRow) -> str:
@@ -428,34 +481,64 @@ def _row_line(row: MethodRow) -> str:
             f"{row.wall_seconds:.1f} s")
 
 
-TABLE_COLUMNS = ("protocol", "method", "accuracy (%)", "uploads (%)", "uploads", "bytes up", "bytes down",
-                 "wall s", "status")
+TABLE_COLUMNS = ("protocol", "method", "accuracy (%)", "gap closed (%)", "uploads (%)", "uploads", "bytes up",
+                 "bytes down", "wall s", "seeds", "status")
 
 
-def _cells(row: MethodRow) -> list[str]:
-    if row.status != "ok":
-        error = row.error.replace("|", "\\|").replace("\n", " ")
-        return [row.protocol, row.method, "", "", "", "", "", "", f"failed: {error}"]
-    return [row.protocol, row.method, _pct(row.accuracy), _pct(row.upload_fraction), f"{row.uploaded:,}",
-            f"{row.bytes_up:,}", f"{row.bytes_down:,}", f"{row.wall_seconds:.1f}", "ok"]
+def _mean_std(values: Sequence[float], scale: float = 100.0) -> str:
+    if len(values) == 1:
+        return f"{scale * values[0]:.2f}"
+    return f"{scale * float(np.mean(values)):.2f} ± {scale * float(np.std(values, ddof=1)):.2f}"
+
+
+def _group(rows: Sequence[MethodRow]) -> dict[tuple[str, str], list[MethodRow]]:
+    groups: dict[tuple[str, str], list[MethodRow]] = {}
+    for r in rows:
+        groups.setdefault((r.protocol, r.method), []).append(r)
+    return groups
+
+
+def gap_closed(accuracy: float, edge_bn: float | None, foundation_bn: float | None) -> float | None:
+    """(method - edge BN) / (foundation BN - edge BN): the share of the foundation's lead the edge got."""
+    if edge_bn is None or foundation_bn is None or foundation_bn <= edge_bn:
+        return None
+    return (accuracy - edge_bn) / (foundation_bn - edge_bn)
+
+
+def _cells(protocol: str, method: str, runs: Sequence[MethodRow], means: dict[tuple[str, str], float]) -> list[str]:
+    failed = [r for r in runs if r.status != "ok"]
+    if failed:
+        error = failed[0].error.replace("|", "\\|").replace("\n", " ")
+        return [protocol, method, "", "", "", "", "", "", "", str(len(runs)), f"failed: {error}"]
+    acc = [r.accuracy for r in runs]
+    gap = gap_closed(float(np.mean(acc)), means.get((protocol, "bn")), means.get((protocol, "foundation-bn")))
+    mid = lambda key: int(np.median([getattr(r, key) for r in runs]))  # noqa: E731
+    return [protocol, method, _mean_std(acc), _pct(gap), _mean_std([r.upload_fraction for r in runs]),
+            f"{mid('uploaded'):,}", f"{mid('bytes_up'):,}", f"{mid('bytes_down'):,}",
+            f"{float(np.median([r.wall_seconds for r in runs])):.1f}", str(len(runs)), "ok"]
 
 
 def methods_markdown(rows: Sequence[MethodRow]) -> str:
+    """One line per (protocol, row): accuracy and uploads as mean ± std over seeds, counts as medians."""
+    groups = _group(rows)
+    means = {k: float(np.mean([r.accuracy for r in v])) for k, v in groups.items()
+             if all(r.status == "ok" for r in v)}
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |",
              "| --- | --- |" + " ---: |" * (len(TABLE_COLUMNS) - 3) + " --- |"]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cells(p, m, runs, means)) + " |" for (p, m), runs in groups.items()]
     return "\n".join(lines)
 
 
 def domains_markdown(rows: Sequence[MethodRow]) -> str:
-    """Accuracy per domain (rows) and method (columns), one table per protocol, from each run's summary.json.
+    """Accuracy per domain (rows) and method (columns), one table per protocol, from each run's summary.json
+    (the first seed's, when there are several).
 
     The whole-stream column hides where a method wins or loses; on a continual stream a method whose
     edge lags every shift loses on the domains that differ most from the one before.
     """
     tables = []
     for protocol in dict.fromkeys(r.protocol for r in rows):
-        runs = {r.method: _per_domain(r) for r in rows if r.protocol == protocol and r.status == "ok"}
+        runs = {m: _per_domain(g[0]) for (p, m), g in _group(rows).items() if p == protocol and g[0].status == "ok"}
         runs = {m: d for m, d in runs.items() if d}
         if not runs:
             continue

@@ -533,6 +533,8 @@ def _check_settings(cfg: dict[str, Any]) -> None:
     """
     method = cfg["method"]
     spec = method_registry().get(method["name"])
+    if getattr(spec, "needs_labels", False) and cfg["runtime"] != "local":
+        _fail("method.name", method["name"], "is a reference trained on the stream's true labels; it needs runtime: local")
     defaults = dict(spec.defaults)
     for name, source in MIRRORED_SETTINGS.items():
         section, key = source.split(".")

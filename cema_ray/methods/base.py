@@ -54,6 +54,8 @@ class EdgePolicy:
 class CloudTrainer:
     """Runs in the cloud: receives uploads, trains, and says what each edge must load."""
 
+    needs_labels = False  # True: ingest must be given the uploads' true labels (references only)
+
     def ingest(self, edge_id: int, images: np.ndarray) -> None:
         """Queue uploaded uint8 NHWC images from ``edge_id``."""
 
@@ -94,6 +96,7 @@ class MethodSpec:
     defaults: dict[str, Any]
     description: str
     forward_only_edge: bool = True  # False for references that back-propagate on the edge
+    needs_labels: bool = False  # True for references whose cloud trains on the true labels (local runs only)
 
 
 METHODS: Registry[MethodSpec] = Registry("method")

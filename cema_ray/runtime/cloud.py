@@ -56,15 +56,21 @@ class CloudService:
     def newest_version(self, edge_id: int) -> int:
         return self.versions.get(edge_id if self.per_edge else SHARED, 0)
 
-    def receive(self, edge_id: int, images: np.ndarray) -> int:
-        """Ingest one edge batch's uploads and run the steps they make due; returns steps taken."""
+    def receive(self, edge_id: int, images: np.ndarray, labels: np.ndarray | None = None) -> int:
+        """Ingest one edge batch's uploads and run the steps they make due; returns steps taken.
+
+        ``labels`` (the uploads' true labels) reach only a trainer that declares ``needs_labels``: the
+        oracle reference of the single-process runner. No real method ever sees them."""
         room = max(0, self.queue_capacity - self.trainer.queued())
         accepted = images[:room]  # a full queue refuses the excess: counted, never silently lost
         self.stats.dropped += len(images) - len(accepted)
         self.stats.ingested += len(accepted)
         t0 = time.perf_counter()
         if len(accepted):
-            self.trainer.ingest(edge_id, accepted)
+            if self.trainer.needs_labels:
+                self.trainer.ingest(edge_id, accepted, None if labels is None else labels[:room])
+            else:
+                self.trainer.ingest(edge_id, accepted)
         steps = self.trainer.on_edge_batch(edge_id)
         self.stats.step_seconds += time.perf_counter() - t0
         self.stats.steps += steps

@@ -42,7 +42,7 @@ def run_round(edges: list[EdgeDevice], cloud: CloudService) -> list[EdgeStep]:
     for edge, out in zip(active, steps):
         if out.reset:
             cloud.reset(edge.edge_id)
-        out.record["cloud_steps"] = cloud.receive(edge.edge_id, out.upload_images)
+        out.record["cloud_steps"] = cloud.receive(edge.edge_id, out.upload_images, out.upload_labels)
     deliver(cloud.end_round([e.edge_id for e in active]), edges)
     return steps
 
