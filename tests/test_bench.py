@@ -231,9 +231,13 @@ def test_default_plan_is_every_method_on_one_local_edge(tmp_path: Path) -> None:
     """The default table of bench_fmnist: 2 protocols x 10 methods, all valid configs, one edge each."""
     plan = bench.plan_method_runs(CONFIGS / "bench_fmnist.yaml", [], bench.DEFAULT_METHODS,
                                   bench.DEFAULT_PROTOCOLS, tmp_path)
-    assert len(plan) == 20 and len({(p, m) for p, m, _ in plan}) == 20
+    n = 2 * len(bench.DEFAULT_METHODS)
+    assert len(plan) == n and len({(p, m) for p, m, _ in plan}) == n
+    foundation = plan[0][2]["models"]["foundation"]
     for protocol, method, cfg in plan:
-        assert cfg["method"]["name"] == method and cfg["stream"]["protocol"] == protocol
+        assert cfg["method"]["name"] == bench.REFERENCES.get(method, method) and cfg["stream"]["protocol"] == protocol
+        # a reference runs the foundation's checkpoint in the edge's place; every other row the edge's own
+        assert (cfg["models"]["edge"] == foundation) == (method in bench.REFERENCES)
         assert cfg["edges"]["count"] == 1 and cfg["edges"]["groups"] == [] and cfg["runtime"] == "local"
         assert cfg["output"]["dir"] == str(tmp_path / protocol / method) and cfg["output"]["report"] is False
 
@@ -295,3 +299,33 @@ def test_cloud_bench_refuses_a_method_without_a_cloud(run_yaml: Path) -> None:
     cfg = bench.bench_config(run_yaml, ["method.name=bn", "method.settings={}"])
     with pytest.raises(ConfigError, match="method 'bn' has none"):
         time_steps(cfg, 1, 1, 32)
+
+
+def test_methods_with_seeds_references_and_ablations(run_yaml: Path, tmp_path: Path) -> None:
+    """--seeds runs every row once per seed into seed<k>/ and the table gives mean ± std and the gap closed."""
+    out = tmp_path / "seeded"
+    argv = ["methods", str(run_yaml), "--quick", "--methods", "bn,foundation-bn,cema-fleet", "--protocols",
+            "continual", "--seeds", "0,1", "--override", "stream.samples_per_domain=32", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads((out / "methods.json").read_text())["rows"]
+    assert [(r["method"], r["seed"]) for r in rows] == [(m, s) for m in ("bn", "foundation-bn", "cema-fleet")
+                                                        for s in (0, 1)]
+    assert all(Path(r["out_dir"]) == out / "continual" / r["method"] / f"seed{r['seed']}" for r in rows)
+    acc = {m: float(np.mean([r["accuracy"] for r in rows if r["method"] == m])) for m in ("bn", "foundation-bn",
+                                                                                          "cema-fleet")}
+    md = (out / "methods.md").read_text()
+    line = next(l for l in md.splitlines() if l.startswith("| continual | cema-fleet |"))
+    gap = bench.gap_closed(acc["cema-fleet"], acc["bn"], acc["foundation-bn"])
+    assert cells(line)[3] == ("n/a" if gap is None else f"{100 * gap:.2f}") and "±" in cells(line)[2]
+    assert cells(line)[9] == "2"
+    # --resume reads the runs back instead of running them again: the same table
+    assert bench.main([*argv, "--resume"]) == 0
+    assert json.loads((out / "methods.json").read_text())["rows"][0]["accuracy"] == rows[0]["accuracy"]
+    plan = bench.plan_method_runs(run_yaml, [], ["fleet-no-budget"], ["continual"], tmp_path)
+    assert plan[0][2]["method"]["name"] == "cema-fleet"
+    assert plan[0][2]["method"]["settings"]["upload_budget"] == 1.0
+
+
+def test_gap_closed() -> None:
+    assert bench.gap_closed(0.70, 0.64, 0.74) == pytest.approx(0.6)
+    assert bench.gap_closed(0.70, None, 0.74) is None and bench.gap_closed(0.7, 0.74, 0.64) is None

@@ -20,7 +20,7 @@ from cema_ray.algorithms.entropy import e0 as e0_of
 from cema_ray.algorithms.entropy import entropy, reweight
 from cema_ray.algorithms.replay import ReplayBuffer
 from cema_ray.algorithms.selection import EntropyFilter
-from cema_ray.errors import BatchRejected, ConfigError
+from cema_ray.errors import ConfigError
 from cema_ray.methods import common
 from cema_ray.methods.common import model_device
 from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState
@@ -166,9 +166,7 @@ class CemaEdge(EdgePolicy):
         self.filter = make_filter(s, self.num_classes)
 
     def process(self, x: torch.Tensor) -> EdgeResult:
-        if not torch.is_tensor(x) or not torch.is_floating_point(x) or x.dim() != 4:
-            raise BatchRejected(f"edge input must be a float (N, C, H, W) tensor from to_input, got "
-                                f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+        common.check_edge_input(x)
         with torch.inference_mode():
             logits = self.model(x.to(self.device))
             ent = entropy(logits)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cema_ray.algorithms.entropy import entropy
-from cema_ray.errors import CheckpointError, ConfigError
+from cema_ray.errors import BatchRejected, CheckpointError, ConfigError
 from cema_ray.methods.base import CloudTrainer, EdgePolicy, EdgeResult, NormState
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.tbr import set_norm_stats_mode
@@ -53,6 +53,13 @@ def make_optimizer(params: list[nn.Parameter], settings: Mapping[str, Any]) -> t
         b1, b2 = (float(b) for b in settings["betas"])
         return torch.optim.Adam(params, lr=lr, betas=(b1, b2), weight_decay=wd)
     raise ConfigError(f"setting 'optimizer' is {settings['optimizer']!r}; allowed: {', '.join(OPTIMIZERS)}")
+
+
+def check_edge_input(x: Any) -> None:
+    """An edge policy takes the float (N, C, H, W) tensor `to_input` makes; anything else is a bad batch."""
+    if not torch.is_tensor(x) or not torch.is_floating_point(x) or x.dim() != 4:
+        raise BatchRejected(f"edge input must be a float (N, C, H, W) tensor from to_input, got "
+                            f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
 
 
 def model_device(model: nn.Module) -> torch.device:

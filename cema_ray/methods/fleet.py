@@ -38,8 +38,9 @@ from cema_ray.algorithms.distill import selective_distillation_loss
 from cema_ray.algorithms.entropy import e0 as e0_of
 from cema_ray.algorithms.entropy import entropy, reweight
 from cema_ray.algorithms.selection import EntropyFilter
-from cema_ray.errors import BatchRejected, ConfigError
+from cema_ray.errors import ConfigError
 from cema_ray.methods import common
+from cema_ray.methods.cema import infer_num_classes
 from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState
 from cema_ray.methods.common import load_arrays, model_device, tensor_state, use_norm_stats
 from cema_ray.models.norm import freeze_all_but_norm_affine
@@ -115,12 +116,6 @@ def resolve_settings(method: str, settings: Mapping[str, Any]) -> dict[str, Any]
     return s
 
 
-def num_classes_of(model: nn.Module, setting: int | None) -> int:
-    if setting is not None:
-        return int(setting)
-    return int([m for m in model.modules() if isinstance(m, nn.Linear)][-1].out_features)
-
-
 # --- edge ----------------------------------------------------------------------------------
 
 class FleetEdge(EdgePolicy):
@@ -130,7 +125,7 @@ class FleetEdge(EdgePolicy):
         self.settings = s = resolve_settings(method, settings)
         self.model = model.eval().requires_grad_(False)
         use_norm_stats(self.model, "batch")
-        self.num_classes = num_classes_of(self.model, s["num_classes"])
+        self.num_classes = infer_num_classes(self.model, s["num_classes"])
         self.device = model_device(self.model)
         self._deployed = tensor_state(self.model)
         self.filter = self._make_filter()
@@ -141,9 +136,7 @@ class FleetEdge(EdgePolicy):
                              redundancy=s["redundancy"])
 
     def process(self, x: torch.Tensor) -> EdgeResult:
-        if not torch.is_tensor(x) or not torch.is_floating_point(x) or x.dim() != 4:
-            raise BatchRejected(f"edge input must be a float (N, C, H, W) tensor from to_input, got "
-                                f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+        common.check_edge_input(x)
         with torch.inference_mode():
             logits = self.model(x.to(self.device))
             ent = entropy(logits)
@@ -230,7 +223,7 @@ class FleetCloud(CloudTrainer):
         self.generator = generator
         self.student = copy.deepcopy(student_template).eval()
         use_norm_stats(self.student, "batch")
-        self.num_classes = num_classes_of(self.student, s["num_classes"])
+        self.num_classes = infer_num_classes(self.student, s["num_classes"])
         self.e0 = e0_of(self.num_classes, s["e_max_factor"])
         self.scope = s["train_scope"]
         self.s_opt = torch.optim.SGD(train_only(self.student, self.scope), lr=float(s["lr_student"]),
@@ -320,7 +313,8 @@ class FleetCloud(CloudTrainer):
 
     def _chunk_step(self, images: np.ndarray, labels: np.ndarray | None) -> None:
         targets = self._targets(images, labels)
-        self.replay.add(images, targets)
+        if self.settings["replay_chunks"] > 0:  # without replay, keeping the uploads would only cost memory
+            self.replay.add(images, targets)
         self._student_step([(images, targets), *self.replay.draw(int(self.settings["replay_chunks"]),
                                                                              int(self.settings["replay_window"]))])
         self.counters["chunk_steps"] += 1
