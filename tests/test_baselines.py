@@ -418,7 +418,7 @@ def test_sar_matches_a_hand_written_sar_loop():
         cloud.ingest(0, imgs)
         assert cloud.on_edge_batch(0) == 1
     for name, p in ref.named_parameters():
-        torch.testing.assert_close(dict(cloud.model.named_parameters())[name], p, rtol=0, atol=1e-7)
+        torch.testing.assert_close(dict(cloud.model.named_parameters())[name], p, rtol=1e-5, atol=1e-6)  # a hand-written loop: other ops, other last bits
     assert cloud.ema == pytest.approx(ema)
 
 

@@ -18,7 +18,10 @@ import math
 
 import numpy as np
 
+from cema_ray.algorithms.selection import SKIP_REASONS as FILTER_REASONS
+
 PRIORITIES = ("confident", "uncertain")
+SKIP_REASONS = (*FILTER_REASONS, "budget")  # why a sample stayed off the uplink: a filter, then the budget
 
 
 def budget_cap(batch_size: int, budget: float) -> int:

@@ -18,7 +18,7 @@ from cema_ray.algorithms.entropy import e0 as e0_of
 from cema_ray.errors import ConfigError
 
 MOVING_AVERAGE = 0.9  # m <- 0.9 m + 0.1 mean(p kept), EATA's constant
-SKIP_REASONS = ("unreliable", "confident", "redundant", "budget")  # in the order the filters apply
+SKIP_REASONS = ("unreliable", "confident", "redundant")  # in the order the filters apply
 
 
 def default_d_margin(num_classes: int) -> float:

@@ -97,7 +97,7 @@ def load_arrays(model: nn.Module, state: Mapping[str, np.ndarray]) -> None:
                               f"({len(unknown)} unknown key(s))")
     with torch.no_grad():
         for k, v in state.items():
-            value = torch.as_tensor(np.asarray(v))
+            value = torch.tensor(np.asarray(v))  # a copy: arrays from the object store are read-only
             if tuple(value.shape) != tuple(own[k].shape):
                 raise CheckpointError(f"published state key '{k}' has shape {tuple(value.shape)}, "
                                       f"the model expects {tuple(own[k].shape)}")

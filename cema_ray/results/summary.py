@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 import pyarrow as pa
 
-from cema_ray.algorithms.selection import SKIP_REASONS
+from cema_ray.algorithms.budget import SKIP_REASONS
 
 # Keys `meta` may set because the table cannot know them (or knows them less well).
 META_KEYS = ("method", "runtime", "mode", "num_edges", "wall_seconds", "dropped")

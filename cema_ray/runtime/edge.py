@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cema_ray.algorithms.selection import SKIP_REASONS
+from cema_ray.algorithms.budget import SKIP_REASONS
 from cema_ray.data.streams import Batch, EdgeStream
 from cema_ray.errors import BatchRejected
 from cema_ray.methods.base import EdgePolicy, NormState
