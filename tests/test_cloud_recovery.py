@@ -64,13 +64,14 @@ def test_tampered_or_truncated_cloud_checkpoint_is_refused(tmp_path):
         store.latest()
 
 
-def test_cema_cloud_resumes_from_disk_exactly(make_run_config, tmp_path):
+@pytest.mark.parametrize("method", ["cema", "cema-fleet"])
+def test_cema_cloud_resumes_from_disk_exactly(make_run_config, tmp_path, method):
     """Save after two deliveries, load into a fresh cloud: both publish the same parameters afterwards."""
     from cema_ray.runtime.fleet import load_model
     from cema_ray.runtime.local import build_cloud
 
     torch.set_num_threads(1)
-    cfg = make_run_config("method.name=cema")
+    cfg = make_run_config(f"method.name={method}", "method.settings={}")
     rng = np.random.default_rng(0)
     uploads = [rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8) for _ in range(4)]
 
@@ -105,12 +106,13 @@ def test_kill_cloud_needs_checkpoints(make_run_config):
 
 
 @pytest.mark.ray
-def test_killed_cloud_and_failed_hosts_in_sync_mode_change_nothing(ray_session, make_run_config, tmp_path):
+@pytest.mark.parametrize("method", ["cema", "cema-fleet"])
+def test_killed_cloud_and_failed_hosts_in_sync_mode_change_nothing(ray_session, make_run_config, tmp_path, method):
     """A cloud kill, a host kill and a host step that raises: the cloud restarts from its checkpoint and the
     driver replays what the checkpoint misses; the hosts restart at their snapshots. Every record equals an
     undisturbed local run's."""
     torch.set_num_threads(1)
-    common = ("method.name=cema", "edges.count=3", "edges.per_host=2", "stream.samples_per_domain=128",
+    common = (f"method.name={method}", "edges.count=3", "edges.per_host=2", "stream.samples_per_domain=128",
               "cloud.checkpoint_every=3")
     run_experiment(make_run_config("runtime=local", *common), tmp_path / "local")
     hit = run_experiment(make_run_config("runtime=ray", "faults.kill_cloud=1", "faults.kill_hosts=1",

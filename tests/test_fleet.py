@@ -237,3 +237,16 @@ def test_cema_and_cema_paper_numbers_do_not_move(method: str) -> None:
     uploaded = sum(r["uploaded"] for r in recorder.rows)
     want_correct, want_uploaded = PINNED[method]
     assert abs(correct - want_correct) <= 2 and abs(uploaded - want_uploaded) <= 2
+
+
+def test_edge_snapshot_holds_only_the_scope_and_restores_it() -> None:
+    a = METHODS.get("cema-fleet").make_edge(tiny(4, 2), {})
+    snap = a.snapshot()
+    assert set(snap["weights"]) == {n for n, _ in scope_parameters(a.model, "norm")}  # a few KB, not the model
+    trained = {k: v + 1.0 for k, v in snap["weights"].items()}
+    a.apply_update(trained)
+    x = to_input(images(16, seed=4))
+    expect = a.process(x).predictions
+    b = METHODS.get("cema-fleet").make_edge(tiny(4, 2), {})
+    b.restore(copy.deepcopy(a.snapshot()))
+    assert np.array_equal(b.process(x).predictions, expect)

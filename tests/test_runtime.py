@@ -120,10 +120,12 @@ def test_edge_and_cloud_metrics_reach_the_metrics_page(ray_session, make_run_con
 
 
 @pytest.mark.ray
-def test_killed_hosts_restart_resume_and_predict_every_sample_exactly_once(ray_session, make_run_config, tmp_path):
+@pytest.mark.parametrize("method", ["upload-all", "cema-fleet"])
+def test_killed_hosts_restart_resume_and_predict_every_sample_exactly_once(ray_session, make_run_config, tmp_path,
+                                                                           method):
     """Two injected host crashes in a sync run: same records as an undisturbed local run."""
     torch.set_num_threads(1)
-    common = ("method.name=upload-all", "edges.count=4", "edges.per_host=2", "stream.samples_per_domain=96")
+    common = (f"method.name={method}", "edges.count=4", "edges.per_host=2", "stream.samples_per_domain=96")
     local = run_experiment(make_run_config("runtime=local", *common), tmp_path / "local")
     hit = run_experiment(make_run_config("runtime=ray", "faults.kill_hosts=2", *common), tmp_path / "hit")
     assert hit["faults"]["host_failures_seen"] >= 2 and hit["faults"]["host_recoveries"] >= 2

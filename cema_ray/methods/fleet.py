@@ -159,10 +159,9 @@ class FleetEdge(EdgePolicy):
         self.filter = self._make_filter()
 
     def snapshot(self) -> dict[str, Any]:
-        """The filter's state; the weights it runs with are the device's last publication (reloaded on
-        restore), unless a reset brought back the deployed ones since: then that is recorded too."""
-        return {"filter": self.filter.snapshot(),
-                "weights": {k: v.numpy().copy() for k, v in tensor_state(self.model).items()}}
+        """The filter's state and the publish scope's weights (a few KB for ``norm``): the device reloads its
+        last publication on restore, but a reset since may have brought back the deployed weights."""
+        return {"filter": self.filter.snapshot(), "weights": scope_state(self.model, self.settings["train_scope"])}
 
     def restore(self, snap: dict[str, Any]) -> None:
         self.filter.restore(snap["filter"])
