@@ -216,7 +216,8 @@ RUN_SCHEMA = Section({
         "max_restarts": _int(-1, "times Ray may restart a dead cloud actor (-1: no limit)", lo=-1),
     }),
     "ray": Section({
-        "address": _str(None, "existing cluster address (null: start a local instance)", nullable=True),
+        "address": _str(None, "cluster to join: an address, or auto (the one running on this machine); "
+                              "null: start a new local instance", nullable=True),
         "num_cpus": _int(None, "logical CPUs of a local instance (null: Ray's default)", lo=1, nullable=True),
         "object_store_memory_mb": _int(256, "object store of a local instance, MiB (Ray needs >= 75)",
                                        lo=75, nullable=True),

@@ -154,3 +154,43 @@ def test_edge_hosts_run_at_lower_priority_than_the_cloud(ray_session, make_run_c
     for actor in (plain, nice):
         ray_session.kill(actor)
 
+
+
+@pytest.mark.ray
+def test_two_runs_share_one_cluster_at_once(ray_session, make_run_config, tmp_path):
+    """Two runs on one Ray instance at the same time: their actors' names differ, both finish, and each one's
+    records equal its own undisturbed local run (no cross-talk through a shared actor)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cema_ray.runtime.ray_runner import actor_prefix
+
+    torch.set_num_threads(1)
+    assert actor_prefix("Quick start!", "abcdef0123") == "cema-quick-start-abcdef"
+    cfgs = {s: ("method.name=cema-fleet", "edges.count=2", "edges.per_host=1", f"seed={s}") for s in (0, 1)}
+    with ThreadPoolExecutor(2) as pool:
+        futures = {s: pool.submit(run_experiment, make_run_config("runtime=ray", *c), tmp_path / f"ray{s}")
+                   for s, c in cfgs.items()}
+        remote = {s: f.result(timeout=240) for s, f in futures.items()}
+    for s, c in cfgs.items():
+        local = run_experiment(make_run_config("runtime=local", *c), tmp_path / f"local{s}")
+        a, b = batch_table(tmp_path / f"local{s}"), batch_table(tmp_path / f"ray{s}")
+        assert all(a[col] == b[col] for col in COMPARED) and local["accuracy"] == remote[s]["accuracy"]
+
+
+def test_without_an_address_a_run_starts_its_own_instance(make_run_config, monkeypatch):
+    """A plain ray.init() joins a cluster already running on the machine and then refuses the resource
+    arguments (a raw ValueError); with no address a run asks for a new local instance, with one it joins."""
+    import ray
+
+    from cema_ray.runtime import ray_runner
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_runner.init_ray(make_run_config("runtime=ray")) is True
+    args, kwargs = calls[-1]
+    assert args == ("local",) and "num_cpus" in kwargs
+    ray_runner.init_ray(make_run_config("runtime=ray", "ray.address=auto"))
+    args, kwargs = calls[-1]
+    assert kwargs["address"] == "auto" and "num_cpus" not in kwargs

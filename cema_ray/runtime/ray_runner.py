@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import sys
 import tempfile
 import time
 import uuid
@@ -31,10 +33,13 @@ RESTART_TIMEOUT_S = 180.0
 
 
 def init_ray(cfg: dict[str, Any]) -> bool:
-    """Join the cluster named by RAY_ADDRESS or `ray.address`, else start a local instance.
+    """Join the cluster named by RAY_ADDRESS or `ray.address` (`auto`: the one running on this machine),
+    else start a new local instance, even when a cluster already runs here.
 
     Returns True when this call started Ray (and so must shut it down). Resource arguments are
-    passed only to an instance we start: Ray refuses them when connecting to a cluster.
+    passed only to an instance we start: Ray refuses them when connecting to a cluster. A plain
+    `ray.init()` would join a running local cluster and then fail on those arguments; "local" is
+    Ray's documented way to start a fresh instance whatever runs beside it.
     """
     if ray.is_initialized():
         return False
@@ -48,6 +53,7 @@ def init_ray(cfg: dict[str, Any]) -> bool:
     # instance it starts (making ~/.ray/auth_token if needed). It must be set before `import ray`.
     store = rcfg.get("object_store_memory_mb")
     ray.init(
+        "local",
         num_cpus=rcfg.get("num_cpus") or os.cpu_count(),
         object_store_memory=int(store) * 2**20 if store else None,
         include_dashboard=rcfg.get("include_dashboard", True),
@@ -89,20 +95,28 @@ def cloud_threads(cloud_cfg: dict[str, Any]) -> int:
     return int(cloud_cfg.get("threads") or max(1, math.ceil(cloud_cfg["num_cpus"])))
 
 
+def actor_prefix(name: str, run_id: str) -> str:
+    """`cema-<run name>-<6 hex>`: readable in the dashboard, unique per run, so runs sharing a cluster
+    never collide on a name (Ray's names are per namespace)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "run"
+    return f"cema-{slug}-{run_id[:6]}"
+
+
 def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: Any, checkpoint_dir: str | None,
                  run_id: str) -> tuple[Any, list[Any]]:
-    """The cloud and the hosts. Ray warns that a restartable host has a constructor argument in the object
+    """The cloud `<prefix>-cloud` and the hosts `<prefix>-edgehost-NNN` (`actor_prefix`). Ray warns that a restartable host has a constructor argument in the object
     store (the clean images; ray#53727): a restart would fail if that object were gone, but the driver
     holds its reference for the whole run, so a restarted host always finds it."""
     rcfg = cfg["ray"]
+    prefix = actor_prefix(cfg["name"], run_id)
     cloud = ray.remote(CloudActor).options(
-        name="cema-cloud", namespace=NAMESPACE, num_cpus=cfg["cloud"]["num_cpus"],
+        name=f"{prefix}-cloud", namespace=NAMESPACE, num_cpus=cfg["cloud"]["num_cpus"],
         max_restarts=cfg["cloud"]["max_restarts"] if checkpoint_dir else 0,
         max_task_retries=0,  # the driver re-delivers, in order, after a restart
     ).remote(cfg, cloud_threads(cfg["cloud"]), checkpoint_dir, run_id)
     hosts = [
         ray.remote(EdgeHost).options(
-            name=f"cema-edgehost-{i:03d}", namespace=NAMESPACE, num_cpus=rcfg["host_num_cpus"],
+            name=f"{prefix}-edgehost-{i:03d}", namespace=NAMESPACE, num_cpus=rcfg["host_num_cpus"],
             memory=int(rcfg["host_memory_mb"]) * 2**20 or None, scheduling_strategy="SPREAD",
             max_restarts=-1, max_task_retries=0,  # restarted by Ray, restored by the driver
         ).remote(i, cfg, plans, clean_ref, 1, int(rcfg["host_nice"]))
@@ -468,7 +482,11 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None) -> tuple[Run
         if out_dir is None and checkpointing:
             tmp = tempfile.TemporaryDirectory(prefix="cema-cloud-")
         ckpt_dir = str(Path(out_dir or tmp.name).resolve() / "cloud_checkpoints") if checkpointing else None
-        cloud, hosts = start_actors(cfg, groups, clean_ref, ckpt_dir, uuid.uuid4().hex)
+        run_id = uuid.uuid4().hex
+        if cfg["output"]["progress"]:
+            print(f"ray: actors {actor_prefix(cfg['name'], run_id)}-cloud and -edgehost-000..{len(groups) - 1:03d} "
+                  f"in namespace '{NAMESPACE}' (dashboard: Actors page)", file=sys.stderr, flush=True)
+        cloud, hosts = start_actors(cfg, groups, clean_ref, ckpt_dir, run_id)
         startup = time.perf_counter() - t_start
         host_nodes = len(set(ray.get([h.node_id.remote() for h in hosts])))
         lengths = {p.edge_id: len(data.stream(p)) for p in plans}
