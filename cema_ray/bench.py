@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="comma-separated seeds; each row becomes the mean +- std over them (default: the config's)")
     met.add_argument("--ablations", action="store_true",
                      help="add cema-fleet's ablation rows (each lever turned off in turn, methods/fleet.py ABLATIONS)")
+    met.add_argument("--serial", action="store_true",
+                     help="run one run after another in this process (default: every run a Ray task, as many at "
+                          "once as the CPUs admit)")
+    met.add_argument("--cpus-per-run", type=float, default=1.0,
+                     help="CPUs each run's Ray task reserves (default 1; each runs one torch thread)")
     met.add_argument("--resume", action="store_true",
                      help="reuse every run whose summary.json is already in --out (a long table survives a restart)")
     met.add_argument("--quick", action="store_true",
@@ -404,17 +409,25 @@ def cmd_methods(args: argparse.Namespace) -> int:
     protocols = _split_names(args.protocols, "protocol", PROTOCOLS, "--protocols")
     out = _out_dir(args.out, "methods", args.config)
     user = [*(QUICK_OVERRIDES if args.quick else ()), *args.override]
+    from cema_ray.bench_fanout import run_on_ray, run_serial
+
+    if args.cpus_per_run <= 0:
+        raise ConfigError(f"--cpus-per-run = {args.cpus_per_run}: must be > 0")
     plan = plan_method_runs(args.config, user, methods, protocols, out, _seeds(args.seeds))  # all checked first
-    rows = []
-    for i, (protocol, method, cfg) in enumerate(plan):
-        _progress(f"[{i + 1}/{len(plan)}] {protocol}/{method} seed {cfg['seed']} -> {cfg['output']['dir']}")
-        rows.append(run_one(cfg, protocol, method, resume=args.resume))
-        _progress(f"  {_row_line(rows[-1])}")
+    if args.serial or len(plan) == 1:
+        rows, how = run_serial(plan, run_one, args.resume, _row_line), "one after another in one process"
+    else:
+        rows = run_on_ray(plan, run_one, args.resume, _row_line, args.cpus_per_run, _failed_row)
+        how = f"as Ray tasks of {args.cpus_per_run:g} CPU each, several at once (wall times of a shared machine)"
     table = methods_markdown(rows)
-    write_methods(rows, table, out, args.command_line, plan)
+    write_methods(rows, table, out, args.command_line, plan, how)
     print(table)
     print(f"outputs: {out}")
     return 1 if any(r.status != "ok" for r in rows) else 0
+
+
+def _failed_row(protocol: str, method: str, cfg: dict[str, Any], error: str) -> MethodRow:
+    return MethodRow(protocol, method, "failed", out_dir=cfg["output"]["dir"], error=error, seed=cfg["seed"])
 
 
 def _row_overrides(row: str) -> list[str]:
@@ -565,20 +578,34 @@ def _stream_text(cfg: dict[str, Any]) -> str:
             f"{cfg['models']['foundation']['name']}")
 
 
+def aggregates(rows: Sequence[MethodRow]) -> list[dict[str, Any]]:
+    """Per (protocol, row): accuracy and upload fraction as mean and sample std over its seeds (ok runs only)."""
+    out = []
+    for (protocol, method), runs in _group(rows).items():
+        ok = [r for r in runs if r.status == "ok"]
+        acc, up = [r.accuracy for r in ok], [r.upload_fraction for r in ok]
+        std = (lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)  # noqa: E731
+        out.append({"protocol": protocol, "method": method, "seeds": [r.seed for r in runs], "ok": len(ok),
+                    "accuracy_mean": float(np.mean(acc)) if ok else None, "accuracy_std": std(acc) if ok else None,
+                    "upload_fraction_mean": float(np.mean(up)) if ok else None})
+    return out
+
+
 def write_methods(rows: Sequence[MethodRow], table: str, out: Path, command: str,
-                  plan: Sequence[tuple[str, str, dict[str, Any]]]) -> None:
+                  plan: Sequence[tuple[str, str, dict[str, Any]]], how: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
     setting = _stream_text(plan[0][2]) if plan else ""
-    data = {"command": command, "setting": setting, "environment": _environment(),
-            "rows": [asdict(r) for r in rows]}
+    data = {"command": command, "setting": setting, "executed": how, "environment": _environment(),
+            "rows": [asdict(r) for r in rows], "aggregates": aggregates(rows)}
     (out / "methods.json").write_text(json.dumps(data, indent=2) + "\n")
     with open(out / "methods.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0]) if rows else asdict(MethodRow("", "", ""))))
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
     seconds = sum(r.total_seconds or 0.0 for r in rows)
-    intro = (f"{setting}.\n\nAccuracy is the edge's online accuracy over the whole stream; uploads are the "
-             f"samples the edge sent to the cloud. Each run's outputs: `<protocol>/<method>/`.\n\n{table}\n\n"
+    intro = (f"{setting}; runs executed {how or 'one after another'}.\n\nAccuracy is the edge's online accuracy "
+             f"over the whole stream; uploads are the samples the edge sent to the cloud. Each run's outputs: "
+             f"`<protocol>/<method>/`.\n\n{table}\n\n"
              f"{domains_markdown(rows)}")
     (out / "methods.md").write_text(_markdown_page("Method comparison", intro, command, seconds))
 

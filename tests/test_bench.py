@@ -106,7 +106,9 @@ def cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
-def test_methods_quick_table(run_yaml: Path, tmp_path: Path, capsys) -> None:
+@pytest.mark.ray
+def test_methods_quick_table(run_yaml: Path, tmp_path: Path, capsys, ray_session) -> None:
+    """Fanned out as Ray tasks (the default); a serial rerun of one row gives the same numbers."""
     out = tmp_path / "methods"
     argv = ["methods", str(run_yaml), "--quick", "--methods", "source,upload-all,bn", "--protocols",
             "continual,reset", "--out", str(out)]
@@ -144,6 +146,15 @@ def test_methods_quick_table(run_yaml: Path, tmp_path: Path, capsys) -> None:
     reset_part = md[md.index("reset: accuracy (%) per domain"):]
     row = next(line for line in reset_part.splitlines() if line.startswith(f"| {first} |"))
     assert cells(row)[3] == f"{100 * per[first]['accuracy']:.2f}"  # bn is the 3rd method
+    assert "as Ray tasks" in json.loads((out / "methods.json").read_text())["executed"]
+    agg = {(a["protocol"], a["method"]): a for a in json.loads((out / "methods.json").read_text())["aggregates"]}
+    assert agg["reset", "bn"]["accuracy_mean"] == by["reset", "bn"]["accuracy"] and agg["reset", "bn"]["seeds"] == [0]
+    serial = tmp_path / "serial"
+    assert bench.main(["methods", str(run_yaml), "--quick", "--methods", "bn,upload-all", "--protocols", "reset",
+                       "--serial", "--out", str(serial)]) == 0
+    again = {r["method"]: r for r in json.loads((serial / "methods.json").read_text())["rows"]}
+    for m in ("bn", "upload-all"):
+        assert again[m]["accuracy"] == by["reset", m]["accuracy"] and again[m]["uploaded"] == by["reset", m]["uploaded"]
 
 
 def test_methods_reports_a_failed_run(run_yaml: Path, tmp_path: Path, monkeypatch) -> None:
@@ -158,7 +169,7 @@ def test_methods_reports_a_failed_run(run_yaml: Path, tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(cema_ray.runtime, "run_experiment", flaky)
     out = tmp_path / "m"
-    argv = ["methods", str(run_yaml), "--quick", "--methods", "bn,source", "--protocols", "continual",
+    argv = ["methods", str(run_yaml), "--quick", "--methods", "bn,source", "--protocols", "continual", "--serial",
             "--override", "stream.samples_per_domain=32", "--out", str(out)]
     assert bench.main(argv) == 1
     rows = json.loads((out / "methods.json").read_text())["rows"]
@@ -305,7 +316,7 @@ def test_methods_with_seeds_references_and_ablations(run_yaml: Path, tmp_path: P
     """--seeds runs every row once per seed into seed<k>/ and the table gives mean ± std and the gap closed."""
     out = tmp_path / "seeded"
     argv = ["methods", str(run_yaml), "--quick", "--methods", "bn,foundation-bn,cema-fleet", "--protocols",
-            "continual", "--seeds", "0,1", "--override", "stream.samples_per_domain=32", "--out", str(out)]
+            "continual", "--seeds", "0,1", "--serial", "--override", "stream.samples_per_domain=32", "--out", str(out)]
     assert bench.main(argv) == 0
     rows = json.loads((out / "methods.json").read_text())["rows"]
     assert [(r["method"], r["seed"]) for r in rows] == [(m, s) for m in ("bn", "foundation-bn", "cema-fleet")
