@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -99,10 +98,3 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         raise CheckpointError(f"checkpoint {path} does not fit '{card['architecture']}': {exc}") from exc
     return model, card
 
-
-def load_torch_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a .pth/.pt state dict safely (weights_only=True: no arbitrary pickle)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for bad files
-        raise CheckpointError(f"cannot read weights {path} safely: {exc}") from exc

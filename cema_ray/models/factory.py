@@ -22,12 +22,6 @@ MODELS.register("cema_resnet_m", resnet.resnet_m)
 MODELS.register("cema_resnet_l", resnet.resnet_l)
 
 TIMM_PREFIX = "timm:"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def is_known_model(name: str) -> bool:
-    return name in MODELS or (name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX))
 
 
 def create_model(

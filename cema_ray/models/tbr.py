@@ -174,5 +174,3 @@ def set_norm_stats_mode(model: nn.Module, mode: str, alpha: float = 1.0) -> int:
         layer.mix_alpha = float(alpha)
     return len(layers)
 
-
-set_batch_stats_mode = set_norm_stats_mode  # the name DESIGN.md's module table uses
