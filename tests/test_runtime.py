@@ -194,3 +194,32 @@ def test_without_an_address_a_run_starts_its_own_instance(make_run_config, monke
     ray_runner.init_ray(make_run_config("runtime=ray", "ray.address=auto"))
     args, kwargs = calls[-1]
     assert kwargs["address"] == "auto" and "num_cpus" not in kwargs
+
+
+def test_an_image_folder_source_runs_end_to_end(tmp_path):
+    """`data.source: image-folder` (a lazy folder: no image array, no class count in the source) runs, and every
+    sample is predicted once; a folder whose images differ in size is refused by the loader's own check."""
+    from PIL import Image
+
+    from cema_ray.config import load_config
+    from cema_ray.errors import DataError
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog", "fox"):
+        (tmp_path / "data" / "test" / c).mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "data" / "test" / c / f"{i}.png")
+    overrides = ["runtime=local", "edges.count=2", "stream.samples_per_domain=16", "stream.batch_size=8",
+                 "stream.corruptions=[fog]", "data.source=image-folder", f"data.root={tmp_path / 'data'}",
+                 "output.progress=false", "output.report=false", "method.name=bn", "method.settings={}"]
+    from conftest import REPO
+
+    overrides += [f"models.edge.checkpoint={REPO / 'checkpoints/cifar10/edge.safetensors'}",
+                  f"models.foundation.checkpoint={REPO / 'checkpoints/cifar10/foundation.safetensors'}"]
+    cfg = load_config(REPO / "configs" / "cifar10c.yaml", overrides)
+    summary = run_experiment(cfg, tmp_path / "out")
+    assert summary["samples"] == 2 * 16 and summary["rejected"] == 0
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "data" / "test" / "cat" / "0.png")
+    with pytest.raises(DataError):
+        run_experiment(load_config(REPO / "configs" / "cifar10c.yaml", overrides), tmp_path / "out2")

@@ -19,7 +19,7 @@ from torch import nn
 from cema_ray.config import DISTRIBUTION_TARGETS, PROFILE_KEYS
 from cema_ray.data.catalog import LabeledImagesLike, corrupted_provider, load_clean_split, source_info
 from cema_ray.data.streams import EdgeStream, StreamSpec
-from cema_ray.errors import CheckpointError
+from cema_ray.errors import CheckpointError, ConfigError
 from cema_ray.methods import METHODS
 from cema_ray.methods.base import MethodSpec
 from cema_ray.models.checkpoint import load_checkpoint
@@ -163,6 +163,7 @@ class DataContext:
     def __init__(self, data_cfg: dict[str, Any], clean: LabeledImagesLike | None = None) -> None:
         """``clean`` skips loading (a host gets the driver's copy from the object store)."""
         self.info = source_info(data_cfg["source"])
+        self._num_classes = data_cfg.get("num_classes")
         self.clean: LabeledImagesLike | None = None
         self.corrupted = None
         if self.info.kind == "corrupted":
@@ -172,11 +173,26 @@ class DataContext:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of every image. A lazy folder (no ``images`` array) is asked for its first image once:
+        its size is the folder's, which the source does not know in advance (the loader refuses later
+        images of another size)."""
         images = getattr(self.clean, "images", None)
         if images is not None:
             return tuple(images.shape[1:])
+        if self.clean is not None and len(self.clean):
+            if getattr(self, "_lazy_shape", None) is None:
+                self._lazy_shape = tuple(int(d) for d in self.clean.take([0]).images.shape[1:])
+            return self._lazy_shape
         size = self.info.image_size
         return (size, size, self.info.channels)
+
+    @property
+    def num_classes(self) -> int:
+        """`data.num_classes`, else the source's, else the class folders a folder source found."""
+        n = self._num_classes or self.info.num_classes or len(getattr(self.clean, "classes", ()) or ())
+        if not n:
+            raise ConfigError(f"data source '{self.info.name}': set data.num_classes (the data does not say)")
+        return int(n)
 
     def stream(self, plan: EdgePlan) -> EdgeStream:
         return EdgeStream(self.clean, plan.spec, plan.edge_id, corrupted_source=self.corrupted)

@@ -30,7 +30,7 @@ def build_edges(cfg: dict[str, Any], data: DataContext, edge_model: torch.nn.Mod
     shape = data.image_shape
     return [
         EdgeDevice(p.edge_id, data.stream(p), spec.make_edge(fresh_copy(edge_model), settings), p.profile,
-                   shape, data.info.num_classes, p.bad_batches)
+                   shape, data.num_classes, p.bad_batches)
         for p in plans
     ]
 
