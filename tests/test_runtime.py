@@ -223,3 +223,15 @@ def test_an_image_folder_source_runs_end_to_end(tmp_path):
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "data" / "test" / "cat" / "0.png")
     with pytest.raises(DataError):
         run_experiment(load_config(REPO / "configs" / "cifar10c.yaml", overrides), tmp_path / "out2")
+
+
+def test_an_unwritable_output_folder_fails_before_the_run(make_run_config, tmp_path, monkeypatch):
+    """One line, before any work: the run itself is never started."""
+    from cema_ray.errors import ConfigError
+    from cema_ray.runtime import local
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(local, "run_local", lambda cfg: pytest.fail("the run started"))
+    with pytest.raises(ConfigError, match="output folder .*cannot write"):
+        run_experiment(make_run_config("runtime=local"), blocker / "out")

@@ -10,11 +10,26 @@ def default_out_dir(cfg: dict[str, Any]) -> Path:
     return Path(cfg["output"].get("dir") or f"runs/{cfg['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+def check_writable(out: Path) -> None:
+    """Create the output folder and write a probe file now, so a folder that cannot hold the results
+    fails in one line before the run, not with a traceback after it."""
+    from cema_ray.errors import ConfigError
+
+    probe = out / ".cema-write-probe"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output folder {out}: cannot write there ({exc.strerror or exc})") from None
+
+
 def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None) -> dict[str, Any]:
     """Run a validated config on its runtime and write batches.parquet, summary.json, report.md."""
     from cema_ray.results import write_outputs
 
     out = Path(out_dir) if out_dir else default_out_dir(cfg)
+    check_writable(out)
     if cfg["runtime"] == "local":
         from cema_ray.runtime.local import run_local
 
