@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from cema_ray.errors import CemaError, ConfigError
+from cema_ray.errors import CemaError, ConfigError, RunInterrupted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"cema-ray: config error: {exc}", file=sys.stderr)
         return 2
+    except RunInterrupted as stop:
+        where = f"; the {stop.batches} batches predicted so far are in {stop.out} (summary.json: interrupted)" \
+            if stop.batches else "; nothing was predicted yet"
+        print(f"cema-ray: interrupted{where}", file=sys.stderr)
+        return 130
     except CemaError as exc:
         print(f"cema-ray: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1

@@ -17,5 +17,15 @@ class CheckpointError(CemaError):
     """A checkpoint file is missing, truncated, tampered with or does not match its card."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run, carrying what was recorded until then, so the outputs can still be written."""
+
+    def __init__(self, recorder: object, facts: dict) -> None:
+        super().__init__("interrupted")
+        self.recorder, self.facts = recorder, facts
+        self.out: object = None  # where the partial outputs went (set by run_experiment)
+        self.batches = 0
+
+
 class BatchRejected(CemaError):
     """A batch reaching an edge is malformed; the edge counts it and keeps running."""

@@ -235,3 +235,35 @@ def test_an_unwritable_output_folder_fails_before_the_run(make_run_config, tmp_p
     monkeypatch.setattr(local, "run_local", lambda cfg: pytest.fail("the run started"))
     with pytest.raises(ConfigError, match="output folder .*cannot write"):
         run_experiment(make_run_config("runtime=local"), blocker / "out")
+
+
+def test_ctrl_c_writes_what_was_predicted_and_exits_130(make_run_config, tmp_path, monkeypatch, capsys):
+    """An interrupt after two rounds: summary.json and batches.parquet hold exactly those rounds, marked
+    interrupted, and the CLI says so in one line with exit code 130."""
+    from cema_ray.cli import main as cli_main
+    from cema_ray.errors import RunInterrupted
+    from cema_ray.runtime import local
+
+    real, rounds = local.run_round, []
+
+    def two_then_stop(edges, cloud):
+        if len(rounds) == 2:
+            raise KeyboardInterrupt
+        rounds.append(1)
+        return real(edges, cloud)
+
+    monkeypatch.setattr(local, "run_round", two_then_stop)
+    cfg = make_run_config("runtime=local", "edges.count=2")
+    with pytest.raises(RunInterrupted):
+        run_experiment(cfg, tmp_path / "cut")
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["samples"] == 2 * 2 * 32  # 2 rounds x 2 edges x batch 32
+    assert len(batch_table(tmp_path / "cut")["edge_id"]) == 4
+    rounds.clear()
+    path = tmp_path / "c.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "method"} | {"method": {"name": "bn"}}))
+    assert cli_main(["run", str(path), "--out", str(tmp_path / "cli")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("cema-ray: interrupted; the 4 batches predicted so far are in")

@@ -25,19 +25,34 @@ def check_writable(out: Path) -> None:
 
 
 def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None) -> dict[str, Any]:
-    """Run a validated config on its runtime and write batches.parquet, summary.json, report.md."""
-    from cema_ray.results import write_outputs
+    """Run a validated config on its runtime and write batches.parquet, summary.json, report.md.
 
+    On Ctrl-C the batches predicted so far are written all the same (`summary.json`: `interrupted: true`)
+    and the interrupt is re-raised, carrying the folder (`RunInterrupted.out`)."""
     out = Path(out_dir) if out_dir else default_out_dir(cfg)
     check_writable(out)
-    if cfg["runtime"] == "local":
-        from cema_ray.runtime.local import run_local
+    from cema_ray.errors import RunInterrupted
 
-        recorder, facts = run_local(cfg)
-    else:
-        from cema_ray.runtime.ray_runner import run_ray
+    try:
+        if cfg["runtime"] == "local":
+            from cema_ray.runtime.local import run_local
 
-        recorder, facts = run_ray(cfg, out)
+            recorder, facts = run_local(cfg)
+        else:
+            from cema_ray.runtime.ray_runner import run_ray
+
+            recorder, facts = run_ray(cfg, out)
+    except RunInterrupted as stop:  # Ctrl-C: what was predicted so far is written, marked interrupted
+        stop.out = out
+        stop.batches = len(stop.recorder.rows)
+        if stop.batches:
+            _write(cfg, out, stop.recorder, {**stop.facts, "interrupted": True})
+        raise
+    return _write(cfg, out, recorder, {**facts, "interrupted": False})
+
+
+def _write(cfg: dict[str, Any], out: Path, recorder: Any, facts: dict[str, Any]) -> dict[str, Any]:
+    from cema_ray.results import write_outputs
     from cema_ray.runtime.fleet import edge_plans
 
     meta = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from cema_ray.errors import RunInterrupted
 from cema_ray.runtime.cloud import CloudService, Publication
 from cema_ray.runtime.edge import EdgeDevice, EdgeStep
 from cema_ray.runtime.fleet import DataContext, edge_plans, fresh_copy, load_model, make_generator, method_settings
@@ -66,12 +67,19 @@ def run_local(cfg: dict[str, Any]) -> tuple[RunRecorder, dict[str, Any]]:
     edges = build_edges(cfg, data, edge_model, plans)
     cloud = build_cloud(cfg, edge_model, foundation)
     progress = RunProgress(f"{cfg['name']} [local]", sum(len(e.stream) for e in edges), cfg["output"]["progress"])
-    while any(not e.done for e in edges):
-        for out in run_round(edges, cloud):
-            out.record["host_id"] = 0
-            progress.add(out.record)
-        progress.refresh()
+    try:
+        while any(not e.done for e in edges):
+            for out in run_round(edges, cloud):
+                out.record["host_id"] = 0
+                progress.add(out.record)
+            progress.refresh()
+    except KeyboardInterrupt:  # a round is recorded whole or not at all: the rows so far are consistent
+        progress.close()
+        raise RunInterrupted(progress.recorder, _facts(progress, cloud)) from None
     progress.close()
-    facts = {"wall_seconds": progress.elapsed, "dropped": cloud.stats.dropped,
-             "cloud_steps": cloud.stats.steps, "publications": cloud.stats.publications}
-    return progress.recorder, facts
+    return progress.recorder, _facts(progress, cloud)
+
+
+def _facts(progress: RunProgress, cloud: CloudService) -> dict[str, Any]:
+    return {"wall_seconds": progress.elapsed, "dropped": cloud.stats.dropped,
+            "cloud_steps": cloud.stats.steps, "publications": cloud.stats.publications}

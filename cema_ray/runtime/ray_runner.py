@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from cema_ray.errors import RunInterrupted
 from cema_ray.results import RunRecorder
 from cema_ray.runtime.cloud import SHARED, Publication
 from cema_ray.runtime.faults import FaultSchedule
@@ -496,14 +497,21 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None) -> tuple[Run
         faults = FaultSchedule.plan(fcfg["kill_hosts"], max(lengths.values()), len(hosts), fcfg["seed"],
                                     fcfg["kill_cloud"], fcfg["raise_in_hosts"])
         extra: dict[str, Any] = {}
-        if cfg["mode"] == "sync":
-            SyncDriver(cloud, hosts, progress, faults, lengths, checkpointing).run()
-            dropped = 0
-        else:
-            driver = AsyncDriver(cloud, hosts, progress, cfg, faults, checkpointing)
-            dropped = driver.run()
-            driver.fix_lags(progress.recorder.rows)
-            extra = {"max_backlog": driver.max_backlog, "backlog_bound": driver.backlog_bound}
+        try:
+            if cfg["mode"] == "sync":
+                SyncDriver(cloud, hosts, progress, faults, lengths, checkpointing).run()
+                dropped = 0
+            else:
+                driver = AsyncDriver(cloud, hosts, progress, cfg, faults, checkpointing)
+                dropped = driver.run()
+                driver.fix_lags(progress.recorder.rows)
+                extra = {"max_backlog": driver.max_backlog, "backlog_bound": driver.backlog_bound}
+        except KeyboardInterrupt:  # the records the driver has are whole batches: write them, then stop
+            progress.close()
+            for actor in [cloud, *hosts]:  # on a shared cluster nobody else would stop them
+                ray.kill(actor)
+            raise RunInterrupted(progress.recorder, {"wall_seconds": progress.elapsed, "num_hosts": len(hosts),
+                                                     "faults": faults.report()}) from None
         progress.close()
         stats = wait_for_actor(cloud.stats)
         facts = {"wall_seconds": progress.elapsed, "startup_seconds": startup, "num_hosts": len(hosts),
