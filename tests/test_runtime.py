@@ -267,3 +267,21 @@ def test_ctrl_c_writes_what_was_predicted_and_exits_130(make_run_config, tmp_pat
     assert cli_main(["run", str(path), "--out", str(tmp_path / "cli")]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("cema-ray: interrupted; the 4 batches predicted so far are in")
+
+
+@pytest.mark.parametrize("checkpointing, kept", [(False, 0), (True, 5)])
+def test_driver_forgets_deliveries_no_recovery_can_need(checkpointing, kept):
+    """Without cloud checkpoints there is nothing to replay onto: the driver's delivery log stays empty
+    instead of holding every upload of the run; with them it keeps what the newest checkpoint misses."""
+    from types import SimpleNamespace
+
+    from cema_ray.runtime.faults import FaultSchedule
+    from cema_ray.runtime.ray_actors import Delivery
+    from cema_ray.runtime.ray_runner import CloudLink
+
+    cloud = SimpleNamespace(deliver=SimpleNamespace(remote=lambda *a: object()))
+    link = CloudLink(cloud, FaultSchedule.plan(0, 10, 1, 0, 0, 0), checkpointing)
+    for _ in range(5):
+        seq, _ref = link.submit([0], [object()])
+        link.delivered(seq, Delivery(steps={}, pubs=[], checkpoint=0, published_at=0.0))
+    assert len(link.log) == kept

@@ -155,9 +155,13 @@ class CloudLink:
             ray.kill(self.cloud, no_restart=False)  # injected crash, mid-delivery
         return ref
 
-    def delivered(self, delivery: Delivery) -> None:
-        for seq in [s for s in self.log if s < delivery.checkpoint]:
-            del self.log[seq]  # the checkpoint on disk covers it
+    def delivered(self, seq: int, delivery: Delivery) -> None:
+        """Forget what no recovery can need: deliveries the newest checkpoint covers, and, without
+        checkpoints (nothing to recover from), every delivery up to this one, so the driver's memory
+        does not grow with the run."""
+        keep_from = delivery.checkpoint if self.checkpointing else seq + 1
+        for s in [s for s in self.log if s < keep_from]:
+            del self.log[s]
 
     def is_cloud_failure(self, exc: Exception) -> bool:
         if isinstance(exc, RayActorError):
@@ -263,7 +267,7 @@ class SyncDriver:
         for _ in range(MAX_RECOVERIES_PER_ROUND):
             try:
                 delivery = ray.get(ref)
-                self.link.delivered(delivery)
+                self.link.delivered(seq, delivery)
                 return delivery
             except (RayActorError, RayTaskError) as exc:
                 if not self.link.is_cloud_failure(exc):
@@ -423,7 +427,7 @@ class AsyncDriver:
             if self.ping is None:
                 self.ping = self.cloud.position.remote()
             return
-        self.link.delivered(delivery)
+        self.link.delivered(seq, delivery)
         if delivery.pubs:
             track_newest(self.newest, delivery.pubs)
             self.latest_pubs.update({SHARED if p.edge_id is None else p.edge_id: p for p in delivery.pubs})
