@@ -13,9 +13,10 @@ changes is where the measurements showed CEMA losing the foundation's knowledge
   the labels of their own domain instead of re-labelling them under today's statistics.
 - Replay draws whole stored chunks, each forwarded by itself, so every batch-statistics forward of
   the student sees one time window (one domain), as the edge's batches do.
-- The student learns the teacher's soft labels (KL at a temperature) in a chosen *publish scope*
-  (``norm``, ``head`` or ``all`` weights, models/publish.py); an EMA of it and an anchor to the
-  deployed weights keep a 15,000-sample stream from drifting.
+- The student learns the teacher's labels (its argmax by default; soft labels at a temperature, or
+  the paper's selective distillation, as settings) in a chosen *publish scope* (``norm``, ``head``
+  or ``all`` weights, models/publish.py); an EMA of it and an anchor to the deployed weights are
+  the stability levers for a 15,000-sample stream.
 - A hard upload budget (algorithms/budget.py) caps the uplink by construction.
 
 Every lever is a setting, so each ablation is one override. ``teacher: labels`` replaces the

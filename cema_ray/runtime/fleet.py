@@ -164,6 +164,7 @@ class DataContext:
         """``clean`` skips loading (a host gets the driver's copy from the object store)."""
         self.info = source_info(data_cfg["source"])
         self._num_classes = data_cfg.get("num_classes")
+        self._lazy_shape: tuple[int, int, int] | None = None  # a lazy folder's image shape, read once
         self.clean: LabeledImagesLike | None = None
         self.corrupted = None
         if self.info.kind == "corrupted":
@@ -180,7 +181,7 @@ class DataContext:
         if images is not None:
             return tuple(images.shape[1:])
         if self.clean is not None and len(self.clean):
-            if getattr(self, "_lazy_shape", None) is None:
+            if self._lazy_shape is None:
                 self._lazy_shape = tuple(int(d) for d in self.clean.take([0]).images.shape[1:])
             return self._lazy_shape
         size = self.info.image_size
