@@ -38,6 +38,7 @@ from torch import nn
 from cema_ray.config import (PROTOCOLS, RUN_SCHEMA, apply_overrides, method_registry, read_yaml,
                              validate_run_config)
 from cema_ray.errors import ConfigError
+from cema_ray.threads import apply_threads
 
 # References first: the foundation run as if it were the edge (no cloud, no uploads; the ceiling a cloud can
 # hand down) and the oracle (cema-fleet's student trained on true labels: what the edge model can hold).
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run one run after another in this process (default: every run a Ray task, as many at "
                           "once as the CPUs admit)")
     met.add_argument("--cpus-per-run", type=float, default=1.0,
-                     help="CPUs each run's Ray task reserves (default 1; each runs one torch thread)")
+                     help="CPUs each run's Ray task reserves (default 1), and its torch threads (rounded up)")
     met.add_argument("--resume", action="store_true",
                      help="reuse every run whose summary.json is already in --out (a long table survives a restart)")
     met.add_argument("--quick", action="store_true",
@@ -247,6 +248,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     roles = _split_names(args.roles, "role", ROLES, "--roles")
     cfg = bench_config(args.config, args.override)
     out = _out_dir(args.out, "models", args.config)
+    apply_threads(cfg["threads"])
     result = evaluate_models(cfg, roles, args.severity, args.samples)
     result.config, result.command = str(args.config), args.command_line
     table = models_markdown(result)

@@ -8,6 +8,7 @@ task whose worker dies is a failed row, like a run that raises.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -30,10 +31,7 @@ def run_serial(plan: Plan, run_one: RunOne, resume: bool, describe: Callable[[An
 
 
 def _task(run_one: RunOne, cfg: dict[str, Any], protocol: str, method: str, resume: bool) -> Any:
-    import torch
-
-    torch.set_num_threads(1)
-    return run_one(cfg, protocol, method, resume=resume)
+    return run_one(cfg, protocol, method, resume=resume)  # its local run sets `threads` (Ray's CPUs for the task)
 
 
 def run_on_ray(plan: Plan, run_one: RunOne, resume: bool, describe: Callable[[Any], str], cpus_per_run: float,
@@ -44,7 +42,7 @@ def run_on_ray(plan: Plan, run_one: RunOne, resume: bool, describe: Callable[[An
 
     started = not ray.is_initialized()
     if started:
-        env = {"env_vars": {"OMP_NUM_THREADS": "1"}}
+        env = {"env_vars": {"OMP_NUM_THREADS": str(max(1, math.ceil(cpus_per_run)))}}
         address = os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, runtime_env=env, log_to_driver=False)

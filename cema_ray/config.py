@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import yaml
 
-from cema_ray.errors import ConfigError
+from cema_ray.errors import ConfigError, DataError
 
 REQUIRED: Any = object()
 """Default of a field the user must give."""
@@ -167,6 +167,11 @@ RUN_SCHEMA = Section({
     "mode": _str("sync", "sync: rounds in the reference order; async: edges never wait for the cloud",
                  choices=("sync", "async")),
     "seed": _int(0, "seed of every random choice"),
+    "threads": _int(None, "torch threads of the local runtime and of bench's runs and evaluations, set once at "
+                          "start and written to summary.json (null: $OMP_NUM_THREADS if set, else the CPUs "
+                          "Ray assigned this task, else the cores the OS lets this process use: CPU affinity "
+                          "and cgroup quota); Ray's hosts and cloud use ray.host_num_cpus / cloud.threads",
+                    lo=1, nullable=True),
     "data": Section({
         "source": _str("fashion-mnist", "data source name (see `cema-ray list`)", check=_check_source),
         "root": _str(None, "data folder (null: the source's env var, then its default)", nullable=True),
@@ -698,6 +703,41 @@ def _check_faults(cfg: dict[str, Any]) -> None:
         _fail("faults.kill_cloud", cfg["faults"]["kill_cloud"], "cloud.max_restarts is 0: a killed cloud cannot restart")
 
 
+def _check_corrupted_source(cfg: dict[str, Any], raw_data: dict[str, Any], check_files: bool) -> None:
+    """A source that ships its corrupted domains: no split settings, no clean domain, and (with the files
+    checked) every domain file the streams need present, read before any run starts."""
+    try:
+        from cema_ray.data.sources import DATA_SOURCES
+    except ImportError:
+        return
+    source = cfg["data"]["source"]
+    info = DATA_SOURCES.get(source) if source in DATA_SOURCES else None
+    if getattr(info, "kind", None) != "corrupted":
+        return
+    for key in ("split", "cache_dir"):
+        if key in raw_data:
+            _fail(f"data.{key}", raw_data[key], f"data source '{source}' ships its corrupted test images as they "
+                                                f"are and ignores data.{key}: remove it")
+    names = needed_corruptions(cfg)
+    if "clean" in names:
+        _fail("stream.corruptions", "clean", f"data source '{source}' has no clean images; drop 'clean' or use a "
+                                             f"clean source (see `cema-ray list`)")
+    if check_files and info.check_files is not None and cfg["data"]["root"] is not None:
+        try:
+            info.check_files(Path(cfg["data"]["root"]), names)
+        except DataError as exc:
+            raise ConfigError(f"data.root: {exc}") from None
+
+
+def needed_corruptions(cfg: dict[str, Any]) -> list[str]:
+    """Every corruption some edge's stream can visit: the top-level list, the groups' and the distributions'."""
+    lists = [cfg["stream"]["corruptions"]]
+    lists += [g["stream"]["corruptions"] for g in cfg["edges"]["groups"] if "corruptions" in g["stream"]]
+    dist = cfg["edges"]["distributions"].get("corruptions") or {}
+    lists += [dist["permute"]] if "permute" in dist else [list(v) for v in dist.get("choice", [])]
+    return list(dict.fromkeys(name for names in lists for name in names))
+
+
 def merged_stream(cfg: dict[str, Any], group: dict[str, Any] | None) -> dict[str, Any]:
     """The full stream settings of a group's edges: the top-level stream with the group's keys on top."""
     return {**cfg["stream"], **(group["stream"] if group else {})}
@@ -729,6 +769,7 @@ def validate_run_config(raw: dict[str, Any], *, check_paths: bool = True) -> dic
     _check_settings(cfg)
     _check_faults(cfg)
     cfg["data"]["root"] = resolve_data_root(cfg["data"]["source"], cfg["data"]["root"], check=check_paths)
+    _check_corrupted_source(cfg, raw.get("data") or {}, check_paths)
     return cfg
 
 

@@ -161,3 +161,95 @@ def test_bad_images_are_rejected():
         corrupt(smooth_images(1).float(), "fog", 1, gen())
     with pytest.raises(DataError, match="channels"):
         corrupt(torch.zeros((1, 8, 8, 4), dtype=torch.uint8), "fog", 1, gen())
+
+
+# ------------------------------------------------------------ glass and motion blur against the reference loops
+
+def reference_glass_sweep(img: np.ndarray, offsets: np.ndarray, delta: int) -> np.ndarray:
+    """hendrycks/robustness make_cifar_c.py's loop, transcribed line for line on an (H, W, C) uint8 array.
+
+    The only change: ``dx, dy`` come from ``offsets`` (in visit order) instead of ``np.random.randint``.
+    """
+    x = img.copy()
+    h_size, w_size = x.shape[:2]
+    index = 0
+    for h in range(h_size - delta, delta, -1):
+        for w in range(w_size - delta, delta, -1):
+            dx, dy = offsets[index]
+            index += 1
+            h_prime, w_prime = h + dy, w + dx
+            # swap
+            x[h, w], x[h_prime, w_prime] = x[h_prime, w_prime], x[h, w]
+    return x
+
+
+@pytest.mark.parametrize("channels,size,delta", [(3, 32, 1), (1, 28, 1), (3, 40, 2), (3, 40, 4), (1, 21, 3)])
+def test_glass_sweep_equals_the_reference_loop_bit_for_bit(channels, size, delta):
+    from cema_ray.data.corruptions import glass_offsets, glass_sweep_sources
+    x = smooth_images(3, size, channels, seed=size + delta)
+    x = (x.int() + torch.randint(0, 20, x.shape, generator=gen(delta))).clamp(0, 255).to(torch.uint8)
+    offsets = glass_offsets(3, size, size, delta, 2, gen(11))
+    ours = x.permute(0, 3, 1, 2).reshape(3, channels, -1)
+    expected = x.numpy()
+    for sweep in offsets:
+        ours = ours.gather(2, glass_sweep_sources(sweep, size, size, delta)[:, None, :].expand_as(ours))
+        expected = np.stack([reference_glass_sweep(img, sweep[i].reshape(-1, 2).numpy(), delta)
+                             for i, img in enumerate(expected)])
+    ours = ours.reshape(3, channels, size, size).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(ours, expected)
+    assert not np.array_equal(expected, x.numpy())
+
+
+def test_glass_blur_is_the_reference_pipeline_on_cifar_and_imagenet_constants():
+    from cema_ray.data import corruptions as C
+    for size, table in ((32, C._CIFAR), (40, C._IMAGENET)):
+        x = smooth_images(2, size, 3, seed=size)
+        sigma, delta, iterations = table["glass_blur"][4]
+        g = gen(5)
+        ours = corrupt(x, "glass_blur", 5, g)
+        offsets = C.glass_offsets(2, size, size, delta, iterations, gen(5))
+        first = torch.floor(C._gaussian_blur(x.permute(0, 3, 1, 2).float() / 255, sigma).clamp(0, 1) * 255 + 1e-3)
+        imgs = first.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        for sweep in offsets:
+            imgs = np.stack([reference_glass_sweep(img, sweep[i].reshape(-1, 2).numpy(), delta)
+                             for i, img in enumerate(imgs)])
+        second = C._gaussian_blur(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255, sigma)
+        assert torch.equal(ours, C._to_uint8(second))
+
+
+def reference_motion_blur(img: np.ndarray, radius: float, sigma: float, angle: float) -> np.ndarray:
+    """ImageMagick 6 effect.c MotionBlurImage for one opaque image, transcribed in float64 (edge pixels)."""
+    width = int(2 * np.ceil(radius) + 1)  # GetOptimalKernelWidth1D with radius > 0
+    kernel = np.array([np.exp(-(i * i) / (2.0 * sigma * sigma)) / (np.sqrt(2 * np.pi) * sigma)
+                       for i in range(width)])
+    kernel /= kernel.sum()
+    point_x, point_y = width * np.sin(np.deg2rad(angle)), width * np.cos(np.deg2rad(angle))
+    offsets = [(int(np.ceil(i * point_y / np.hypot(point_x, point_y) - 0.5)),
+                int(np.ceil(i * point_x / np.hypot(point_x, point_y) - 0.5))) for i in range(width)]
+    rows, cols = img.shape[:2]
+    out = np.zeros(img.shape, np.float64)
+    for y in range(rows):
+        for x in range(cols):
+            for k, (ox, oy) in zip(kernel, offsets):
+                out[y, x] += k * img[min(max(y + oy, 0), rows - 1), min(max(x + ox, 0), cols - 1)]
+    return out
+
+
+@pytest.mark.parametrize("channels,size,radius,sigma", [(3, 32, 9, 2.5), (1, 28, 6, 1), (3, 12, 8, 2)])
+def test_motion_blur_matches_imagemagick_formula(channels, size, radius, sigma):
+    from cema_ray.data.corruptions import _motion_blur
+    x = smooth_images(3, size, channels, seed=radius)
+    angles = torch.tensor([-44.3, 3.7, 31.0])
+    ours = _motion_blur(x.permute(0, 3, 1, 2).float() / 255, radius, sigma, angles).permute(0, 2, 3, 1).double()
+    for i in range(3):
+        expected = reference_motion_blur(x[i].double().numpy() / 255, radius, sigma, float(angles[i]))
+        np.testing.assert_allclose(ours[i].numpy(), expected, rtol=0, atol=1e-5)  # float32 sums of <20 taps
+
+
+def test_motion_blur_output_is_rounded_to_whole_levels():
+    from cema_ray.data import corruptions as C
+    x = smooth_images(2, 32, 3)
+    angles = C._rand((2,), gen(4), x).cpu() * 90.0 - 45.0
+    blurred = C._motion_blur(x.permute(0, 3, 1, 2).float() / 255, 9, 2.5, angles)
+    expected = torch.round(blurred * 255).to(torch.uint8).permute(0, 2, 3, 1)
+    assert torch.equal(corrupt(x, "motion_blur", 5, gen(4)), expected)

@@ -308,6 +308,57 @@ def load_cifar10_c(root: str | os.PathLike, corruption: str, severity: int) -> L
     return LabeledImages(images[(severity - 1) * n:severity * n], lab.astype(np.int64), list(CIFAR10_CLASSES))
 
 
+def check_cifar10_c_files(root: str | os.PathLike, corruptions: Sequence[str]) -> None:
+    """Every ``<corruption>.npy`` a stream needs and ``labels.npy`` exist with the layout the loader expects.
+
+    Reads only the .npy headers (shape and dtype), so a config check costs milliseconds, not the 150 MB a
+    corruption file holds; raises a DataError naming the first file at fault.
+    """
+    root = Path(root).expanduser()
+    present = sorted(p.stem for p in root.glob("*.npy") if p.stem != "labels")
+    rows = None
+    for name in dict.fromkeys(corruptions):
+        path = root / f"{name}.npy"
+        if not path.is_file():
+            raise DataError(f"CIFAR-10-C file not found: {path} (the stream needs '{name}'); "
+                            f"present: {', '.join(present) or 'no .npy files'}")
+        shape, dtype = _npy_header(path)
+        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[0] % 5:
+            raise DataError(f"{path}: expected uint8 (5N, H, W, 3) (5 severities of N images), "
+                            f"got {dtype} {shape}")
+        if rows is not None and shape[0] != rows:
+            raise DataError(f"{path}: {shape[0]} rows, the other corruption files have {rows}")
+        rows = shape[0]
+    labels = root / "labels.npy"
+    if not labels.is_file():
+        raise DataError(f"CIFAR-10-C file not found: {labels} (the labels of every corruption file)")
+    shape, dtype = _npy_header(labels)
+    if len(shape) != 1 or dtype.kind not in "iu" or (rows is not None and shape[0] not in (rows, rows // 5)):
+        raise DataError(f"{labels}: expected integer labels (N,) or (5N,) matching the corruption files "
+                        f"({rows} rows), got {dtype} {shape}")
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable .npy file ({exc})") from exc
+    return tuple(int(d) for d in shape), np.dtype(dtype)
+
+
+def check_imagenet_c_folders(root: str | os.PathLike, corruptions: Sequence[str]) -> None:
+    """Every ``<corruption>`` folder a stream needs exists (its severities are read when the stream starts)."""
+    root = Path(root).expanduser()
+    for name in dict.fromkeys(corruptions):
+        if not (root / name).is_dir():
+            present = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+            raise DataError(f"ImageNet-C folder not found: {root / name} (the stream needs '{name}'); "
+                            f"present: {', '.join(present) or 'none'}")
+
+
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"file not found: {path}")
@@ -374,6 +425,8 @@ class DataSourceInfo:
     description: str
     env_var: str
     default_root: str | None = None
+    # pre-corrupted sources: (root, corruption names) -> None, raising DataError; run by the config check
+    check_files: Callable[[Path, Sequence[str]], None] | None = None
 
     def resolve_root(self, root: str | os.PathLike | None = None) -> Path:
         """Explicit root, else the environment variable, else the default root."""
@@ -403,8 +456,10 @@ for _info in (
                    "generic <root>/<split>/<class>/*.<ext> image folder, decoded lazily",
                    "CEMA_IMAGE_FOLDER_ROOT"),
     DataSourceInfo("cifar10-c", "corrupted", load_cifar10_c, 10, 32, 3, *_CIFAR_STATS,
-                   "CIFAR-10-C (RobustBench <corruption>.npy + labels.npy)", "CEMA_CIFAR10C_ROOT"),
+                   "CIFAR-10-C (RobustBench <corruption>.npy + labels.npy)", "CEMA_CIFAR10C_ROOT",
+                   check_files=check_cifar10_c_files),
     DataSourceInfo("imagenet-c", "corrupted", load_imagenet_c, 1000, 224, 3, *_IMAGENET_STATS,
-                   "ImageNet-C <corruption>/<severity>/<wnid>/*.JPEG, decoded lazily", "CEMA_IMAGENETC_ROOT"),
+                   "ImageNet-C <corruption>/<severity>/<wnid>/*.JPEG, decoded lazily", "CEMA_IMAGENETC_ROOT",
+                   check_files=check_imagenet_c_folders),
 ):
     DATA_SOURCES.register(_info.name, _info)

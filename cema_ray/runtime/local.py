@@ -17,6 +17,7 @@ from cema_ray.runtime.edge import EdgeDevice, EdgeStep
 from cema_ray.runtime.fleet import DataContext, edge_plans, fresh_copy, load_model, make_generator, method_settings
 from cema_ray.results import RunRecorder
 from cema_ray.runtime.progress import RunProgress
+from cema_ray.threads import apply_threads
 
 
 def build_cloud(cfg: dict[str, Any], edge_model: torch.nn.Module, foundation: torch.nn.Module | None) -> CloudService:
@@ -58,6 +59,7 @@ def deliver(pubs: list[Publication], edges: list[EdgeDevice]) -> None:
 
 def run_local(cfg: dict[str, Any]) -> tuple[RunRecorder, dict[str, Any]]:
     """Run the whole fleet in this process; returns the per-batch records and run facts."""
+    threads = apply_threads(cfg.get("threads"))
     torch.manual_seed(cfg["seed"])
     data = DataContext(cfg["data"])
     edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")
@@ -75,11 +77,11 @@ def run_local(cfg: dict[str, Any]) -> tuple[RunRecorder, dict[str, Any]]:
             progress.refresh()
     except KeyboardInterrupt:  # a round is recorded whole or not at all: the rows so far are consistent
         progress.close()
-        raise RunInterrupted(progress.recorder, _facts(progress, cloud)) from None
+        raise RunInterrupted(progress.recorder, _facts(progress, cloud, threads)) from None
     progress.close()
-    return progress.recorder, _facts(progress, cloud)
+    return progress.recorder, _facts(progress, cloud, threads)
 
 
-def _facts(progress: RunProgress, cloud: CloudService) -> dict[str, Any]:
+def _facts(progress: RunProgress, cloud: CloudService, threads: int) -> dict[str, Any]:
     return {"wall_seconds": progress.elapsed, "dropped": cloud.stats.dropped,
-            "cloud_steps": cloud.stats.steps, "publications": cloud.stats.publications}
+            "cloud_steps": cloud.stats.steps, "publications": cloud.stats.publications, "threads": {"local": threads}}

@@ -522,7 +522,8 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None) -> tuple[Run
                  "host_nodes": host_nodes,
                  "dropped": stats["dropped"] + dropped, "cloud_steps": stats["steps"],
                  "publications": stats["publications"], "cloud_step_seconds": stats["step_seconds"],
-                 "cloud_deliveries": stats["deliveries"], "cloud_ingested": stats["ingested"], "faults": faults.report(), **extra}
+                 "cloud_deliveries": stats["deliveries"], "cloud_ingested": stats["ingested"], "faults": faults.report(),
+                 "threads": {"cloud": cloud_threads(cfg["cloud"]), "edge_host": 1}, **extra}
         for actor in [cloud, *hosts]:
             ray.kill(actor)
         return progress.recorder, facts
