@@ -59,7 +59,7 @@ MEAN_ROW = "mean (15 corruptions)"
 # ------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cema-ray bench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{models,methods,scale}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{models,methods,scale,cloud,corruptions}")
     mod = sub.add_parser("models", help="source accuracy of the edge and foundation checkpoints per corruption")
     mod.add_argument("config", type=Path, help="run config naming models.edge / models.foundation")
     mod.add_argument("--severity", type=int, default=5, help="corruption severity 1..5 (default 5)")
@@ -122,7 +122,39 @@ def build_parser() -> argparse.ArgumentParser:
                      help="config override, repeatable")
     clo.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench-cloud-<time>)")
     clo.set_defaults(func=cmd_cloud)
+    cor = sub.add_parser("corruptions", help="milliseconds per batch of each corruption at each image size")
+    cor.add_argument("--names", default="all", help="comma-separated corruptions (default: all 15)")
+    cor.add_argument("--sizes", default="32,224", help="square image sizes in px, comma-separated (default 32,224)")
+    cor.add_argument("--batch", type=int, default=64, help="images per batch (default 64)")
+    cor.add_argument("--severity", type=int, default=5, help="corruption severity 1..5 (default 5)")
+    cor.add_argument("--repeat", type=int, default=5, help="timed calls per cell; the table quotes the median")
+    cor.add_argument("--threads", type=int, default=None,
+                     help="torch threads (default: as the `threads` setting: $OMP_NUM_THREADS, else the usable cores)")
+    cor.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench-corruptions-<time>)")
+    cor.set_defaults(func=cmd_corruptions)
     return parser
+
+
+def cmd_corruptions(args: argparse.Namespace) -> int:
+    from cema_ray.bench_corruptions import markdown, run_corruption_bench
+    from cema_ray.data.corruptions import CORRUPTIONS
+
+    names = list(CORRUPTIONS) if args.names == "all" else _split_names(args.names, "corruption", CORRUPTIONS,
+                                                                         "--names")
+    try:
+        sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--sizes = {args.sizes!r}: give comma-separated integers, e.g. 32,224") from None
+    if not sizes or min(sizes) < 8 or args.batch < 1 or args.repeat < 1 or args.severity not in range(1, 6):
+        raise ConfigError("--sizes >= 8 px, --batch >= 1, --repeat >= 1 and --severity 1..5, please")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads = {args.threads}: must be >= 1")
+    apply_threads(args.threads)
+    out = _out_dir(args.out, "corruptions", Path("synthetic"))
+    t0 = time.perf_counter()
+    rows = run_corruption_bench(names, sizes, args.batch, args.repeat, args.severity)
+    return _write_table(out, "corruptions", "Corruption cost per batch", rows, markdown(rows, args.command_line),
+                        args.command_line, t0)
 
 
 def cmd_cloud(args: argparse.Namespace) -> int:
