@@ -183,10 +183,14 @@ RUN_SCHEMA = Section({
         "edge": Section({
             "name": _str("cema_resnet_s", "edge model name", check=_check_model),
             "checkpoint": _str(None, "safetensors checkpoint (timm: local weights file)", nullable=True),
+            "allow_unverified": _bool(False, "load a checkpoint whose card has no sha256 (nothing vouches for its "
+                                             "bytes; a warning says so)"),
         }),
         "foundation": Section({
             "name": _str("cema_resnet_l", "foundation model name", check=_check_model),
             "checkpoint": _str(None, "safetensors checkpoint (timm: local weights file)", nullable=True),
+            "allow_unverified": _bool(False, "load a checkpoint whose card has no sha256 (nothing vouches for its "
+                                             "bytes; a warning says so)"),
         }),
     }),
     "stream": Section(_stream_fields(), "the stream every edge sees unless its group overrides it"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 import os
 import tempfile
 from pathlib import Path
@@ -75,18 +76,36 @@ def read_card(path: str | Path) -> dict[str, Any]:
     return card
 
 
-def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model its card describes and load the weights, verifying the file's hash."""
+def verify_checkpoint(path: str | Path, allow_unverified: bool = False) -> dict[str, Any]:
+    """The card of a checkpoint whose bytes match the card's sha256; returns the card.
+
+    A card without a sha256 cannot vouch for its file (a flipped byte would load silently): it is refused
+    unless the user allows it (`models.<role>.allow_unverified: true`), and then a warning says so."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     card = read_card(path)
+    if not card.get("sha256"):
+        if not allow_unverified:
+            raise CheckpointError(
+                f"checkpoint card {card_path(path)} has no sha256, so {path.name} cannot be verified: re-save it "
+                "(`cema-ray pretrain` writes the hash), or set models.<role>.allow_unverified: true to load it as is")
+        warnings.warn(f"loading {path} without an integrity check: its card has no sha256 (allow_unverified)",
+                      stacklevel=2)
+        return card
     digest = sha256_file(path)
-    if card.get("sha256") and card["sha256"] != digest:
+    if card["sha256"] != digest:
         raise CheckpointError(
             f"checkpoint {path} does not match its card (sha256 {digest[:12]}... != {card['sha256'][:12]}...): "
             "the file is truncated or was modified"
         )
+    return card
+
+
+def load_checkpoint(path: str | Path, allow_unverified: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model its card describes and load the weights, verifying the file's hash."""
+    path = Path(path)
+    card = verify_checkpoint(path, allow_unverified)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -63,6 +63,8 @@ class FaultSchedule:
     replayed: int = 0
     restored_from: list[int] = field(default_factory=list)
     raises_seen: list[int] = field(default_factory=list)
+    host_retries: int = 0  # a reviving host that failed again before its restore answered
+    cloud_retries: int = 0  # a recovering cloud that failed again before or during its replay
 
     @classmethod
     def plan(cls, kill_hosts: int, rounds: int, hosts: int, seed: int, kill_cloud: int = 0,
@@ -104,6 +106,12 @@ class FaultSchedule:
                     out.setdefault(at, []).append(h)
         return out
 
+    def host_retry(self) -> None:
+        self.host_retries += 1
+
+    def cloud_retry(self) -> None:
+        self.cloud_retries += 1
+
     def kill_cloud_at(self, delivery: int) -> bool:
         return delivery in self.cloud_kills
 
@@ -118,4 +126,5 @@ class FaultSchedule:
                 "host_failures_seen": self.seen,
                 "host_recoveries": self.recovered, "cloud_kills_planned": len(self.cloud_kills),
                 "cloud_failures_seen": self.cloud_seen, "cloud_recoveries": self.cloud_recovered,
-                "deliveries_replayed": self.replayed, "cloud_restored_from": list(self.restored_from)}
+                "deliveries_replayed": self.replayed, "cloud_restored_from": list(self.restored_from),
+                "host_recovery_retries": self.host_retries, "cloud_recovery_retries": self.cloud_retries}

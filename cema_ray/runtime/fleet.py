@@ -22,7 +22,7 @@ from cema_ray.data.streams import EdgeStream, StreamSpec
 from cema_ray.errors import CheckpointError, ConfigError
 from cema_ray.methods import METHODS
 from cema_ray.methods.base import MethodSpec
-from cema_ray.models.checkpoint import load_checkpoint
+from cema_ray.models.checkpoint import load_checkpoint, verify_checkpoint
 from cema_ray.models.factory import TIMM_PREFIX, create_model
 from cema_ray.runtime.edge import EdgeProfile
 from cema_ray.runtime.faults import plan_bad_batches
@@ -67,10 +67,32 @@ def load_model(model_cfg: dict[str, Any], data_cfg: dict[str, Any], role: str) -
             f"models.{role}.checkpoint = {path}: file not found; train it with "
             f"`cema-ray pretrain configs/pretrain_<data>_{role}.yaml`"
         )
-    model, card = load_checkpoint(path)
+    model, card = load_checkpoint(path, bool(model_cfg.get("allow_unverified")))
     if card["architecture"] != name:
         raise CheckpointError(f"models.{role}: checkpoint {path} holds '{card['architecture']}', config names '{name}'")
     return model
+
+
+def verify_models(cfg: dict[str, Any]) -> None:
+    """Every checkpoint the run loads exists and matches its card: checked once, on the driver, before Ray
+    starts, so a bad file is one line at once instead of a dead actor after the start-up."""
+    spec, _ = method_settings(cfg)
+    for role in ("edge", "foundation") if spec.uses_foundation else ("edge",):
+        model_cfg = cfg["models"][role]
+        path = model_cfg.get("checkpoint")
+        if model_cfg["name"].startswith(TIMM_PREFIX):
+            if path and not Path(path).is_file():
+                raise CheckpointError(f"models.{role}.checkpoint = {path}: file not found")
+            continue
+        if not path:
+            raise CheckpointError(f"models.{role}.checkpoint is not set: '{model_cfg['name']}' needs trained weights")
+        if not Path(path).is_file():
+            raise CheckpointError(f"models.{role}.checkpoint = {path}: file not found; train it with "
+                                  f"`cema-ray pretrain configs/pretrain_<data>_{role}.yaml`")
+        card = verify_checkpoint(path, bool(model_cfg.get("allow_unverified")))
+        if card["architecture"] != model_cfg["name"]:
+            raise CheckpointError(f"models.{role}: checkpoint {path} holds '{card['architecture']}', "
+                                  f"config names '{model_cfg['name']}'")
 
 
 UPLINK_KEYS = ("uplink_samples_per_s", "uplink_bytes_per_s")

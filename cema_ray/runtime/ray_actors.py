@@ -18,6 +18,7 @@ import ray
 import torch
 
 from cema_ray.data.catalog import LabeledImagesLike
+from cema_ray.errors import CemaError
 from cema_ray.runtime.cloud import SHARED, CloudService, Publication
 from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore
 from cema_ray.runtime.edge import EdgeDevice
@@ -32,23 +33,32 @@ class EdgeHost:
     def __init__(self, host_id: int, cfg: dict[str, Any], plans: list[EdgePlan],
                  clean: LabeledImagesLike | None = None, threads: int = 1, nice: int = 0) -> None:
         """``nice``: added to this process's niceness, so that a cloud on the same node gets the CPU first
-        when both are busy (async mode): a starved cloud falls behind and its backlog drops uploads."""
+        when both are busy (async mode): a starved cloud falls behind and its backlog drops uploads.
+
+        A project error while building the edges (a bad checkpoint, an unreadable image) is kept and raised
+        by `restore`, the driver's first call: raised here, Ray would report a dead actor and bury the
+        message; raised by a call, it reaches the driver as itself and ends the run in one line."""
         from cema_ray.runtime.local import build_edges
 
+        self.host_id = host_id
+        self.edges: list[EdgeDevice] = []
+        self.init_error: CemaError | None = None
+        # Ray reruns __init__ when it restarts a host: its edges would be back at batch 0. So a host
+        # steps only after the driver has called `restore` (with nothing to restore on first start).
+        self.needs_restore = True
         self.malloc_kept = keep_freed_memory(int(cfg["ray"]["malloc_keep_mb"]))
         torch.set_num_threads(threads)
         if nice:
             os.nice(nice)
-        self.host_id = host_id
-        data = DataContext(cfg["data"], clean=clean)
-        edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")
-        self.edges = build_edges(cfg, data, edge_model, plans)
-        self.by_id = {e.edge_id: e for e in self.edges}
         self.t_start: float | None = None
         self.metrics = HostMetrics(host_id)
-        # Ray reruns __init__ when it restarts a host: its edges would be back at batch 0. So a host
-        # steps only after the driver has called `restore` (with nothing to restore on first start).
-        self.needs_restore = True
+        try:
+            data = DataContext(cfg["data"], clean=clean)
+            edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")
+            self.edges = build_edges(cfg, data, edge_model, plans)
+        except CemaError as exc:
+            self.init_error = exc
+        self.by_id = {e.edge_id: e for e in self.edges}
 
     def __repr__(self) -> str:  # Ray uses it as the log prefix
         ids = [e.edge_id for e in self.edges]
@@ -135,6 +145,8 @@ class EdgeHost:
 
     def restore(self, snaps: dict[int, dict[str, Any]], pubs: list[Publication]) -> int:
         """Resume every edge from its snapshot, then load publications newer than what it had."""
+        if self.init_error is not None:
+            raise self.init_error
         for edge_id, snap in snaps.items():
             self.by_id[edge_id].restore(snap)
         self.apply(pubs)
@@ -176,10 +188,19 @@ class CloudActor:
 
     def __init__(self, cfg: dict[str, Any], threads: int = 1, checkpoint_dir: str | None = None,
                  run_id: str = "") -> None:
-        from cema_ray.runtime.local import build_cloud
-
+        """A project error while building (a bad checkpoint) is kept and raised by `ping` and `position`,
+        the driver's first calls after a start or a restart, as EdgeHost does."""
         keep_freed_memory(int(cfg["ray"]["malloc_keep_mb"]))
         torch.set_num_threads(threads)
+        self.init_error: CemaError | None = None
+        try:
+            self._build(cfg, checkpoint_dir, run_id)
+        except CemaError as exc:
+            self.init_error = exc
+
+    def _build(self, cfg: dict[str, Any], checkpoint_dir: str | None, run_id: str) -> None:
+        from cema_ray.runtime.local import build_cloud
+
         spec, _ = method_settings(cfg)
         edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")
         foundation = load_model(cfg["models"]["foundation"], cfg["data"], "foundation") if spec.uses_foundation else None
@@ -200,10 +221,14 @@ class CloudActor:
         return "CloudActor"
 
     def ping(self) -> int:
+        if self.init_error is not None:
+            raise self.init_error
         return os.getpid()
 
     def position(self) -> tuple[int, int | None]:
         """(deliveries applied, the checkpoint position this instance was restored from or None)."""
+        if self.init_error is not None:
+            raise self.init_error
         return self.service.rounds, self.restored_from
 
     def deliver(self, seq: int, edge_ids: list[int] | None, *host_uploads: list[tuple[int, bool, np.ndarray]]

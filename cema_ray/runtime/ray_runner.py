@@ -20,11 +20,11 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from cema_ray.errors import RunInterrupted
+from cema_ray.errors import CemaError, RunInterrupted
 from cema_ray.results import RunRecorder
 from cema_ray.runtime.cloud import SHARED, Publication
 from cema_ray.runtime.faults import FaultSchedule
-from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans
+from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans, verify_models
 from cema_ray.runtime.progress import RunProgress
 from cema_ray.runtime.ray_actors import CloudActor, Delivery, EdgeHost
 
@@ -123,7 +123,14 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
         ).remote(i, cfg, plans, clean_ref, 1, int(rcfg["host_nice"]))
         for i, plans in enumerate(groups)
     ]
-    ray.get([cloud.ping.remote(), *[h.restore.remote({}, []) for h in hosts]])  # arms every host
+    try:
+        ray.get([cloud.ping.remote(), *[h.restore.remote({}, []) for h in hosts]])  # arms every host
+    except RayTaskError as exc:  # a project error while an actor was built: its own message, no restarts
+        _kill([cloud, *hosts])
+        err = project_error(exc, "starting the actors")
+        if err is not None:
+            raise err from None
+        raise
     return cloud, hosts
 
 
@@ -169,32 +176,96 @@ class CloudLink:
         return isinstance(exc, RayTaskError) and "OutOfOrderDelivery" in str(exc)
 
     def recover(self, first_undone: int) -> None:
-        """Wait for Ray to restart the cloud, then replay the log from its checkpoint up to `first_undone`."""
+        """Wait for Ray to restart the cloud, then replay the log from its checkpoint up to `first_undone`.
+
+        Faults come in bursts: a cloud that dies again during its replay is waited for and replayed
+        again, from whatever checkpoint it then restores, up to MAX_RECOVERIES_PER_ROUND attempts."""
         self.faults.cloud_seen += 1
         if not self.checkpointing:
             raise RuntimeError("the cloud actor died and cloud.checkpoint_every is 0: there is no checkpoint to "
                                "restart it from (set cloud.checkpoint_every > 0)")
-        position, restored = wait_for_actor(self.cloud.position)
+        for attempt in range(MAX_RECOVERIES_PER_ROUND):
+            try:
+                restored = self._replay(first_undone)
+            except (RayActorError, RayTaskError) as exc:
+                err = project_error(exc, "the cloud")
+                if err is not None:
+                    raise err from None
+                if not self.is_cloud_failure(exc):
+                    raise
+                self.faults.cloud_retry()
+                time.sleep(backoff_s(attempt))
+                continue
+            self.faults.cloud_recovered += 1
+            self.faults.restored_from.append(-1 if restored is None else restored)
+            return
+        raise RuntimeError(f"the cloud kept failing while it recovered: gave up after {MAX_RECOVERIES_PER_ROUND} "
+                           "attempts")
+
+    def _replay(self, first_undone: int) -> int | None:
+        """One recovery attempt: the restarted cloud's position, then the deliveries it misses, in order."""
+        position, restored = wait_for_actor(self.cloud.position, where="the cloud", on_retry=self.faults.cloud_retry)
         if position < first_undone and position not in self.log:
             raise RuntimeError(f"the restarted cloud resumed at delivery {position}, which the driver no longer holds")
         for seq in range(position, first_undone):
             edge_ids, uploads = self.log[seq]
+            self.before_replay(seq)
             ray.get(self.cloud.deliver.remote(seq, edge_ids, *uploads))  # its publications went out already
             self.faults.replayed += 1
-        self.faults.cloud_recovered += 1
-        self.faults.restored_from.append(-1 if restored is None else restored)
+        return restored
+
+    def before_replay(self, seq: int) -> None:
+        """Hook called before each replayed delivery (tests kill the cloud here: a fault during recovery)."""
 
 
-def wait_for_actor(method: Any, *args: Any) -> Any:
-    """Call an actor method until it answers: Ray fails calls while it restarts the actor."""
+def _kill(actors: list[Any]) -> None:
+    for actor in actors:
+        try:
+            ray.kill(actor)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+def project_error(exc: BaseException, where: str) -> CemaError | None:
+    """The project's own error raised inside an actor, named after the actor, or None.
+
+    A CemaError (a bad checkpoint, an unreadable image) is deterministic: restarting the actor would
+    raise it again. Ray wraps it in a RayTaskError and keeps the original as ``cause``; the run ends with
+    the original's one-line message instead of restarts and a chained traceback."""
+    cause = getattr(exc, "cause", None)
+    if not isinstance(exc, RayTaskError) or not isinstance(cause, CemaError):
+        return None
+    try:
+        return type(cause)(f"{where}: {cause}")
+    except Exception:  # noqa: BLE001 - a subclass with another signature keeps its own message
+        return cause
+
+
+def backoff_s(attempt: int) -> float:
+    """Seconds to wait before retry `attempt` (0, 1, ...): 0.25 doubling to at most 4 s."""
+    return min(4.0, 0.25 * 2 ** attempt)
+
+
+def wait_for_actor(method: Any, *args: Any, where: str = "an actor", on_retry: Any = None) -> Any:
+    """Call an actor method until it answers: Ray fails calls while it restarts the actor, and the
+    actor may die again meanwhile (each failed attempt calls `on_retry`, backing off between them)."""
     deadline = time.monotonic() + RESTART_TIMEOUT_S
+    attempt = 0
     while True:
         try:
             return ray.get(method.remote(*args), timeout=60)
         except (RayActorError, GetTimeoutError):
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.5)
+            if on_retry is not None:
+                on_retry()
+            time.sleep(backoff_s(attempt))
+            attempt += 1
+        except RayTaskError as exc:
+            err = project_error(exc, where)
+            if err is not None:
+                raise err from None
+            raise
 
 
 def revive_host(host: Any, index: int, exc: Exception, snapshot: dict[int, Any], pubs: list[Publication],
@@ -204,12 +275,15 @@ def revive_host(host: Any, index: int, exc: Exception, snapshot: dict[int, Any],
     A dead process is restarted by Ray; a host whose step raised is killed first (its edges may be half
     stepped), so both come back through the same restart and restore.
     """
+    err = project_error(exc, f"edge host {index}")
+    if err is not None:
+        raise err from None
     faults.seen += 1
     if isinstance(exc, RayTaskError) and "HostNeedsRestore" not in str(exc):
         if "InjectedFault" in str(exc):
             faults.raised(index)
         ray.kill(host, no_restart=False)
-    wait_for_actor(host.restore, snapshot, pubs)
+    wait_for_actor(host.restore, snapshot, pubs, where=f"edge host {index}", on_retry=faults.host_retry)
     faults.recovered += 1
 
 
@@ -270,6 +344,9 @@ class SyncDriver:
                 self.link.delivered(seq, delivery)
                 return delivery
             except (RayActorError, RayTaskError) as exc:
+                err = project_error(exc, "the cloud")
+                if err is not None:
+                    raise err from None
                 if not self.link.is_cloud_failure(exc):
                     raise
                 self.link.recover(seq)
@@ -421,6 +498,9 @@ class AsyncDriver:
         try:
             delivery = ray.get(ref)
         except (RayActorError, RayTaskError) as exc:
+            err = project_error(exc, "the cloud")
+            if err is not None:
+                raise err from None
             if not self.link.is_cloud_failure(exc):
                 raise
             self.redo[seq] = records
@@ -473,11 +553,15 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None) -> tuple[Run
     Cloud checkpoints go to ``<out_dir>/cloud_checkpoints`` (a temporary folder without one): on a
     cluster that folder must be reachable from the cloud actor's node.
     """
+    t_data = time.perf_counter()
+    verify_models(cfg)  # everything that can be checked before Ray starts is checked before it starts
+    data = DataContext(cfg["data"])
+    data.image_shape  # noqa: B018 - a lazy folder reads its first image now, so a bad one fails here
+    t_data = time.perf_counter() - t_data
     started = init_ray(cfg)
     tmp = None
     try:
-        t_start = time.perf_counter()
-        data = DataContext(cfg["data"])
+        t_start = time.perf_counter() - t_data  # start-up: data and actors (not Ray's own start)
         clean_ref = ray.put(data.clean) if data.clean is not None else None
         plans = edge_plans(cfg)
         count = host_count(len(plans), cfg["edges"]["per_host"], cfg["edges"].get("hosts"),
@@ -512,10 +596,13 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None) -> tuple[Run
                 extra = {"max_backlog": driver.max_backlog, "backlog_bound": driver.backlog_bound}
         except KeyboardInterrupt:  # the records the driver has are whole batches: write them, then stop
             progress.close()
-            for actor in [cloud, *hosts]:  # on a shared cluster nobody else would stop them
-                ray.kill(actor)
+            _kill([cloud, *hosts])
             raise RunInterrupted(progress.recorder, {"wall_seconds": progress.elapsed, "num_hosts": len(hosts),
                                                      "faults": faults.report()}) from None
+        except BaseException:
+            progress.close()
+            _kill([cloud, *hosts])  # on a shared cluster nobody else would stop them
+            raise
         progress.close()
         stats = wait_for_actor(cloud.stats)
         facts = {"wall_seconds": progress.elapsed, "startup_seconds": startup, "num_hosts": len(hosts),
@@ -524,8 +611,7 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None) -> tuple[Run
                  "publications": stats["publications"], "cloud_step_seconds": stats["step_seconds"],
                  "cloud_deliveries": stats["deliveries"], "cloud_ingested": stats["ingested"], "faults": faults.report(),
                  "threads": {"cloud": cloud_threads(cfg["cloud"]), "edge_host": 1}, **extra}
-        for actor in [cloud, *hosts]:
-            ray.kill(actor)
+        _kill([cloud, *hosts])
         return progress.recorder, facts
     finally:
         if started:
