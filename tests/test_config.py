@@ -88,7 +88,8 @@ def test_defaults_filled(base: Path) -> None:
     assert cfg["faults"] == {"kill_hosts": 0, "kill_cloud": 0, "bad_batches": 0, "raise_in_hosts": 0, "slow_cloud_s": 0.0,
                              "seed": 0}
     assert cfg["output"] == {"dir": None, "progress": True, "report": True}
-    assert cfg["models"]["edge"] == {"name": "cema_resnet_s", "checkpoint": None}
+    assert cfg["models"]["edge"] == {"name": "cema_resnet_s", "checkpoint": None,
+                                         "allow_unverified": False}
 
 
 def test_name_defaults_to_file_stem(tmp_path: Path) -> None:
