@@ -18,10 +18,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cema-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,pretrain,bench,list}")
     run = sub.add_parser("run", help="run an adaptation experiment from a YAML config")
-    run.add_argument("config", type=Path, help="run config (see configs/)")
+    run.add_argument("config", type=Path, nargs="?", help="run config (see configs/)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides, e.g. edges.count=4")
     run.add_argument("--out", type=Path, default=None, help="output folder (default: output.dir or runs/<name>-<time>)")
     run.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, run nothing")
+    run.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                     help="continue the interrupted sync Ray run in DIR from its checkpoints (no config needed)")
     run.set_defaults(func=cmd_run)
     pre = sub.add_parser("pretrain", help="train an edge or foundation model checkpoint")
     pre.add_argument("config", type=Path, help="pretrain config (configs/pretrain_*.yaml)")
@@ -64,6 +66,10 @@ def _print_config(cfg: dict[str, Any]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from cema_ray.config import load_config, resolve_output_dir
 
+    if args.resume is not None:
+        return _resume(args)
+    if args.config is None:
+        raise ConfigError("cema-ray run needs a config file (or --resume DIR)")
     cfg = load_config(args.config, args.overrides)
     out_dir = args.out or resolve_output_dir(cfg)
     cfg["output"]["dir"] = str(out_dir)
@@ -77,6 +83,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg["output"]["report"]:
         print(f"report: {Path(out_dir) / 'report.md'}")
     print(f"outputs: {out_dir}")
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """`run --resume DIR`: the run's own config from DIR/resume/run.json, validated again, same folder."""
+    from cema_ray.config import validate_run_config
+    from cema_ray.runtime import run_experiment
+    from cema_ray.runtime.journal import ResumeJournal
+
+    if args.config is not None or args.overrides or args.out is not None:
+        raise ConfigError("--resume DIR continues the run with its own config and folder: give no config, "
+                          "overrides or --out")
+    raw, _ = ResumeJournal.read(args.resume)
+    cfg = validate_run_config(raw)
+    cfg["output"]["dir"] = str(args.resume)
+    if args.dry_run:
+        _print_config(cfg)
+        return 0
+    summary = run_experiment(cfg, args.resume, resume=True)
+    print(format_summary(summary))
+    print(f"outputs: {args.resume}")
     return 0
 
 

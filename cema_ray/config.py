@@ -718,8 +718,8 @@ def _check_corrupted_source(cfg: dict[str, Any], raw_data: dict[str, Any], check
     info = DATA_SOURCES.get(source) if source in DATA_SOURCES else None
     if getattr(info, "kind", None) != "corrupted":
         return
-    for key in ("split", "cache_dir"):
-        if key in raw_data:
+    for key, default in (("split", "test"), ("cache_dir", None)):
+        if key in raw_data and raw_data[key] != default:
             _fail(f"data.{key}", raw_data[key], f"data source '{source}' ships its corrupted test images as they "
                                                 f"are and ignores data.{key}: remove it")
     names = needed_corruptions(cfg)

@@ -6,6 +6,7 @@ to be recomputed from `batches.parquet` alone.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -69,10 +70,12 @@ class RunRecorder:
 
 
 def write_batches(table: pa.Table, path: str | Path) -> Path:
-    """Write the per-batch table as Parquet."""
+    """Write the per-batch table as Parquet, atomically: a reader (or a kill) never meets half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
     return path
 
 

@@ -7,6 +7,7 @@ undefined ratios are null (not NaN), so the file is strict JSON.
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -121,5 +122,7 @@ def _plain(value: Any) -> Any:
 def write_summary(summary: Mapping[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_plain(summary), indent=2, allow_nan=False) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_plain(summary), indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)  # atomic: a partial summary is replaced whole, never truncated
     return path

@@ -24,34 +24,42 @@ def check_writable(out: Path) -> None:
         raise ConfigError(f"output folder {out}: cannot write there ({exc.strerror or exc})") from None
 
 
-def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None) -> dict[str, Any]:
+def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Run a validated config on its runtime and write batches.parquet, summary.json, report.md.
 
-    On Ctrl-C the batches predicted so far are written all the same (`summary.json`: `interrupted: true`)
-    and the interrupt is re-raised, carrying the folder (`RunInterrupted.out`)."""
+    While it runs, the table and summary so far are rewritten every few seconds (`status: interrupted`), so a
+    killed driver leaves them readable; `resume=True` continues the sync Ray run in `out_dir`
+    (`runtime.journal`). On Ctrl-C the batches predicted so far are written all the same and the interrupt
+    is re-raised, carrying the folder (`RunInterrupted.out`)."""
     out = Path(out_dir) if out_dir else default_out_dir(cfg)
     check_writable(out)
     from cema_ray.errors import RunInterrupted
+    from cema_ray.runtime.journal import PartialWriter
 
+    partial = PartialWriter(lambda rec: _write(cfg, out, rec, INTERRUPTED, report=False))
     try:
         if cfg["runtime"] == "local":
             from cema_ray.runtime.local import run_local
 
-            recorder, facts = run_local(cfg)
+            recorder, facts = run_local(cfg, partial)
         else:
             from cema_ray.runtime.ray_runner import run_ray
 
-            recorder, facts = run_ray(cfg, out)
+            recorder, facts = run_ray(cfg, out, partial=partial, resume=resume)
     except RunInterrupted as stop:  # Ctrl-C: what was predicted so far is written, marked interrupted
         stop.out = out
         stop.batches = len(stop.recorder.rows)
         if stop.batches:
-            _write(cfg, out, stop.recorder, {**stop.facts, "interrupted": True})
+            _write(cfg, out, stop.recorder, {**stop.facts, **INTERRUPTED})
         raise
-    return _write(cfg, out, recorder, {**facts, "interrupted": False})
+    return _write(cfg, out, recorder, {**facts, "interrupted": False, "status": "complete"})
 
 
-def _write(cfg: dict[str, Any], out: Path, recorder: Any, facts: dict[str, Any]) -> dict[str, Any]:
+INTERRUPTED = {"interrupted": True, "status": "interrupted"}
+
+
+def _write(cfg: dict[str, Any], out: Path, recorder: Any, facts: dict[str, Any],
+           report: bool | None = None) -> dict[str, Any]:
     from cema_ray.results import write_outputs
     from cema_ray.runtime.fleet import edge_plans
 
@@ -60,6 +68,6 @@ def _write(cfg: dict[str, Any], out: Path, recorder: Any, facts: dict[str, Any])
         "name": cfg["name"], "method": cfg["method"]["name"], "runtime": cfg["runtime"], "mode": cfg["mode"],
         "num_edges": cfg["edges"]["count"], "seed": cfg["seed"], "data_source": cfg["data"]["source"], **facts,
     }
-    summary = write_outputs(out, recorder, meta, report=cfg["output"].get("report", True))
+    summary = write_outputs(out, recorder, meta, report=cfg["output"].get("report", True) if report is None else report)
     summary["out_dir"] = str(out)
     return summary

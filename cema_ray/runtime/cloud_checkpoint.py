@@ -114,7 +114,17 @@ class CloudCheckpointStore:
         pointer = self.folder / "LATEST"
         if not pointer.is_file():
             return None
-        stem = pointer.read_text().strip()
+        return self._load(pointer.read_text().strip())
+
+    def at(self, position: int) -> dict[str, Any] | None:
+        """The state saved at `position` (None when it is not kept or is another run's)."""
+        stem = f"state-{position:08d}"
+        if not (self.folder / f"{stem}.json").is_file():
+            return None
+        found = self._load(stem)
+        return None if found is None else found[0]
+
+    def _load(self, stem: str) -> tuple[dict[str, Any], int] | None:
         meta_path, weights = self.folder / f"{stem}.json", self.folder / f"{stem}.safetensors"
         try:
             meta = json.loads(meta_path.read_text())

@@ -17,6 +17,7 @@ from cema_ray.runtime.edge import EdgeDevice, EdgeStep
 from cema_ray.runtime.fleet import DataContext, edge_plans, fresh_copy, load_model, make_generator, method_settings
 from cema_ray.results import RunRecorder
 from cema_ray.runtime.progress import RunProgress
+from cema_ray.runtime.journal import PartialWriter
 from cema_ray.threads import apply_threads
 
 
@@ -57,8 +58,10 @@ def deliver(pubs: list[Publication], edges: list[EdgeDevice]) -> None:
             edge.apply_update(pub.state, pub.version)
 
 
-def run_local(cfg: dict[str, Any]) -> tuple[RunRecorder, dict[str, Any]]:
-    """Run the whole fleet in this process; returns the per-batch records and run facts."""
+def run_local(cfg: dict[str, Any], partial: PartialWriter | None = None) -> tuple[RunRecorder, dict[str, Any]]:
+    """Run the whole fleet in this process; returns the per-batch records and run facts.
+
+    ``partial`` writes the records so far every few seconds (a killed process leaves them readable)."""
     threads = apply_threads(cfg.get("threads"))
     torch.manual_seed(cfg["seed"])
     data = DataContext(cfg["data"])
@@ -75,6 +78,8 @@ def run_local(cfg: dict[str, Any]) -> tuple[RunRecorder, dict[str, Any]]:
                 out.record["host_id"] = 0
                 progress.add(out.record)
             progress.refresh()
+            if partial is not None:
+                partial.maybe(progress.recorder)
     except KeyboardInterrupt:  # a round is recorded whole or not at all: the rows so far are consistent
         progress.close()
         raise RunInterrupted(progress.recorder, _facts(progress, cloud, threads)) from None

@@ -15,16 +15,18 @@ import tempfile
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from cema_ray.errors import CemaError, RunInterrupted
+from cema_ray.errors import CemaError, ConfigError, RunInterrupted
 from cema_ray.results import RunRecorder
 from cema_ray.runtime.cloud import SHARED, Publication
 from cema_ray.runtime.faults import FaultSchedule
 from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans, verify_models
+from cema_ray.runtime.journal import PartialWriter, ResumeJournal
 from cema_ray.runtime.progress import RunProgress
 from cema_ray.runtime.ray_actors import CloudActor, Delivery, EdgeHost
 
@@ -305,17 +307,24 @@ class SyncDriver:
     """
 
     def __init__(self, cloud: Any, hosts: list[Any], progress: RunProgress, faults: FaultSchedule,
-                 lengths: dict[int, int], checkpointing: bool) -> None:
+                 lengths: dict[int, int], checkpointing: bool, journal: ResumeJournal | None = None,
+                 every: int = 0, partial: PartialWriter | None = None, start: ResumePoint | None = None) -> None:
         self.cloud, self.hosts, self.progress, self.faults = cloud, hosts, progress, faults
         self.link = CloudLink(cloud, faults, checkpointing)
         self.lengths = lengths  # batches per edge: edge e takes part in rounds 0 .. lengths[e] - 1
+        self.journal, self.every, self.partial = journal, every, partial
         self.snapshots = ray.get([h.snapshot.remote() for h in hosts])
         self.latest_pubs: list[Publication] = []
         self.pubs_ref: Any = None  # the last round's publications, sent with the next round's steps
         self.newest: dict[int, int] = {}
+        self.first_round = 0
+        if start is not None:  # a resumed run: the hosts hold round `start.position`'s state already
+            self.first_round = self.link.next_seq = start.position
+            self.latest_pubs, self.newest = start.pubs, dict(start.newest)
 
     def run(self) -> None:
-        for round_index in range(max(self.lengths.values(), default=0)):
+        for round_index in range(self.first_round, max(self.lengths.values(), default=0)):
+            self._journal(round_index)
             edge_ids = sorted(e for e, n in self.lengths.items() if n > round_index)
             newest = dict(self.newest)
             calls = [h.step_and_snapshot.options(num_returns=3).remote(
@@ -335,6 +344,17 @@ class SyncDriver:
                 for rec in records:
                     self.progress.add(dict(rec, cloud_steps=delivery.steps.get(rec["edge_id"], 0)))
             self.progress.refresh()
+            if self.partial is not None:
+                self.partial.maybe(self.progress.recorder)
+
+    def _journal(self, round_index: int) -> None:
+        """At a round the cloud checkpoints at, put the hosts' state and the records so far on disk first."""
+        if self.journal is None or not round_index or round_index % self.every or round_index == self.first_round:
+            return
+        merged = {e: snap for host in self.snapshots for e, snap in host.items()}
+        self.journal.save_round(round_index, merged, self.latest_pubs, self.newest)
+        if self.partial is not None:
+            self.partial.maybe(self.progress.recorder, force=True)
 
     def _deliver(self, edge_ids: list[int], uploads: list[Any]) -> Delivery:
         seq, ref = self.link.submit(edge_ids, uploads)
@@ -385,8 +405,9 @@ class AsyncDriver:
     CLOUD_IN_FLIGHT = 2
 
     def __init__(self, cloud: Any, hosts: list[Any], progress: RunProgress, cfg: dict[str, Any],
-                 faults: FaultSchedule, checkpointing: bool) -> None:
+                 faults: FaultSchedule, checkpointing: bool, partial: PartialWriter | None = None) -> None:
         self.cloud, self.hosts, self.progress, self.faults = cloud, hosts, progress, faults
+        self.partial = partial
         self.link = CloudLink(cloud, faults, checkpointing)
         self.max_in_flight = cfg["ray"]["max_in_flight_per_host"]
         self.backlog_bound = max(2, 2 * len(hosts))
@@ -433,6 +454,8 @@ class AsyncDriver:
             self._dispatch()
             self.progress.refresh(version=max(self.newest.values(), default=0), backlog=len(self.backlog),
                                   **({"cloud": "down"} if self.ping else {}))
+            if self.partial is not None:
+                self.partial.maybe(self.progress.recorder)
         return self.dropped
 
     def _drain_host(self, i: int, upto: Any) -> None:
@@ -547,7 +570,39 @@ class AsyncDriver:
             rec["version_lag"] = max(0, newest - rec["weight_version"])
 
 
-def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None) -> tuple[RunRecorder, dict[str, Any]]:
+@dataclass
+class ResumePoint:
+    """Where a resumed sync run continues: the round, and the publications and versions the hosts hold."""
+
+    position: int
+    pubs: list[Publication]
+    newest: dict[int, int]
+
+
+def resume_hosts(cloud: Any, hosts: list[Any], groups: list[list[EdgePlan]], journal: ResumeJournal, out: Path,
+                 lengths: dict[int, int], progress: RunProgress) -> ResumePoint:
+    """The cloud restored its newest checkpoint (round P): restore every edge from its round-P snapshot and
+    take back the recorded batches of the rounds before P."""
+    position, restored = wait_for_actor(cloud.position, where="the cloud")
+    if restored is None:
+        raise ConfigError(f"cannot resume: no cloud checkpoint of this run in {out / 'cloud_checkpoints'}")
+    snapshots, pubs, newest = journal.load_round(position)
+    rows = journal.rows_before(out, position)
+    expected = sum(min(n, position) for n in lengths.values())
+    if len(rows) != expected:
+        raise ConfigError(f"cannot resume: {out / 'batches.parquet'} holds {len(rows)} batches of the rounds before "
+                          f"{position}, the run had {expected}")
+    ray.get([h.restore.remote({p.edge_id: snapshots[p.edge_id] for p in group}, pubs)
+             for h, group in zip(hosts, groups)])
+    for row in sorted(rows, key=lambda r: (r["batch_index"], r["edge_id"])):
+        progress.add(row)
+    print(f"resumed at round {position}: {len(rows)} batches kept, the cloud restored from its checkpoint",
+          file=sys.stderr, flush=True)
+    return ResumePoint(position, pubs, newest)
+
+
+def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: PartialWriter | None = None,
+            resume: bool = False) -> tuple[RunRecorder, dict[str, Any]]:
     """Run the fleet on Ray; returns the per-batch records and run facts.
 
     Cloud checkpoints go to ``<out_dir>/cloud_checkpoints`` (a temporary folder without one): on a
@@ -571,7 +626,14 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None) -> tuple[Run
         if out_dir is None and checkpointing:
             tmp = tempfile.TemporaryDirectory(prefix="cema-cloud-")
         ckpt_dir = str(Path(out_dir or tmp.name).resolve() / "cloud_checkpoints") if checkpointing else None
-        run_id = uuid.uuid4().hex
+        run_id = ResumeJournal.read(Path(out_dir))[1] if resume else uuid.uuid4().hex
+        journal = None
+        if out_dir is not None and checkpointing and cfg["mode"] == "sync":
+            journal = ResumeJournal(Path(out_dir), run_id)
+            if not resume:
+                journal.start(cfg)
+        if resume and journal is None:
+            raise ConfigError("--resume continues sync-mode Ray runs with cloud.checkpoint_every > 0")
         if cfg["output"]["progress"]:
             print(f"ray: actors {actor_prefix(cfg['name'], run_id)}-cloud and -edgehost-000..{len(groups) - 1:03d} "
                   f"in namespace '{NAMESPACE}' (dashboard: Actors page)", file=sys.stderr, flush=True)
@@ -587,10 +649,14 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None) -> tuple[Run
         extra: dict[str, Any] = {}
         try:
             if cfg["mode"] == "sync":
-                SyncDriver(cloud, hosts, progress, faults, lengths, checkpointing).run()
+                start = resume_hosts(cloud, hosts, groups, journal, Path(out_dir), lengths, progress) if resume else None
+                SyncDriver(cloud, hosts, progress, faults, lengths, checkpointing, journal,
+                           cfg["cloud"]["checkpoint_every"], partial, start).run()
                 dropped = 0
+                if journal is not None:
+                    journal.finish()
             else:
-                driver = AsyncDriver(cloud, hosts, progress, cfg, faults, checkpointing)
+                driver = AsyncDriver(cloud, hosts, progress, cfg, faults, checkpointing, partial)
                 dropped = driver.run()
                 driver.fix_lags(progress.recorder.rows)
                 extra = {"max_backlog": driver.max_backlog, "backlog_bound": driver.backlog_bound}

@@ -1,0 +1,115 @@
+"""What a run leaves on disk while it goes: a readable partial table, and for sync Ray runs a resumable state.
+
+A driver killed by SIGKILL (or a lost node) cannot write anything at its end, and a run of hours must not
+vanish with it. So the driver writes, as it goes:
+
+- `batches.parquet` and `summary.json` (`"status": "interrupted"`) with every batch recorded so far, each
+  replaced atomically: readable at any moment, never half written. `PartialWriter` does it every few
+  seconds for every runtime; the finished run overwrites both with `"status": "complete"`.
+- for sync-mode Ray runs with cloud checkpoints, `resume/`: `run.json` (the run id and the config) and, at
+  every round the cloud checkpoints at, every edge's snapshot and the publications the hosts hold
+  (`resume/hosts/`, the cloud checkpoint's format: JSON + safetensors, sha256-checked). The state at round
+  P is written *before* delivery P reaches the cloud, which checkpoints on receiving it, so whatever
+  position the cloud's newest checkpoint has, the hosts' state of that round is on disk too.
+
+`cema-ray run --resume DIR` restarts the cloud from its newest checkpoint (position P), restores every edge
+from its round-P snapshot, keeps the recorded batches of rounds before P, and continues: the same records
+as an uninterrupted run (tested by killing the driver process).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow.parquet as pq
+
+from cema_ray.errors import ConfigError
+from cema_ray.results import RunRecorder
+from cema_ray.runtime.cloud import Publication
+from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore
+
+RESUME_DIR = "resume"
+FLUSH_EVERY_S = 10.0
+
+WriteFn = Callable[[RunRecorder], None]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class PartialWriter:
+    """Writes the table and summary so far every `every_s` seconds (and when forced)."""
+
+    def __init__(self, write: WriteFn, every_s: float = FLUSH_EVERY_S) -> None:
+        self.write, self.every_s = write, every_s
+        self.last = time.monotonic()
+        self.written = 0
+
+    def maybe(self, recorder: RunRecorder, force: bool = False) -> None:
+        if len(recorder) == self.written or (not force and time.monotonic() - self.last < self.every_s):
+            return
+        self.write(recorder)
+        self.written, self.last = len(recorder), time.monotonic()
+
+
+class ResumeJournal:
+    """The resumable state of a sync Ray run in `<out>/resume/`."""
+
+    def __init__(self, out: Path, run_id: str) -> None:
+        self.dir = Path(out) / RESUME_DIR
+        self.run_id = run_id
+        self.hosts = CloudCheckpointStore(self.dir / "hosts", run_id)
+
+    def start(self, cfg: dict[str, Any]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.dir / "run.json", json.dumps({"run_id": self.run_id, "config": cfg}, indent=2).encode())
+
+    @staticmethod
+    def read(out: Path) -> tuple[dict[str, Any], str]:
+        """(config, run id) of the run in `out`; one line when there is nothing to resume."""
+        path = Path(out) / RESUME_DIR / "run.json"
+        if not path.is_file():
+            raise ConfigError(f"--resume {out}: no {RESUME_DIR}/run.json there; only sync-mode Ray runs with "
+                              "cloud.checkpoint_every > 0 can be resumed")
+        summary = Path(out) / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("status") == "complete":
+            raise ConfigError(f"--resume {out}: that run finished (summary.json: status complete)")
+        data = json.loads(path.read_text())
+        return data["config"], data["run_id"]
+
+    def save_round(self, position: int, snapshots: dict[int, Any], pubs: list[Publication],
+                   newest: dict[int, int]) -> None:
+        state = {"snapshots": snapshots, "newest": newest,
+                 "pubs": [{"state": p.state, "version": p.version, "edge_id": p.edge_id} for p in pubs]}
+        self.hosts.save(state, position)
+
+    def load_round(self, position: int) -> tuple[dict[int, Any], list[Publication], dict[int, int]]:
+        state = self.hosts.at(position)
+        if state is None:
+            raise ConfigError(f"cannot resume: the cloud's newest checkpoint is at round {position}, but the hosts' "
+                              f"state of that round is not in {self.hosts.folder}")
+        pubs = [Publication(p["state"], int(p["version"]), p["edge_id"]) for p in state["pubs"]]
+        return ({int(k): v for k, v in state["snapshots"].items()}, pubs,
+                {int(k): int(v) for k, v in state["newest"].items()})
+
+    @staticmethod
+    def rows_before(out: Path, position: int) -> list[dict[str, Any]]:
+        """The recorded batches of rounds before `position` (in sync runs a batch's index is its round)."""
+        path = Path(out) / "batches.parquet"
+        if not path.is_file():
+            return []
+        return [r for r in pq.read_table(path).to_pylist() if r["batch_index"] < position]
+
+    def finish(self) -> None:
+        """The run completed: the hosts' states are no longer needed (run.json stays, as the run's record)."""
+        for p in self.hosts.folder.glob("*"):
+            p.unlink(missing_ok=True)
+
