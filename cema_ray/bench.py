@@ -628,7 +628,8 @@ def aggregates(rows: Sequence[MethodRow]) -> list[dict[str, Any]]:
 def write_methods(rows: Sequence[MethodRow], table: str, out: Path, command: str,
                   plan: Sequence[tuple[str, str, dict[str, Any]]], how: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
-    setting = _stream_text(plan[0][2]) if plan else ""
+    plain = [cfg for _, row, cfg in plan if row not in REFERENCES]  # a reference row runs the foundation as edge
+    setting = _stream_text((plain or [p[2] for p in plan])[0]) if plan else ""
     data = {"command": command, "setting": setting, "executed": how, "environment": _environment(),
             "rows": [asdict(r) for r in rows], "aggregates": aggregates(rows)}
     (out / "methods.json").write_text(json.dumps(data, indent=2) + "\n")

@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 # What "the same predictions, uploads and versions" means, column by column (timings and hosts may differ).
 COMPARED = ("edge_id", "batch_index", "domain", "samples", "correct", "uploaded", "bytes_up", "bytes_down",
             "weight_version", "version_lag", "cloud_steps", "first_id", "last_id",
-            "skipped_unreliable", "skipped_confident", "skipped_redundant", "skipped_budget", "throttled")
+            "skipped_unreliable", "skipped_confident", "skipped_redundant", "skipped_budget", "throttled",
+            "dropped")
 
 
 def batch_table(out: Path) -> dict[str, list]:

@@ -205,3 +205,15 @@ def test_fault_schedule_is_a_pure_function_of_the_config():
     assert not a.wants_raise(host, at - 1) and a.wants_raise(host, at) and a.wants_raise(host, at + 5)
     a.raised(host)  # seen once: disarmed, however late the step that raised it ran
     assert not a.wants_raise(host, at + 5)
+
+
+@pytest.mark.ray
+def test_uploads_a_full_cloud_queue_refuses_are_counted_in_their_batch(ray_session, make_run_config, tmp_path):
+    """A cloud queue of 8 samples refuses most of each batch's uploads: every refusal lands in the `dropped`
+    column of the batch that uploaded it, the columns add up to the summary's count, and Ray == local."""
+    common = ("method.name=upload-all", "edges.count=2", "edges.per_host=1", "cloud.queue_capacity=8")
+    local = run_experiment(make_run_config("runtime=local", *common), tmp_path / "l")
+    remote = run_experiment(make_run_config("runtime=ray", *common), tmp_path / "r")
+    a, b = batch_table(tmp_path / "l"), batch_table(tmp_path / "r")
+    assert local["dropped"] > 0 and sum(a["dropped"]) == local["dropped"] == remote["dropped"] == sum(b["dropped"])
+    assert a["dropped"] == b["dropped"]

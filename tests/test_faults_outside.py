@@ -62,11 +62,11 @@ def test_a_host_killed_again_while_it_is_restored_recovers(ray_session, make_run
     original = ray_runner.revive_host
     kills = []
 
-    def revive_after_another_kill(host, index, exc, snapshot, pubs, faults):
+    def revive_after_another_kill(host, index, exc, snapshot, pubs, faults, clean_ref=None):
         if not kills:
             kills.append(index)
             ray.kill(host, no_restart=False)  # the restore about to be sent meets a dead host
-        return original(host, index, exc, snapshot, pubs, faults)
+        return original(host, index, exc, snapshot, pubs, faults, clean_ref)
 
     monkeypatch.setattr(ray_runner, "revive_host", revive_after_another_kill)
     hit = run_experiment(make_run_config("runtime=ray", "faults.kill_hosts=1", *common), tmp_path / "hit")

@@ -94,6 +94,8 @@ def summarize(table: pa.Table, meta: Mapping[str, Any] | None = None) -> dict[st
         "rejected": int(_col(table, "rejected").sum()),
         "rejected_batches": _rejected(table),
         "version_lag": _version_lag(table),
+        # batches predicted with weights the cloud published: 0 means the fleet never adapted through the cloud
+        "published_fraction": _ratio(int((_col(table, "weight_version") > 0).sum()), table.num_rows),
     }
     for key, value in meta.items():
         if key in summary and key not in META_KEYS:

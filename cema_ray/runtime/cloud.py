@@ -51,6 +51,7 @@ class CloudService:
         self.queue_capacity = queue_capacity
         self.versions: dict[int, int] = {}
         self.stats = CloudStats()
+        self.last_refused = 0  # samples of the last receive() the full queue refused
         self.rounds = 0
 
     def newest_version(self, edge_id: int) -> int:
@@ -63,7 +64,8 @@ class CloudService:
         oracle reference of the single-process runner. No real method ever sees them."""
         room = max(0, self.queue_capacity - self.trainer.queued())
         accepted = images[:room]  # a full queue refuses the excess: counted, never silently lost
-        self.stats.dropped += len(images) - len(accepted)
+        self.last_refused = len(images) - len(accepted)  # the batch's own drops, for its record
+        self.stats.dropped += self.last_refused
         self.stats.ingested += len(accepted)
         t0 = time.perf_counter()
         if len(accepted):

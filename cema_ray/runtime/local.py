@@ -46,6 +46,7 @@ def run_round(edges: list[EdgeDevice], cloud: CloudService) -> list[EdgeStep]:
         if out.reset:
             cloud.reset(edge.edge_id)
         out.record["cloud_steps"] = cloud.receive(edge.edge_id, out.upload_images, out.upload_labels)
+        out.record["dropped"] = cloud.last_refused
     deliver(cloud.end_round([e.edge_id for e in active]), edges)
     return steps
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,17 +31,24 @@ class EdgeHost:
     """Hosts a contiguous range of virtual edges sharing one process and one torch runtime."""
 
     def __init__(self, host_id: int, cfg: dict[str, Any], plans: list[EdgePlan],
-                 clean: LabeledImagesLike | None = None, threads: int = 1, nice: int = 0) -> None:
+                 clean: LabeledImagesLike | None = None, threads: int = 1, nice: int = 0,
+                 clean_in_restore: bool = False) -> None:
         """``nice``: added to this process's niceness, so that a cloud on the same node gets the CPU first
         when both are busy (async mode): a starved cloud falls behind and its backlog drops uploads.
 
-        A project error while building the edges (a bad checkpoint, an unreadable image) is kept and raised
-        by `restore`, the driver's first call: raised here, Ray would report a dead actor and bury the
-        message; raised by a call, it reaches the driver as itself and ends the run in one line."""
-        from cema_ray.runtime.local import build_edges
+        ``clean_in_restore``: the edges are built by the first `restore`, which brings the clean images (the
+        driver's object-store reference, as a method argument). Passed to the constructor instead, that
+        reference makes Ray print an error-level line for every restartable actor (ray#53727); `restore` is
+        the driver's first call after every start and restart anyway.
 
+        A project error while building the edges (a bad checkpoint, an unreadable image) is kept and raised
+        by `restore`: raised while constructing, Ray would report a dead actor and bury the message; raised
+        by a call, it reaches the driver as itself and ends the run in one line."""
         self.host_id = host_id
+        self.cfg, self.plans = cfg, plans
         self.edges: list[EdgeDevice] = []
+        self.by_id: dict[int, EdgeDevice] = {}
+        self.built = False
         self.init_error: CemaError | None = None
         # Ray reruns __init__ when it restarts a host: its edges would be back at batch 0. So a host
         # steps only after the driver has called `restore` (with nothing to restore on first start).
@@ -52,13 +59,20 @@ class EdgeHost:
             os.nice(nice)
         self.t_start: float | None = None
         self.metrics = HostMetrics(host_id)
+        if not clean_in_restore:
+            self._build(clean)
+
+    def _build(self, clean: LabeledImagesLike | None) -> None:
+        from cema_ray.runtime.local import build_edges
+
         try:
-            data = DataContext(cfg["data"], clean=clean)
-            edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")
-            self.edges = build_edges(cfg, data, edge_model, plans)
+            data = DataContext(self.cfg["data"], clean=clean)
+            edge_model = load_model(self.cfg["models"]["edge"], self.cfg["data"], "edge")
+            self.edges = build_edges(self.cfg, data, edge_model, self.plans)
         except CemaError as exc:
             self.init_error = exc
         self.by_id = {e.edge_id: e for e in self.edges}
+        self.built = True
 
     def __repr__(self) -> str:  # Ray uses it as the log prefix
         ids = [e.edge_id for e in self.edges]
@@ -143,8 +157,12 @@ class EdgeHost:
         records, uploads = self.step_round(newest, paced)
         return records, uploads, self.snapshot()
 
-    def restore(self, snaps: dict[int, dict[str, Any]], pubs: list[Publication]) -> int:
-        """Resume every edge from its snapshot, then load publications newer than what it had."""
+    def restore(self, snaps: dict[int, dict[str, Any]], pubs: list[Publication],
+                clean: LabeledImagesLike | None = None) -> int:
+        """Resume every edge from its snapshot, then load publications newer than what it had (building the
+        edges first, from ``clean``, when this process has not built them yet)."""
+        if not self.built:
+            self._build(clean)
         if self.init_error is not None:
             raise self.init_error
         for edge_id, snap in snaps.items():
@@ -170,6 +188,7 @@ class Delivery:
     pubs: list[Publication]  # versions published at its end
     checkpoint: int  # deliveries the newest checkpoint on disk covers: the driver may forget older ones
     published_at: float  # wall clock (time.time) when the publications were made
+    refused: dict[int, int] = field(default_factory=dict)  # uploads the full queue refused, per edge (one batch each)
 
 
 class OutOfOrderDelivery(RuntimeError):
@@ -247,15 +266,16 @@ class CloudActor:
             time.sleep(self.delay_s)
         items = sorted((item for uploads in host_uploads for item in uploads), key=lambda it: it[0])
         t0 = time.perf_counter()
-        steps = {}
+        steps, refused = {}, {}
         for edge_id, reset, images in items:
             if reset:
                 self.service.reset(edge_id)
             steps[edge_id] = self.service.receive(edge_id, images)
+            refused[edge_id] = self.service.last_refused
         pubs = self.service.end_round(sorted(steps if edge_ids is None else edge_ids))
         self.metrics.record(sum(steps.values()), sum(len(it[2]) for it in items), len(pubs),
                             self.service.trainer.queued(), time.perf_counter() - t0)
-        return Delivery(steps, pubs, self.checkpointed, time.time())
+        return Delivery(steps, pubs, self.checkpointed, time.time(), refused)
 
     def stats(self) -> dict[str, Any]:
         s = self.service.stats

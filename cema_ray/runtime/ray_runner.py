@@ -107,9 +107,11 @@ def actor_prefix(name: str, run_id: str) -> str:
 
 def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: Any, checkpoint_dir: str | None,
                  run_id: str) -> tuple[Any, list[Any]]:
-    """The cloud `<prefix>-cloud` and the hosts `<prefix>-edgehost-NNN` (`actor_prefix`). Ray warns that a restartable host has a constructor argument in the object
-    store (the clean images; ray#53727): a restart would fail if that object were gone, but the driver
-    holds its reference for the whole run, so a restarted host always finds it."""
+    """The cloud `<prefix>-cloud` and the hosts `<prefix>-edgehost-NNN` (`actor_prefix`).
+
+    The hosts get the clean images with their first `restore` (every start and restart is followed by one),
+    not as a constructor argument: an object-store reference there makes Ray print an error-level line for
+    every restartable actor (ray#53727). The driver holds the reference for the whole run."""
     rcfg = cfg["ray"]
     prefix = actor_prefix(cfg["name"], run_id)
     cloud = ray.remote(CloudActor).options(
@@ -122,16 +124,24 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
             name=f"{prefix}-edgehost-{i:03d}", namespace=NAMESPACE, num_cpus=rcfg["host_num_cpus"],
             memory=int(rcfg["host_memory_mb"]) * 2**20 or None, scheduling_strategy="SPREAD",
             max_restarts=-1, max_task_retries=0,  # restarted by Ray, restored by the driver
-        ).remote(i, cfg, plans, clean_ref, 1, int(rcfg["host_nice"]))
+        ).remote(i, cfg, plans, None, 1, int(rcfg["host_nice"]), True)
         for i, plans in enumerate(groups)
     ]
-    try:
-        ray.get([cloud.ping.remote(), *[h.restore.remote({}, []) for h in hosts]])  # arms every host
-    except RayTaskError as exc:  # a project error while an actor was built: its own message, no restarts
+    try:  # arms every host; an actor killed meanwhile is waited for (faults do not wait for the start-up)
+        refs = [h.restore.remote({}, [], clean_ref) for h in hosts]  # all at once: the hosts build in parallel
+        wait_for_actor(cloud.ping, where="the cloud")
+        for i, (h, ref) in enumerate(zip(hosts, refs)):
+            try:
+                ray.get(ref)
+            except RayActorError:
+                wait_for_actor(h.restore, {}, [], clean_ref, where=f"edge host {i}")
+            except RayTaskError as exc:
+                err = project_error(exc, f"edge host {i}")
+                if err is not None:
+                    raise err from None
+                raise
+    except BaseException:  # a project error while an actor was built ends the run in its own line
         _kill([cloud, *hosts])
-        err = project_error(exc, "starting the actors")
-        if err is not None:
-            raise err from None
         raise
     return cloud, hosts
 
@@ -270,8 +280,14 @@ def wait_for_actor(method: Any, *args: Any, where: str = "an actor", on_retry: A
             raise
 
 
+def initial_snapshots(hosts: list[Any]) -> list[dict[int, Any]]:
+    """Every host's state before its first step. A host killed since it was armed comes back at batch 0 too
+    (Ray reruns its constructor), so its snapshot is the same; its first step then asks to be restored."""
+    return [wait_for_actor(h.snapshot, where=f"edge host {i}") for i, h in enumerate(hosts)]
+
+
 def revive_host(host: Any, index: int, exc: Exception, snapshot: dict[int, Any], pubs: list[Publication],
-                faults: FaultSchedule) -> None:
+                faults: FaultSchedule, clean_ref: Any = None) -> None:
     """Bring a failed host back at its last snapshot: whatever it did after that is discarded and redone.
 
     A dead process is restarted by Ray; a host whose step raised is killed first (its edges may be half
@@ -285,7 +301,7 @@ def revive_host(host: Any, index: int, exc: Exception, snapshot: dict[int, Any],
         if "InjectedFault" in str(exc):
             faults.raised(index)
         ray.kill(host, no_restart=False)
-    wait_for_actor(host.restore, snapshot, pubs, where=f"edge host {index}", on_retry=faults.host_retry)
+    wait_for_actor(host.restore, snapshot, pubs, clean_ref, where=f"edge host {index}", on_retry=faults.host_retry)
     faults.recovered += 1
 
 
@@ -308,12 +324,14 @@ class SyncDriver:
 
     def __init__(self, cloud: Any, hosts: list[Any], progress: RunProgress, faults: FaultSchedule,
                  lengths: dict[int, int], checkpointing: bool, journal: ResumeJournal | None = None,
-                 every: int = 0, partial: PartialWriter | None = None, start: ResumePoint | None = None) -> None:
+                 every: int = 0, partial: PartialWriter | None = None, start: ResumePoint | None = None,
+                 clean_ref: Any = None) -> None:
         self.cloud, self.hosts, self.progress, self.faults = cloud, hosts, progress, faults
+        self.clean_ref = clean_ref  # what a restarted host builds its edges from
         self.link = CloudLink(cloud, faults, checkpointing)
         self.lengths = lengths  # batches per edge: edge e takes part in rounds 0 .. lengths[e] - 1
         self.journal, self.every, self.partial = journal, every, partial
-        self.snapshots = ray.get([h.snapshot.remote() for h in hosts])
+        self.snapshots = initial_snapshots(hosts)
         self.latest_pubs: list[Publication] = []
         self.pubs_ref: Any = None  # the last round's publications, sent with the next round's steps
         self.newest: dict[int, int] = {}
@@ -342,7 +360,8 @@ class SyncDriver:
             for i, (records, _, snap) in enumerate(outs):
                 self.snapshots[i] = snap
                 for rec in records:
-                    self.progress.add(dict(rec, cloud_steps=delivery.steps.get(rec["edge_id"], 0)))
+                    self.progress.add(dict(rec, cloud_steps=delivery.steps.get(rec["edge_id"], 0),
+                                           dropped=delivery.refused.get(rec["edge_id"], 0)))
             self.progress.refresh()
             if self.partial is not None:
                 self.partial.maybe(self.progress.recorder)
@@ -382,7 +401,7 @@ class SyncDriver:
                 return records, uploads_ref, snap
             except (RayActorError, RayTaskError) as exc:
                 error = exc
-                revive_host(self.hosts[i], i, exc, self.snapshots[i], self.latest_pubs, self.faults)
+                revive_host(self.hosts[i], i, exc, self.snapshots[i], self.latest_pubs, self.faults, self.clean_ref)
                 records_ref, uploads_ref, snap_ref = self.hosts[i].step_and_snapshot.options(
                     num_returns=3).remote(newest, False, self.faults.wants_raise(i, round_index), self.pubs_ref)
         raise RuntimeError(f"edge host {i} kept failing: gave up after {MAX_RECOVERIES_PER_ROUND} restarts") from error
@@ -405,9 +424,10 @@ class AsyncDriver:
     CLOUD_IN_FLIGHT = 2
 
     def __init__(self, cloud: Any, hosts: list[Any], progress: RunProgress, cfg: dict[str, Any],
-                 faults: FaultSchedule, checkpointing: bool, partial: PartialWriter | None = None) -> None:
+                 faults: FaultSchedule, checkpointing: bool, partial: PartialWriter | None = None,
+                 clean_ref: Any = None) -> None:
         self.cloud, self.hosts, self.progress, self.faults = cloud, hosts, progress, faults
-        self.partial = partial
+        self.partial, self.clean_ref = partial, clean_ref
         self.link = CloudLink(cloud, faults, checkpointing)
         self.max_in_flight = cfg["ray"]["max_in_flight_per_host"]
         self.backlog_bound = max(2, 2 * len(hosts))
@@ -416,7 +436,7 @@ class AsyncDriver:
         self.newest: dict[int, int] = {}
         self.latest_pubs: dict[int, Publication] = {}  # per student key: what a restored host must load
         self.pub_log: list[tuple[float, int, int]] = []  # (published at, student key, version)
-        self.snapshots = ray.get([h.snapshot.remote() for h in hosts])
+        self.snapshots = initial_snapshots(hosts)
         self.host_queues: list[deque[tuple[Any, Any, Any]]] = [deque() for _ in hosts]  # in submission order
         self.ref_host: dict[Any, int] = {}  # records ref -> host index
         self.host_steps = [0] * len(hosts)  # calls submitted per host: the fault schedule's clock
@@ -470,6 +490,7 @@ class AsyncDriver:
                 self._revive(i, exc)
                 return
             self.snapshots[i] = snap
+            self.progress.predicted(len(records))
             self._host_records(i, records, uploads_ref)
             if records_ref == upto:
                 return
@@ -480,7 +501,8 @@ class AsyncDriver:
             del self.ref_host[call[0]]
         self.host_queues[i].clear()
         self.paused = deque(h for h in self.paused if h != i)  # resubmitted below
-        revive_host(self.hosts[i], i, exc, self.snapshots[i], list(self.latest_pubs.values()), self.faults)
+        revive_host(self.hosts[i], i, exc, self.snapshots[i], list(self.latest_pubs.values()), self.faults,
+                    self.clean_ref)
         for _ in range(self.max_in_flight):
             self.submit(i)
 
@@ -540,7 +562,8 @@ class AsyncDriver:
             for host in self.hosts:
                 host.apply.remote(pubs_ref)  # fire and forget: applied between the host's steps
         for rec in records:
-            self.progress.add(dict(rec, cloud_steps=delivery.steps.get(rec["edge_id"], 0), dropped=0))
+            self.progress.add(dict(rec, cloud_steps=delivery.steps.get(rec["edge_id"], 0),
+                                   dropped=delivery.refused.get(rec["edge_id"], 0)))
 
     def _cloud_back(self) -> None:
         """The ping answered or failed: once every outstanding delivery has settled, replay and resend."""
@@ -580,7 +603,7 @@ class ResumePoint:
 
 
 def resume_hosts(cloud: Any, hosts: list[Any], groups: list[list[EdgePlan]], journal: ResumeJournal, out: Path,
-                 lengths: dict[int, int], progress: RunProgress) -> ResumePoint:
+                 lengths: dict[int, int], progress: RunProgress, clean_ref: Any) -> ResumePoint:
     """The cloud restored its newest checkpoint (round P): restore every edge from its round-P snapshot and
     take back the recorded batches of the rounds before P."""
     position, restored = wait_for_actor(cloud.position, where="the cloud")
@@ -592,7 +615,7 @@ def resume_hosts(cloud: Any, hosts: list[Any], groups: list[list[EdgePlan]], jou
     if len(rows) != expected:
         raise ConfigError(f"cannot resume: {out / 'batches.parquet'} holds {len(rows)} batches of the rounds before "
                           f"{position}, the run had {expected}")
-    ray.get([h.restore.remote({p.edge_id: snapshots[p.edge_id] for p in group}, pubs)
+    ray.get([h.restore.remote({p.edge_id: snapshots[p.edge_id] for p in group}, pubs, clean_ref)
              for h, group in zip(hosts, groups)])
     for row in sorted(rows, key=lambda r: (r["batch_index"], r["edge_id"])):
         progress.add(row)
@@ -639,24 +662,26 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                   f"in namespace '{NAMESPACE}' (dashboard: Actors page)", file=sys.stderr, flush=True)
         cloud, hosts = start_actors(cfg, groups, clean_ref, ckpt_dir, run_id)
         startup = time.perf_counter() - t_start
-        host_nodes = len(set(ray.get([h.node_id.remote() for h in hosts])))
+        host_nodes = len({wait_for_actor(h.node_id, where=f"edge host {i}") for i, h in enumerate(hosts)})
         lengths = {p.edge_id: len(data.stream(p)) for p in plans}
         total = sum(lengths.values())
-        progress = RunProgress(f"{cfg['name']} [ray {cfg['mode']}]", total, cfg["output"]["progress"])
+        progress = RunProgress(f"{cfg['name']} [ray {cfg['mode']}]", total, cfg["output"]["progress"],
+                               count_predictions=cfg["mode"] == "async")
         fcfg = cfg["faults"]
         faults = FaultSchedule.plan(fcfg["kill_hosts"], max(lengths.values()), len(hosts), fcfg["seed"],
                                     fcfg["kill_cloud"], fcfg["raise_in_hosts"])
         extra: dict[str, Any] = {}
         try:
             if cfg["mode"] == "sync":
-                start = resume_hosts(cloud, hosts, groups, journal, Path(out_dir), lengths, progress) if resume else None
+                start = (resume_hosts(cloud, hosts, groups, journal, Path(out_dir), lengths, progress, clean_ref)
+                         if resume else None)
                 SyncDriver(cloud, hosts, progress, faults, lengths, checkpointing, journal,
-                           cfg["cloud"]["checkpoint_every"], partial, start).run()
+                           cfg["cloud"]["checkpoint_every"], partial, start, clean_ref).run()
                 dropped = 0
                 if journal is not None:
                     journal.finish()
             else:
-                driver = AsyncDriver(cloud, hosts, progress, cfg, faults, checkpointing, partial)
+                driver = AsyncDriver(cloud, hosts, progress, cfg, faults, checkpointing, partial, clean_ref)
                 dropped = driver.run()
                 driver.fix_lags(progress.recorder.rows)
                 extra = {"max_backlog": driver.max_backlog, "backlog_bound": driver.backlog_bound}
