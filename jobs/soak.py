@@ -138,7 +138,7 @@ def report(args: argparse.Namespace, code: int, wall: float, kills: list[dict], 
               "memory_mb": samples, "memory_first_minute_mb": first, "memory_last_minute_mb": last,
               "checks": checks}
     (args.out / "soak.json").write_text(json.dumps(result, indent=2))
-    lines = [f"| check | result |", "| --- | --- |", *[f"| {k} | {'ok' if v else 'FAILED'} |" for k, v in checks.items()]]
+    lines = ["| check | result |", "| --- | --- |", *[f"| {k} | {'ok' if v else 'FAILED'} |" for k, v in checks.items()]]
     lines += ["", f"{result['host_kills']} EdgeHost and {result['cloud_kills']} CloudActor processes killed with "
               f"SIGKILL in {wall:.0f} s; faults seen by the run: {json.dumps(summary.get('faults'))}; "
               f"memory (driver + Ray workers, RSS) median {first} MiB in the first minute, {last} MiB in the "

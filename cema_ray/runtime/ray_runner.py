@@ -21,9 +21,12 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from cema_ray.errors import CemaError, ConfigError, RunInterrupted
+from cema_ray.errors import ConfigError, RunInterrupted
 from cema_ray.results import RunRecorder
 from cema_ray.runtime.cloud import SHARED, Publication
+from cema_ray.runtime.actor_calls import (MAX_RECOVERIES_PER_ROUND, kill_actors, project_error,
+                                           wait_for_actor)
+from cema_ray.runtime.cloud_link import CloudLink
 from cema_ray.runtime.faults import FaultSchedule
 from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans, verify_models
 from cema_ray.runtime.journal import PartialWriter, ResumeJournal
@@ -31,8 +34,6 @@ from cema_ray.runtime.progress import RunProgress
 from cema_ray.runtime.ray_actors import CloudActor, Delivery, EdgeHost
 
 NAMESPACE = "cema"
-MAX_RECOVERIES_PER_ROUND = 5
-RESTART_TIMEOUT_S = 180.0
 
 
 def init_ray(cfg: dict[str, Any]) -> bool:
@@ -141,143 +142,9 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
                     raise err from None
                 raise
     except BaseException:  # a project error while an actor was built ends the run in its own line
-        _kill([cloud, *hosts])
+        kill_actors([cloud, *hosts])
         raise
     return cloud, hosts
-
-
-class CloudLink:
-    """The driver's side of the cloud: numbered deliveries, the log since the last checkpoint, recovery.
-
-    The driver owns every upload it delivers (they are its tasks' return values), so after a cloud
-    restart it re-delivers, in order, whatever the restored checkpoint does not cover; publications
-    those replays produce were broadcast the first time and are dropped.
-    """
-
-    def __init__(self, cloud: Any, faults: FaultSchedule, checkpointing: bool) -> None:
-        self.cloud, self.faults, self.checkpointing = cloud, faults, checkpointing
-        self.log: dict[int, tuple[list[int] | None, list[Any]]] = {}  # seq -> (edge ids, upload refs)
-        self.next_seq = 0
-        self.kills_done: set[int] = set()
-
-    def submit(self, edge_ids: list[int] | None, uploads: list[Any]) -> tuple[int, Any]:
-        """Send the next delivery; returns its number and the reference of its result."""
-        seq, self.next_seq = self.next_seq, self.next_seq + 1
-        self.log[seq] = (edge_ids, uploads)
-        return seq, self.send(seq)
-
-    def send(self, seq: int) -> Any:
-        edge_ids, uploads = self.log[seq]
-        ref = self.cloud.deliver.remote(seq, edge_ids, *uploads)
-        if self.faults.kill_cloud_at(seq) and seq not in self.kills_done:
-            self.kills_done.add(seq)
-            ray.kill(self.cloud, no_restart=False)  # injected crash, mid-delivery
-        return ref
-
-    def delivered(self, seq: int, delivery: Delivery) -> None:
-        """Forget what no recovery can need: deliveries the newest checkpoint covers, and, without
-        checkpoints (nothing to recover from), every delivery up to this one, so the driver's memory
-        does not grow with the run."""
-        keep_from = delivery.checkpoint if self.checkpointing else seq + 1
-        for s in [s for s in self.log if s < keep_from]:
-            del self.log[s]
-
-    def is_cloud_failure(self, exc: Exception) -> bool:
-        if isinstance(exc, RayActorError):
-            return True
-        return isinstance(exc, RayTaskError) and "OutOfOrderDelivery" in str(exc)
-
-    def recover(self, first_undone: int) -> None:
-        """Wait for Ray to restart the cloud, then replay the log from its checkpoint up to `first_undone`.
-
-        Faults come in bursts: a cloud that dies again during its replay is waited for and replayed
-        again, from whatever checkpoint it then restores, up to MAX_RECOVERIES_PER_ROUND attempts."""
-        self.faults.cloud_seen += 1
-        if not self.checkpointing:
-            raise RuntimeError("the cloud actor died and cloud.checkpoint_every is 0: there is no checkpoint to "
-                               "restart it from (set cloud.checkpoint_every > 0)")
-        for attempt in range(MAX_RECOVERIES_PER_ROUND):
-            try:
-                restored = self._replay(first_undone)
-            except (RayActorError, RayTaskError) as exc:
-                err = project_error(exc, "the cloud")
-                if err is not None:
-                    raise err from None
-                if not self.is_cloud_failure(exc):
-                    raise
-                self.faults.cloud_retry()
-                time.sleep(backoff_s(attempt))
-                continue
-            self.faults.cloud_recovered += 1
-            self.faults.restored_from.append(-1 if restored is None else restored)
-            return
-        raise RuntimeError(f"the cloud kept failing while it recovered: gave up after {MAX_RECOVERIES_PER_ROUND} "
-                           "attempts")
-
-    def _replay(self, first_undone: int) -> int | None:
-        """One recovery attempt: the restarted cloud's position, then the deliveries it misses, in order."""
-        position, restored = wait_for_actor(self.cloud.position, where="the cloud", on_retry=self.faults.cloud_retry)
-        if position < first_undone and position not in self.log:
-            raise RuntimeError(f"the restarted cloud resumed at delivery {position}, which the driver no longer holds")
-        for seq in range(position, first_undone):
-            edge_ids, uploads = self.log[seq]
-            self.before_replay(seq)
-            ray.get(self.cloud.deliver.remote(seq, edge_ids, *uploads))  # its publications went out already
-            self.faults.replayed += 1
-        return restored
-
-    def before_replay(self, seq: int) -> None:
-        """Hook called before each replayed delivery (tests kill the cloud here: a fault during recovery)."""
-
-
-def _kill(actors: list[Any]) -> None:
-    for actor in actors:
-        try:
-            ray.kill(actor)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-
-
-def project_error(exc: BaseException, where: str) -> CemaError | None:
-    """The project's own error raised inside an actor, named after the actor, or None.
-
-    A CemaError (a bad checkpoint, an unreadable image) is deterministic: restarting the actor would
-    raise it again. Ray wraps it in a RayTaskError and keeps the original as ``cause``; the run ends with
-    the original's one-line message instead of restarts and a chained traceback."""
-    cause = getattr(exc, "cause", None)
-    if not isinstance(exc, RayTaskError) or not isinstance(cause, CemaError):
-        return None
-    try:
-        return type(cause)(f"{where}: {cause}")
-    except Exception:  # noqa: BLE001 - a subclass with another signature keeps its own message
-        return cause
-
-
-def backoff_s(attempt: int) -> float:
-    """Seconds to wait before retry `attempt` (0, 1, ...): 0.25 doubling to at most 4 s."""
-    return min(4.0, 0.25 * 2 ** attempt)
-
-
-def wait_for_actor(method: Any, *args: Any, where: str = "an actor", on_retry: Any = None) -> Any:
-    """Call an actor method until it answers: Ray fails calls while it restarts the actor, and the
-    actor may die again meanwhile (each failed attempt calls `on_retry`, backing off between them)."""
-    deadline = time.monotonic() + RESTART_TIMEOUT_S
-    attempt = 0
-    while True:
-        try:
-            return ray.get(method.remote(*args), timeout=60)
-        except (RayActorError, GetTimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            if on_retry is not None:
-                on_retry()
-            time.sleep(backoff_s(attempt))
-            attempt += 1
-        except RayTaskError as exc:
-            err = project_error(exc, where)
-            if err is not None:
-                raise err from None
-            raise
 
 
 def initial_snapshots(hosts: list[Any]) -> list[dict[int, Any]]:
@@ -687,12 +554,12 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                 extra = {"max_backlog": driver.max_backlog, "backlog_bound": driver.backlog_bound}
         except KeyboardInterrupt:  # the records the driver has are whole batches: write them, then stop
             progress.close()
-            _kill([cloud, *hosts])
+            kill_actors([cloud, *hosts])
             raise RunInterrupted(progress.recorder, {"wall_seconds": progress.elapsed, "num_hosts": len(hosts),
                                                      "faults": faults.report()}) from None
         except BaseException:
             progress.close()
-            _kill([cloud, *hosts])  # on a shared cluster nobody else would stop them
+            kill_actors([cloud, *hosts])  # on a shared cluster nobody else would stop them
             raise
         progress.close()
         stats = wait_for_actor(cloud.stats)
@@ -702,7 +569,7 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                  "publications": stats["publications"], "cloud_step_seconds": stats["step_seconds"],
                  "cloud_deliveries": stats["deliveries"], "cloud_ingested": stats["ingested"], "faults": faults.report(),
                  "threads": {"cloud": cloud_threads(cfg["cloud"]), "edge_host": 1}, **extra}
-        _kill([cloud, *hosts])
+        kill_actors([cloud, *hosts])
         return progress.recorder, facts
     finally:
         if started:
