@@ -78,11 +78,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     from cema_ray.runtime import run_experiment
 
+    print(f"outputs will go to {Path(out_dir).resolve()}", file=sys.stderr, flush=True)
     summary = run_experiment(cfg, out_dir)
     print(format_summary(summary))
     if cfg["output"]["report"]:
         print(f"report: {Path(out_dir) / 'report.md'}")
-    print(f"outputs: {out_dir}")
+    print(f"outputs: {Path(out_dir).resolve()}")
     return 0
 
 

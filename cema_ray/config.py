@@ -259,7 +259,8 @@ RUN_SCHEMA = Section({
         "seed": _int(0, "seed of when and which actors are killed"),
     }),
     "output": Section({
-        "dir": _str(None, "output folder (null: runs/<name>-<timestamp>)", nullable=True),
+        "dir": _str(None, "output folder (null: $CEMA_RAY_STORAGE/<name>-<timestamp>, else ~/cema_ray_runs/... under a "
+                          "Ray job, else runs/<name>-<timestamp>)", nullable=True),
         "progress": _bool(True, "show progress bars"),
         "report": _bool(True, "write report.md and its plots"),
     }),
@@ -805,12 +806,26 @@ def load_pretrain_config(path: str | Path, overrides: Sequence[str] = (), *,
     return validate_pretrain_config(apply_overrides(raw, overrides, PRETRAIN_SCHEMA), check_paths=check_paths)
 
 
+STORAGE_ENV = "CEMA_RAY_STORAGE"
+JOB_STORAGE = "~/cema_ray_runs"  # under `ray job submit`: outside the working directory Ray unpacks for the job
+
+
+def runs_root() -> Path:
+    """Where runs go without output.dir: $CEMA_RAY_STORAGE, else ~/cema_ray_runs under a Ray job (the job's
+    working directory is a temporary copy nobody finds again), else runs/ in the current directory."""
+    if os.environ.get(STORAGE_ENV):
+        return Path(os.environ[STORAGE_ENV]).expanduser()
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray's job supervisor for every job driver
+        return Path(JOB_STORAGE).expanduser()
+    return Path("runs")
+
+
 def resolve_output_dir(cfg: dict[str, Any], now: datetime | None = None) -> Path:
-    """output.dir, else runs/<name>-<YYYYmmdd-HHMMSS>."""
+    """output.dir, else <runs root>/<name>-<YYYYmmdd-HHMMSS> (`runs_root`)."""
     if cfg["output"]["dir"]:
         return Path(cfg["output"]["dir"]).expanduser()
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{cfg['name']}-{stamp}"
+    return runs_root() / f"{cfg['name']}-{stamp}"
 
 
 def schema_rows(schema: Section = RUN_SCHEMA, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:

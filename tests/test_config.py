@@ -319,3 +319,21 @@ def test_readme_documents_every_key() -> None:
     for schema in (config.RUN_SCHEMA, config.PRETRAIN_SCHEMA):
         for key, default, allowed, _ in schema_rows(schema):
             assert f"| `{key}` |" in readme, key
+
+
+def test_runs_go_to_the_storage_setting_then_a_stable_folder_under_a_ray_job(base: Path, monkeypatch) -> None:
+    from datetime import datetime
+
+    from cema_ray.config import resolve_output_dir
+
+    cfg = load_config(base)
+    now = datetime(2026, 1, 2, 3, 4, 5)
+    monkeypatch.delenv("CEMA_RAY_STORAGE", raising=False)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert resolve_output_dir(cfg, now) == Path("runs") / "t-20260102-030405"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets for a job driver
+    assert resolve_output_dir(cfg, now) == Path("~/cema_ray_runs").expanduser() / "t-20260102-030405"
+    monkeypatch.setenv("CEMA_RAY_STORAGE", "/data/runs")
+    assert resolve_output_dir(cfg, now) == Path("/data/runs/t-20260102-030405")
+    cfg["output"]["dir"] = "/explicit"
+    assert resolve_output_dir(cfg, now) == Path("/explicit")

@@ -1,13 +1,14 @@
 """Runtimes: `local` (one process, the reference) and `ray` (edge hosts + a cloud actor)."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 
 def default_out_dir(cfg: dict[str, Any]) -> Path:
-    return Path(cfg["output"].get("dir") or f"runs/{cfg['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from cema_ray.config import resolve_output_dir
+
+    return resolve_output_dir(cfg)
 
 
 def check_writable(out: Path) -> None:
