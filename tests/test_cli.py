@@ -163,3 +163,20 @@ def test_project_shape_matches_readme() -> None:
     assert project["project"]["scripts"]["cema-ray"] == "cema_ray.cli:main"
     assert {"torch==2.14.1", "torchvision==0.29.1"} <= set(project["project"]["dependencies"])
     assert project["tool"]["pytest"]["ini_options"]["timeout"] == 300
+
+
+def test_every_run_writes_a_resolved_config_that_reruns_it(make_run_config, tmp_path) -> None:
+    """resolved_config.yaml holds every key with the value used; running it gives the same records."""
+    from batch_tables import COMPARED, batch_table
+
+    from cema_ray.config import load_config
+    from cema_ray.runtime import run_experiment
+
+    cfg = make_run_config("runtime=local", "method.name=cema-fleet", "method.settings.upload_budget=0.25")
+    run_experiment(cfg, tmp_path / "a")
+    resolved = load_config(tmp_path / "a" / "resolved_config.yaml", [f"output.dir={tmp_path / 'b'}"])
+    assert resolved["method"]["settings"]["upload_budget"] == 0.25 and "chunk_size" in resolved["method"]["settings"]
+    assert {k: v for k, v in resolved.items() if k != "output"} == {k: v for k, v in cfg.items() if k != "output"}
+    run_experiment(resolved, tmp_path / "b")
+    a, b = batch_table(tmp_path / "a"), batch_table(tmp_path / "b")
+    assert all(a[c] == b[c] for c in COMPARED)

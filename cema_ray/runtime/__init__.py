@@ -25,6 +25,23 @@ def check_writable(out: Path) -> None:
         raise ConfigError(f"output folder {out}: cannot write there ({exc.strerror or exc})") from None
 
 
+RESOLVED_CONFIG = "resolved_config.yaml"
+
+
+def write_resolved_config(cfg: dict[str, Any], out: Path) -> Path:
+    """Every key of the run with the value it used (defaults filled, method settings resolved, the data folder
+    found), before the run starts: `cema-ray run <out>/resolved_config.yaml` runs the same experiment again."""
+    import yaml
+
+    path = out / RESOLVED_CONFIG
+    text = ("# what this run used, every key resolved; `cema-ray run` this file to run it again\n"
+            + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None))
+    tmp = out / f".{RESOLVED_CONFIG}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
 def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None, resume: bool = False) -> dict[str, Any]:
     """Run a validated config on its runtime and write batches.parquet, summary.json, report.md.
 
@@ -34,6 +51,7 @@ def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None, resum
     is re-raised, carrying the folder (`RunInterrupted.out`)."""
     out = Path(out_dir) if out_dir else default_out_dir(cfg)
     check_writable(out)
+    write_resolved_config(cfg, out)
     from cema_ray.errors import RunInterrupted
     from cema_ray.runtime.journal import PartialWriter
 
