@@ -561,7 +561,9 @@ def _check_settings(cfg: dict[str, Any]) -> None:
         if name not in defaults:
             _fail(key, value, f"unknown setting of method '{method['name']}'{_suggest(name, defaults)}; "
                               f"known: {', '.join(sorted(defaults)) or '(none)'}")
-        method["settings"][name] = _like_default(key, value, defaults[name])
+        typed = getattr(spec, "nullable_settings", {}).get(name)
+        method["settings"][name] = (_validate_value(typed, value, key) if typed is not None and defaults[name] is None
+                                    else _like_default(key, value, defaults[name]))
     method["settings"] = {**copy.deepcopy(defaults), **method["settings"]}
 
 

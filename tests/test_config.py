@@ -337,3 +337,12 @@ def test_runs_go_to_the_storage_setting_then_a_stable_folder_under_a_ray_job(bas
     assert resolve_output_dir(cfg, now) == Path("/data/runs/t-20260102-030405")
     cfg["output"]["dir"] = "/explicit"
     assert resolve_output_dir(cfg, now) == Path("/explicit")
+
+
+@pytest.mark.parametrize("value,what", [("abc", "must be null or a number > 0"), ("-3", "must be null or a number > 0"),
+                                        ("0", "must be null or a number > 0")])
+def test_settings_whose_default_is_null_are_checked_at_load(base: Path, value: str, what: str) -> None:
+    message = error_of(base, "method.name=cema", f"method.settings.d_margin={value}")
+    assert message.startswith(f"method.settings.d_margin = ") and what in message
+    assert load_config(base, ["method.name=cema", "method.settings.d_margin=0.2"])["method"]["settings"]["d_margin"] == 0.2
+    assert "must be null or an integer >= 1" in error_of(base, "method.name=cema-fleet", "method.settings.num_classes=0")

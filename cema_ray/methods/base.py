@@ -6,7 +6,7 @@ cost in what `CloudTrainer.export` returns. Runtimes (local or Ray) only call th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -97,6 +97,9 @@ class MethodSpec:
     description: str
     forward_only_edge: bool = True  # False for references that back-propagate on the edge
     needs_labels: bool = False  # True for references whose cloud trains on the true labels (local runs only)
+    # settings whose default is None ("decided from the data"), declared with the config's Field so a value
+    # the user gives is type- and range-checked at load like every other key (others follow their default)
+    nullable_settings: dict[str, Any] = field(default_factory=dict)
 
 
 METHODS: Registry[MethodSpec] = Registry("method")

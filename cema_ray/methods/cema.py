@@ -479,13 +479,27 @@ def _make_cloud(method: str, defaults: dict[str, Any], foundation: nn.Module | N
     return CemaCloud(foundation, student_template, resolve_settings(method, defaults, settings), generator, method=method)
 
 
+def nullable_settings() -> dict[str, Any]:
+    """The settings whose default None means "decided from the data", with their types and ranges."""
+    from cema_ray.config import Field
+
+    return {
+        "num_classes": Field("int", None, "classes (null: data.num_classes, else the source's)", lo=1, nullable=True),
+        "d_margin": Field("float", None, "redundancy margin (null: 0.4 for 10 classes, 0.05 for 1,000)", lo=0,
+                          lo_open=True, nullable=True),
+        "entropy_floor": Field("float", None, "uploads need at least this entropy (null: none)", lo=0,
+                               nullable=True),
+    }
+
+
 def _register() -> None:
     for name, (overrides, description) in PRESETS.items():
         defaults = {**DEFAULTS, **overrides}
         METHODS.register(name, MethodSpec(
             name=name, make_edge=functools.partial(_make_edge, name, defaults),
             make_cloud=functools.partial(_make_cloud, name, defaults), uses_foundation=True,
-            defaults=defaults, description=description))
+            defaults=defaults, description=description,
+            nullable_settings={k: v for k, v in nullable_settings().items() if defaults.get(k, 0) is None}))
 
 
 _register()

@@ -41,7 +41,7 @@ from cema_ray.algorithms.entropy import entropy, reweight
 from cema_ray.algorithms.selection import EntropyFilter
 from cema_ray.errors import ConfigError
 from cema_ray.methods import common
-from cema_ray.methods.cema import infer_num_classes
+from cema_ray.methods.cema import infer_num_classes, nullable_settings
 from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState
 from cema_ray.methods.common import load_arrays, model_device, tensor_state, use_norm_stats
 from cema_ray.models.norm import freeze_all_but_norm_affine
@@ -446,7 +446,8 @@ def _register() -> None:
         METHODS.register(name, MethodSpec(
             name=name, make_edge=functools.partial(_make_edge, name, defaults),
             make_cloud=functools.partial(_make_cloud, name, defaults), uses_foundation=uses_foundation,
-            defaults=defaults, description=description, needs_labels=overrides.get("teacher") == "labels"))
+            defaults=defaults, description=description, needs_labels=overrides.get("teacher") == "labels",
+            nullable_settings={k: v for k, v in nullable_settings().items() if defaults.get(k, 0) is None}))
 
 
 _register()
