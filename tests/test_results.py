@@ -141,3 +141,21 @@ def test_report_many_edges_uses_bands_or_groups(tmp_path, groups: bool) -> None:
                         else {"method": "cema"})
     path = write_report(tmp_path, table, summary)
     assert path.name == "report.md" and (tmp_path / ACCURACY_PNG).stat().st_size > 1000
+
+
+def test_async_progress_counts_predictions_and_shows_what_the_cloud_still_has(capsys) -> None:
+    """In async runs the bar follows the edges (batches predicted), and the line says how many batches still
+    wait for the cloud, instead of counting only what the cloud has taken in (which lags far behind)."""
+    from cema_ray.runtime.progress import RunProgress
+
+    record = {k: 0 for k in ("edge_id", "host_id", "batch_index", "samples", "correct", "uploaded", "bytes_up",
+                             "bytes_down", "weight_version", "version_lag", "cloud_steps", "rejected")}
+    record.update(domain="fog-5", latency_ms=1.0, e_max=0.0, mean_entropy=0.0, samples=8)
+    progress = RunProgress("t", 10, enabled=True, count_predictions=True)
+    progress.predicted(6)
+    progress.add(dict(record))
+    progress.refresh()
+    assert progress.bar.n == 6 and progress.bar.postfix and "cloud_todo=5" in progress.bar.postfix
+    sync = RunProgress("t", 10, enabled=True)
+    sync.add(dict(record))
+    assert sync.bar.n == 1
