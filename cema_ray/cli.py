@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an adaptation experiment from a YAML config")
     run.add_argument("config", type=Path, nargs="?", help="run config (see configs/)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides, e.g. edges.count=4")
-    run.add_argument("--out", type=Path, default=None, help="output folder (default: output.dir or runs/<name>-<time>)")
+    run.add_argument("--out", default=None,
+                     help="output folder or URI (s3://...; default: output.dir, else runs/<name>-<time>)")
     run.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, run nothing")
     run.add_argument("--resume", type=Path, default=None, metavar="DIR",
                      help="continue the interrupted sync Ray run in DIR from its checkpoints (no config needed)")
@@ -78,13 +79,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     from cema_ray.runtime import run_experiment
 
-    print(f"outputs will go to {Path(out_dir).resolve()}", file=sys.stderr, flush=True)
+    print(f"outputs will go to {_where(out_dir)}", file=sys.stderr, flush=True)
     summary = run_experiment(cfg, out_dir)
     print(format_summary(summary))
     if cfg["output"]["report"]:
-        print(f"report: {Path(out_dir) / 'report.md'}")
-    print(f"outputs: {Path(out_dir).resolve()}")
+        print(f"report: {_where(out_dir).split('?')[0].rstrip('/')}/report.md")
+    print(f"outputs: {_where(out_dir)}")
     return 0
+
+
+def _where(target: str | Path) -> str:
+    from cema_ray.results.storage import _redact, is_uri
+
+    return _redact(str(target)) if is_uri(target) else str(Path(target).resolve())
 
 
 def _resume(args: argparse.Namespace) -> int:

@@ -223,6 +223,10 @@ RUN_SCHEMA = Section({
                                      "deliveries (a sync round, or one host's uploads in async); 0 = off, and a "
                                      "dead cloud then ends the run", lo=0),
         "max_restarts": _int(-1, "times Ray may restart a dead cloud actor (-1: no limit)", lo=-1),
+        "checkpoint_dir": _str(None, "folder of the cloud's checkpoints, which the node that restarts the cloud must "
+                                     "read (null: <output folder>/cloud_checkpoints, the local staging folder for a "
+                                     "URI); on a multi-node cluster it must be an absolute path on a shared file "
+                                     "system", nullable=True),
     }),
     "ray": Section({
         "address": _str(None, "cluster to join: an address, or auto (the one running on this machine); "
@@ -259,7 +263,8 @@ RUN_SCHEMA = Section({
         "seed": _int(0, "seed of when and which actors are killed"),
     }),
     "output": Section({
-        "dir": _str(None, "output folder (null: $CEMA_RAY_STORAGE/<name>-<timestamp>, else ~/cema_ray_runs/... under a "
+        "dir": _str(None, "output folder, or a URI pyarrow's filesystems open (s3://bucket/prefix, gs://, hdfs://, "
+                          "file://) (null: $CEMA_RAY_STORAGE/<name>-<timestamp>, else ~/cema_ray_runs/... under a "
                           "Ray job, else runs/<name>-<timestamp>)", nullable=True),
         "progress": _bool(True, "show progress bars"),
         "report": _bool(True, "write report.md and its plots"),
@@ -822,10 +827,13 @@ def runs_root() -> Path:
     return Path("runs")
 
 
-def resolve_output_dir(cfg: dict[str, Any], now: datetime | None = None) -> Path:
-    """output.dir, else <runs root>/<name>-<YYYYmmdd-HHMMSS> (`runs_root`)."""
-    if cfg["output"]["dir"]:
-        return Path(cfg["output"]["dir"]).expanduser()
+def resolve_output_dir(cfg: dict[str, Any], now: datetime | None = None) -> Path | str:
+    """output.dir (a URI stays a string), else <runs root>/<name>-<YYYYmmdd-HHMMSS> (`runs_root`)."""
+    target = cfg["output"]["dir"]
+    if target and "://" in target:
+        return target
+    if target:
+        return Path(target).expanduser()
     stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
     return runs_root() / f"{cfg['name']}-{stamp}"
 

@@ -83,7 +83,8 @@ def test_defaults_filled(base: Path) -> None:
                                        "uplink_bytes_per_s": None}]
     assert cfg["method"]["name"] == "cema" and cfg["method"]["publish_every"] == 1
     assert cfg["method"]["settings"] == config.method_registry().get("cema").defaults
-    assert cfg["cloud"] == {"queue_capacity": 8192, "num_cpus": 1.0, "threads": None, "checkpoint_every": 10, "max_restarts": -1}
+    assert cfg["cloud"] == {"queue_capacity": 8192, "num_cpus": 1.0, "threads": None, "checkpoint_every": 10, "max_restarts": -1,
+                            "checkpoint_dir": None}
     assert cfg["ray"]["object_store_memory_mb"] == 256 and cfg["ray"]["dashboard_host"] == "127.0.0.1"
     assert cfg["faults"] == {"kill_hosts": 0, "kill_cloud": 0, "bad_batches": 0, "raise_in_hosts": 0, "slow_cloud_s": 0.0,
                              "seed": 0}

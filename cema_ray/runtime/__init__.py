@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 
-def default_out_dir(cfg: dict[str, Any]) -> Path:
+def default_out_dir(cfg: dict[str, Any]) -> Path | str:
     from cema_ray.config import resolve_output_dir
 
     return resolve_output_dir(cfg)
@@ -49,7 +49,16 @@ def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None, resum
     killed driver leaves them readable; `resume=True` continues the sync Ray run in `out_dir`
     (`runtime.journal`). On Ctrl-C the batches predicted so far are written all the same and the interrupt
     is re-raised, carrying the folder (`RunInterrupted.out`)."""
-    out = Path(out_dir) if out_dir else default_out_dir(cfg)
+    from cema_ray.config import runs_root
+    from cema_ray.results.storage import check_uri_writable, is_uri, publish, staging_dir
+
+    target = out_dir if out_dir else default_out_dir(cfg)
+    uri = str(target) if is_uri(target) else None
+    if uri is not None:  # outputs for a filesystem URI: work in a local staging folder, copy it there at the end
+        check_uri_writable(uri)
+        out = staging_dir(uri, runs_root())
+    else:
+        out = Path(target)
     check_writable(out)
     write_resolved_config(cfg, out)
     from cema_ray.errors import RunInterrupted
@@ -66,12 +75,18 @@ def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None, resum
 
             recorder, facts = run_ray(cfg, out, partial=partial, resume=resume)
     except RunInterrupted as stop:  # Ctrl-C: what was predicted so far is written, marked interrupted
-        stop.out = out
+        stop.out = uri or out
         stop.batches = len(stop.recorder.rows)
         if stop.batches:
             _write(cfg, out, stop.recorder, {**stop.facts, **INTERRUPTED})
+        if uri is not None:
+            publish(out, uri)
         raise
-    return _write(cfg, out, recorder, {**facts, "interrupted": False, "status": "complete"})
+    summary = _write(cfg, out, recorder, {**facts, "interrupted": False, "status": "complete"})
+    if uri is not None:
+        publish(out, uri)
+        summary["out_dir"], summary["staging_dir"] = uri, str(out)
+    return summary
 
 
 INTERRUPTED = {"interrupted": True, "status": "interrupted"}

@@ -460,6 +460,21 @@ class AsyncDriver:
             rec["version_lag"] = max(0, newest - rec["weight_version"])
 
 
+def checkpoint_folder(cfg: dict[str, Any], out: str | Path) -> str:
+    """Where the cloud checkpoints: `cloud.checkpoint_dir`, else `<out>/cloud_checkpoints`. The folder must be
+    readable from whichever node Ray restarts the cloud on: on a multi-node cluster only an absolute path the
+    user chose (a shared file system) can promise that; a relative or default folder is refused in one line."""
+    chosen = cfg["cloud"].get("checkpoint_dir")
+    folder = Path(chosen).expanduser() if chosen else Path(out) / "cloud_checkpoints"
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    given = chosen or (cfg["output"].get("dir") if "://" not in str(cfg["output"].get("dir") or "") else None)
+    if len(alive) > 1 and not (given and Path(given).expanduser().is_absolute()):
+        raise ConfigError(f"this cluster has {len(alive)} nodes and the cloud may restart on any of them: its "
+                          f"checkpoints need a folder every node reads; set cloud.checkpoint_dir (or output.dir) to "
+                          f"an absolute path on a shared file system, or cloud.checkpoint_every=0 (no recovery)")
+    return str(folder.resolve())
+
+
 @dataclass
 class ResumePoint:
     """Where a resumed sync run continues: the round, and the publications and versions the hosts hold."""
@@ -515,7 +530,7 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
         checkpointing = cfg["cloud"]["checkpoint_every"] > 0
         if out_dir is None and checkpointing:
             tmp = tempfile.TemporaryDirectory(prefix="cema-cloud-")
-        ckpt_dir = str(Path(out_dir or tmp.name).resolve() / "cloud_checkpoints") if checkpointing else None
+        ckpt_dir = checkpoint_folder(cfg, out_dir or tmp.name) if checkpointing else None
         run_id = ResumeJournal.read(Path(out_dir))[1] if resume else uuid.uuid4().hex
         journal = None
         if out_dir is not None and checkpointing and cfg["mode"] == "sync":
