@@ -271,7 +271,7 @@ def test_scale_measures_ray_and_local_side_by_side(run_yaml: Path, tmp_path: Pat
 
 def test_scale_summary_quotes_medians_of_paired_ratios() -> None:
     """Ray/local is the median of ratios within a repeat: a slow minute that hits one pair does not skew it."""
-    from cema_ray.bench_scale import markdown, summary_markdown
+    from cema_ray.bench.scale import markdown, summary_markdown
 
     base = {"mode": "sync", "edges": 4, "hosts": 2, "samples": 128, "edge_samples_per_s": None,
             "cloud_steps_per_s": 1.0, "startup_s": None, "worker_uss_mb": 0.0, "workers": 0,
@@ -305,7 +305,7 @@ def test_cloud_bench_times_every_placement(run_yaml: Path, tmp_path: Path, ray_s
 
 
 def test_cloud_bench_refuses_a_method_without_a_cloud(run_yaml: Path) -> None:
-    from cema_ray.bench_cloud import time_steps
+    from cema_ray.bench.cloud import time_steps
 
     cfg = bench.bench_config(run_yaml, ["method.name=bn", "method.settings={}"])
     with pytest.raises(ConfigError, match="method 'bn' has none"):

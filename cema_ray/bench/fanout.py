@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from typing import Any, Callable, Sequence
+
+from cema_ray.bench.common import _progress
 
 Plan = Sequence[tuple[str, str, dict[str, Any]]]
 RunOne = Callable[..., Any]  # bench.run_one(cfg, protocol, method, resume=...) -> MethodRow
-
-
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 def run_serial(plan: Plan, run_one: RunOne, resume: bool, describe: Callable[[Any], str]) -> list[Any]:
