@@ -7,6 +7,7 @@ fix: it prints one line naming the key and exits 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -16,7 +17,7 @@ from cema_ray.errors import CemaError, ConfigError, RunInterrupted
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cema-ray", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,pretrain,bench,list}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,pretrain,bench,sweep,list}")
     run = sub.add_parser("run", help="run an adaptation experiment from a YAML config")
     run.add_argument("config", type=Path, nargs="?", help="run config (see configs/)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides, e.g. edges.count=4")
@@ -32,6 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, train nothing")
     pre.set_defaults(func=cmd_pretrain)
     sub.add_parser("bench", help="benchmarks; arguments go to cema_ray.bench (try: cema-ray bench --help)")
+    swp = sub.add_parser("sweep", help="a grid over config keys (and seeds) as Ray Tune trials: accuracy vs uploads")
+    swp.add_argument("config", type=Path, help="run config")
+    swp.add_argument("--grid", action="append", default=[], metavar="KEY=[v1,v2,...]",
+                     help="a dotted key and its values, repeatable (e.g. --grid method.settings.upload_budget=[0.1,0.3])")
+    swp.add_argument("--seeds", default=None, help="comma-separated seeds, each point run once per seed (default 0)")
+    swp.add_argument("--override", action="append", default=[], metavar="key=value",
+                     help="config override applied to every trial, repeatable")
+    swp.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs each trial reserves (default 1)")
+    swp.add_argument("--resume", action="store_true", help="restore the sweep in --out and run what is left")
+    swp.add_argument("--out", default=None, help="output folder (default: runs/sweep-<config>-<time>)")
+    swp.set_defaults(func=cmd_sweep)
     lst = sub.add_parser("list", help="methods, models, corruptions and data sources a config may name")
     lst.set_defaults(func=cmd_list)
     return parser
@@ -44,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["bench"]:  # bench parses its own arguments, --help included
             return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
+        args.command_line = "cema-ray " + shlex.join(argv)
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"cema-ray: config error: {exc}", file=sys.stderr)
@@ -127,6 +140,12 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     run_pretrain(cfg)
     print(f"checkpoint: {cfg['output']['checkpoint']}")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from cema_ray.sweep import main as sweep_main
+
+    return sweep_main(args)
 
 
 def cmd_bench(argv: list[str]) -> int:
