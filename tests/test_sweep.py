@@ -51,5 +51,11 @@ def test_a_sweep_runs_every_point_and_seed_as_a_tune_trial(ray_session, tiny_raw
     assert by_budget[0.1]["upload_fraction_mean"] < by_budget[0.5]["upload_fraction_mean"]
     assert by_budget[0.1]["seeds"] == [0, 1] and by_budget[0.1]["pareto"]
     assert (out / "sweep.png").stat().st_size > 1000 and "Pareto" in (out / "sweep.md").read_text()
+    stamps = {t["out_dir"]: (Path(t["out_dir"]) / "summary.json").stat().st_mtime_ns for t in data["trials"]}
+    assert main(["sweep", str(config), "--grid", "method.settings.upload_budget=[0.1,0.5]", "--seeds", "0,1",
+                 "--override", "edges.count=1", "--out", str(out), "--resume"]) == 0
+    again = json.loads((out / "sweep.json").read_text())
+    assert len(again["trials"]) == 4  # restored from <out>/tune: finished trials are not run again
+    assert all((Path(p) / "summary.json").stat().st_mtime_ns == t for p, t in stamps.items())
     assert main(["sweep", str(config)]) == 2  # no --grid: one line
     assert main(["sweep", str(config), "--grid", "stream.batch_size=[0]"]) == 2  # validated before any trial
