@@ -57,7 +57,7 @@ class EdgeHost:
         torch.set_num_threads(threads)
         if nice:
             os.nice(nice)
-        self.t_start: float | None = None
+        self.anchors: dict[int, float] = {}  # edge id -> when its batch 0 was due (paced async runs)
         self.metrics = HostMetrics(host_id)
         if not clean_in_restore:
             self._build(clean)
@@ -116,13 +116,19 @@ class EdgeHost:
 
     def _due(self, edge: EdgeDevice) -> bool:
         rate = edge.profile.frame_rate
-        return not rate or time.monotonic() >= self.t_start + edge.cursor / rate
+        return not rate or time.monotonic() >= self._anchor(edge) + edge.cursor / rate
+
+    def _anchor(self, edge: EdgeDevice) -> float:
+        """When the edge's batch 0 was (or would have been) due: fixed at its first paced step in this process,
+        so that batch `cursor` is due now. A restored edge resumes at its own rate from where its snapshot
+        left it; anchoring a restarted process at its start would make it wait as long as the run has lasted."""
+        if edge.edge_id not in self.anchors:
+            self.anchors[edge.edge_id] = time.monotonic() - edge.cursor / edge.profile.frame_rate
+        return self.anchors[edge.edge_id]
 
     def _wait_for_frames(self) -> None:
         """Sleep until at least one unfinished edge has a frame due."""
-        if self.t_start is None:
-            self.t_start = time.monotonic()
-        waits = [self.t_start + e.cursor / e.profile.frame_rate - time.monotonic()
+        waits = [self._anchor(e) + e.cursor / e.profile.frame_rate - time.monotonic()
                  for e in self.edges if not e.done and e.profile.frame_rate]
         if waits and len(waits) == sum(not e.done for e in self.edges) and min(waits) > 0:
             time.sleep(min(waits))
@@ -167,6 +173,7 @@ class EdgeHost:
             raise self.init_error
         for edge_id, snap in snaps.items():
             self.by_id[edge_id].restore(snap)
+            self.anchors.pop(edge_id, None)  # paced again from its restored cursor
         self.apply(pubs)
         self.needs_restore = False
         return os.getpid()
