@@ -48,6 +48,15 @@ class CloudLink:
         for s in [s for s in self.log if s < keep_from]:
             del self.log[s]
 
+    def raise_unless_recoverable(self, exc: Exception) -> None:
+        """Re-raise what a cloud restart cannot fix: the project's own errors (in their own words) and any
+        error that is not the cloud failing; return for a dead or restarting cloud."""
+        err = project_error(exc, "the cloud")
+        if err is not None:
+            raise err from None
+        if not self.is_cloud_failure(exc):
+            raise exc
+
     def is_cloud_failure(self, exc: Exception) -> bool:
         if isinstance(exc, RayActorError):
             return True
@@ -66,11 +75,7 @@ class CloudLink:
             try:
                 restored = self._replay(first_undone)
             except (RayActorError, RayTaskError) as exc:
-                err = project_error(exc, "the cloud")
-                if err is not None:
-                    raise err from None
-                if not self.is_cloud_failure(exc):
-                    raise
+                self.raise_unless_recoverable(exc)
                 self.faults.cloud_retry()
                 time.sleep(backoff_s(attempt))
                 continue

@@ -250,11 +250,7 @@ class SyncDriver:
                 self.link.delivered(seq, delivery)
                 return delivery
             except (RayActorError, RayTaskError) as exc:
-                err = project_error(exc, "the cloud")
-                if err is not None:
-                    raise err from None
-                if not self.link.is_cloud_failure(exc):
-                    raise
+                self.link.raise_unless_recoverable(exc)
                 self.link.recover(seq)
                 ref = self.link.send(seq)
         raise RuntimeError(f"the cloud kept failing: gave up after {MAX_RECOVERIES_PER_ROUND} restarts")
@@ -410,11 +406,7 @@ class AsyncDriver:
         try:
             delivery = ray.get(ref)
         except (RayActorError, RayTaskError) as exc:
-            err = project_error(exc, "the cloud")
-            if err is not None:
-                raise err from None
-            if not self.link.is_cloud_failure(exc):
-                raise
+            self.link.raise_unless_recoverable(exc)
             self.redo[seq] = records
             if self.ping is None:
                 self.ping = self.cloud.position.remote()
