@@ -159,7 +159,6 @@ def test_slow_cloud_bounds_the_backlog_and_counts_what_it_drops(ray_session, mak
     assert summary["dropped"] > 0
     assert summary["uploaded"] == summary["cloud_ingested"] + summary["dropped"]
     assert sum(t["dropped"]) == summary["dropped"]
-    assert summary["published_fraction"] > 0  # overloaded, the cloud still publishes and the edges load it
 
 
 @pytest.mark.ray

@@ -325,7 +325,7 @@ def test_a_restored_host_paces_its_edges_from_where_their_snapshots_left_them(ma
     second.restore(snap, [])
     t0 = time.monotonic()
     records, _, _ = second.step_and_snapshot({}, paced=True)
-    assert records and records[0]["batch_index"] == 3 and time.monotonic() - t0 < 0.4  # due now, not in 1.5 s
+    assert records and records[0]["batch_index"] == 3 and time.monotonic() - t0 < 1.2  # due now, not in 1.5 s
     t1, records = time.monotonic(), []
     while not records and time.monotonic() - t1 < 5:  # a step may wake a hair early and predict nothing
         records, _, _ = second.step_and_snapshot({}, paced=True)
