@@ -37,10 +37,9 @@ def soak_config(scale: int, minutes: float, out: Path) -> Path:
     top = cfg["stream"]
     top["samples_per_domain"] *= scale
     for group in cfg["edges"]["groups"]:
-        stream = {**top, **group.get("stream", {})}
         if "samples_per_domain" in group.get("stream", {}):
             group["stream"]["samples_per_domain"] *= scale
-            stream = {**top, **group["stream"]}
+        stream = {**top, **group.get("stream", {})}
         batches = len(stream["corruptions"]) * stream["samples_per_domain"] / stream["batch_size"]
         group["frame_rate"] = round(batches / (60 * minutes), 4)
     cfg["output"] = {"dir": str(out / "run"), "progress": False, "report": True}

@@ -33,12 +33,12 @@ def write_resolved_config(cfg: dict[str, Any], out: Path) -> Path:
     found), before the run starts: `cema-ray run <out>/resolved_config.yaml` runs the same experiment again."""
     import yaml
 
+    from cema_ray.runtime.cloud_checkpoint import atomic_write
+
     path = out / RESOLVED_CONFIG
     text = ("# what this run used, every key resolved; `cema-ray run` this file to run it again\n"
             + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None))
-    tmp = out / f".{RESOLVED_CONFIG}.tmp"
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, text.encode())
     return path
 
 

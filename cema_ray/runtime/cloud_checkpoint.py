@@ -98,8 +98,8 @@ class CloudCheckpointStore:
         os.replace(tmp, weights)
         meta = {"format": FORMAT, "run_id": self.run_id, "position": position, "sha256": sha256_file(weights),
                 "tensors": len(tensors), "tree": tree}
-        _atomic_write(self.folder / f"{stem}.json", json.dumps(meta).encode())
-        _atomic_write(self.folder / "LATEST", stem.encode())  # the commit point
+        atomic_write(self.folder / f"{stem}.json", json.dumps(meta).encode())
+        atomic_write(self.folder / "LATEST", stem.encode())  # the commit point
         self._prune()
         return weights
 
@@ -143,7 +143,8 @@ class CloudCheckpointStore:
         return decode_tree(meta["tree"], tensors), int(meta["position"])
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write a file whole or not at all: a temporary file in the same folder, synced, then renamed."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "wb") as f:
         f.write(data)

@@ -55,21 +55,13 @@ def method_settings(cfg: dict[str, Any]) -> tuple[MethodSpec, dict[str, Any]]:
 
 def load_model(model_cfg: dict[str, Any], data_cfg: dict[str, Any], role: str) -> nn.Module:
     """A model from its checkpoint (safetensors + card) or, for timm names, its local weights."""
-    path = model_cfg.get("checkpoint")
+    path = _checkpoint_path(model_cfg, role)
     name = model_cfg["name"]
     if name.startswith(TIMM_PREFIX):
         info = source_info(data_cfg["source"])
         return create_model(name, info.num_classes, info.channels, info.mean, info.std, weights=path)
-    if not path:
-        raise CheckpointError(f"models.{role}.checkpoint is not set: '{name}' needs trained weights")
-    if not Path(path).is_file():
-        raise CheckpointError(
-            f"models.{role}.checkpoint = {path}: file not found; train it with "
-            f"`cema-ray pretrain configs/pretrain_<data>_{role}.yaml`"
-        )
     model, card = load_checkpoint(path, bool(model_cfg.get("allow_unverified")))
-    if card["architecture"] != name:
-        raise CheckpointError(f"models.{role}: checkpoint {path} holds '{card['architecture']}', config names '{name}'")
+    _check_architecture(card, model_cfg, role, path)
     return model
 
 
@@ -79,20 +71,30 @@ def verify_models(cfg: dict[str, Any]) -> None:
     spec, _ = method_settings(cfg)
     for role in ("edge", "foundation") if spec.uses_foundation else ("edge",):
         model_cfg = cfg["models"][role]
-        path = model_cfg.get("checkpoint")
-        if model_cfg["name"].startswith(TIMM_PREFIX):
-            if path and not Path(path).is_file():
-                raise CheckpointError(f"models.{role}.checkpoint = {path}: file not found")
-            continue
-        if not path:
-            raise CheckpointError(f"models.{role}.checkpoint is not set: '{model_cfg['name']}' needs trained weights")
-        if not Path(path).is_file():
-            raise CheckpointError(f"models.{role}.checkpoint = {path}: file not found; train it with "
-                                  f"`cema-ray pretrain configs/pretrain_<data>_{role}.yaml`")
-        card = verify_checkpoint(path, bool(model_cfg.get("allow_unverified")))
-        if card["architecture"] != model_cfg["name"]:
-            raise CheckpointError(f"models.{role}: checkpoint {path} holds '{card['architecture']}', "
-                                  f"config names '{model_cfg['name']}'")
+        path = _checkpoint_path(model_cfg, role)
+        if not model_cfg["name"].startswith(TIMM_PREFIX):
+            _check_architecture(verify_checkpoint(path, bool(model_cfg.get("allow_unverified"))), model_cfg, role, path)
+
+
+def _checkpoint_path(model_cfg: dict[str, Any], role: str) -> str | None:
+    """`models.<role>.checkpoint`, checked to exist (optional for timm names: no file = random weights)."""
+    path, name = model_cfg.get("checkpoint"), model_cfg["name"]
+    if name.startswith(TIMM_PREFIX):
+        if path and not Path(path).is_file():
+            raise CheckpointError(f"models.{role}.checkpoint = {path}: file not found")
+        return path
+    if not path:
+        raise CheckpointError(f"models.{role}.checkpoint is not set: '{name}' needs trained weights")
+    if not Path(path).is_file():
+        raise CheckpointError(f"models.{role}.checkpoint = {path}: file not found; train it with "
+                              f"`cema-ray pretrain configs/pretrain_<data>_{role}.yaml`")
+    return path
+
+
+def _check_architecture(card: dict[str, Any], model_cfg: dict[str, Any], role: str, path: str) -> None:
+    if card["architecture"] != model_cfg["name"]:
+        raise CheckpointError(f"models.{role}: checkpoint {path} holds '{card['architecture']}', "
+                              f"config names '{model_cfg['name']}'")
 
 
 UPLINK_KEYS = ("uplink_samples_per_s", "uplink_bytes_per_s")

@@ -19,8 +19,6 @@ as an uninterrupted run (tested by killing the driver process).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,19 +28,12 @@ import pyarrow.parquet as pq
 from cema_ray.errors import ConfigError
 from cema_ray.results import RunRecorder
 from cema_ray.runtime.cloud import Publication
-from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore
+from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore, atomic_write
 
 RESUME_DIR = "resume"
 FLUSH_EVERY_S = 10.0
 
 WriteFn = Callable[[RunRecorder], None]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 class PartialWriter:
@@ -70,7 +61,7 @@ class ResumeJournal:
 
     def start(self, cfg: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.dir / "run.json", json.dumps({"run_id": self.run_id, "config": cfg}, indent=2).encode())
+        atomic_write(self.dir / "run.json", json.dumps({"run_id": self.run_id, "config": cfg}, indent=2).encode())
 
     @staticmethod
     def read(out: Path) -> tuple[dict[str, Any], str]:

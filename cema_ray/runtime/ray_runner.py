@@ -23,6 +23,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from cema_ray.errors import ConfigError, RunInterrupted
 from cema_ray.results import RunRecorder
+from cema_ray.results.storage import is_uri
 from cema_ray.runtime.cloud import SHARED, Publication
 from cema_ray.runtime.actor_calls import (MAX_RECOVERIES_PER_ROUND, kill_actors, project_error,
                                            wait_for_actor)
@@ -459,7 +460,8 @@ def checkpoint_folder(cfg: dict[str, Any], out: str | Path) -> str:
     chosen = cfg["cloud"].get("checkpoint_dir")
     folder = Path(chosen).expanduser() if chosen else Path(out) / "cloud_checkpoints"
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    given = chosen or (cfg["output"].get("dir") if "://" not in str(cfg["output"].get("dir") or "") else None)
+    out_dir = cfg["output"].get("dir")
+    given = chosen or (None if is_uri(out_dir or "") else out_dir)
     if len(alive) > 1 and not (given and Path(given).expanduser().is_absolute()):
         raise ConfigError(f"this cluster has {len(alive)} nodes and the cloud may restart on any of them: its "
                           f"checkpoints need a folder every node reads; set cloud.checkpoint_dir (or output.dir) to "
