@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up cema_ray on a fresh Debian machine with Python 3.11 (as root, or a user with sudo):
-#   1. the Fashion-MNIST Debian package, unless /usr/share/datasets/fashion-mnist is there;
+#   1. the Fashion-MNIST Debian package, unless /usr/share/datasets/fashion-mnist is there, and Debian's
+#      `prometheus` (for "Watch the fleet" and the metrics test), unless a prometheus binary is on PATH;
 #   2. a virtual environment in .venv (python3.11, or python3 when it is 3.11 or newer);
 #   3. `pip install -e .` into it (torch and torchvision are pinned in pyproject.toml).
 # Idempotent: a second run only checks. Quiet, but says what it does; stops at the first failure.
@@ -29,6 +30,14 @@ else
     say "installing dataset-fashion-mnist (apt)"
     apt_install dataset-fashion-mnist
     [ -d "$FMNIST" ] || fail "dataset-fashion-mnist installed but $FMNIST is missing"
+fi
+
+if command -v prometheus >/dev/null 2>&1; then
+    say "prometheus present ($(command -v prometheus))"
+else
+    say "installing prometheus (apt, without recommends)"
+    apt_install --no-install-recommends prometheus
+    command -v prometheus >/dev/null 2>&1 || fail "prometheus installed but not on PATH"
 fi
 
 pick_python() {

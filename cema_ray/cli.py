@@ -17,7 +17,7 @@ from cema_ray.errors import CemaError, ConfigError, RunInterrupted
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cema-ray", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,pretrain,bench,sweep,list}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,pretrain,bench,sweep,status,list}")
     run = sub.add_parser("run", help="run an adaptation experiment from a YAML config")
     run.add_argument("config", type=Path, nargs="?", help="run config (see configs/)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="dotted-key overrides, e.g. edges.count=4")
@@ -44,6 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--resume", action="store_true", help="restore the sweep in --out and run what is left")
     swp.add_argument("--out", default=None, help="output folder (default: runs/sweep-<config>-<time>)")
     swp.set_defaults(func=cmd_sweep)
+    sta = sub.add_parser("status", help="per edge group of every run on a Ray cluster: samples/s, accuracy, uploads, "
+                                        "lag, the cloud's backlog (refreshing)")
+    sta.add_argument("address", nargs="?", default="auto",
+                     help="the cluster's address (default: auto, the cluster on this machine or $RAY_ADDRESS)")
+    sta.add_argument("--metrics", default=None, metavar="HOST:PORT[,HOST:PORT...]",
+                     help="read these metrics export ports instead of asking the cluster for its nodes")
+    sta.add_argument("--interval", type=float, default=5.0, help="seconds between refreshes (default 5)")
+    sta.add_argument("--run", default="", help="show only runs whose label contains this text")
+    sta.add_argument("--once", action="store_true", help="print one table (rates over one interval) and exit")
+    sta.set_defaults(func=cmd_status)
     lst = sub.add_parser("list", help="methods, models, corruptions and data sources a config may name")
     lst.set_defaults(func=cmd_list)
     return parser
@@ -146,6 +156,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from cema_ray.sweep import main as sweep_main
 
     return sweep_main(args)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cema_ray.status import cluster_targets, watch
+
+    if args.interval <= 0:
+        raise ConfigError(f"--interval must be > 0, got {args.interval:g}")
+    targets = args.metrics.split(",") if args.metrics else cluster_targets(args.address)
+    try:
+        watch(targets, args.interval, args.once, args.run)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def cmd_bench(argv: list[str]) -> int:

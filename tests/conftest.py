@@ -59,7 +59,7 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_raw_config(tiny_checkpoints) -> Callable[..., dict[str, Any]]:
     """A fresh raw (unvalidated) run config on real Fashion-MNIST with the tiny checkpoints."""
 

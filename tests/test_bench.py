@@ -332,6 +332,11 @@ def test_methods_with_seeds_references_and_ablations(run_yaml: Path, tmp_path: P
     # --resume reads the runs back instead of running them again: the same table
     assert bench.main([*argv, "--resume"]) == 0
     assert json.loads((out / "methods.json").read_text())["rows"][0]["accuracy"] == rows[0]["accuracy"]
+    # ...but a summary a stopped run left behind (status: interrupted) is run again, not read back as a result
+    stopped = Path(rows[0]["out_dir"]) / "summary.json"
+    stopped.write_text(json.dumps({**json.loads(stopped.read_text()), "status": "interrupted", "accuracy": 0.0}))
+    assert bench.main([*argv, "--resume"]) == 0
+    assert json.loads((out / "methods.json").read_text())["rows"][0]["accuracy"] == rows[0]["accuracy"]
     plan = bench.plan_method_runs(run_yaml, [], ["fleet-no-budget"], ["continual"], tmp_path)
     assert plan[0][2]["method"]["name"] == "cema-fleet"
     assert plan[0][2]["method"]["settings"]["upload_budget"] == 1.0

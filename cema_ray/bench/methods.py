@@ -145,14 +145,14 @@ def plan_method_runs(config: Path, overrides: Sequence[str], methods: Sequence[s
 def run_one(cfg: dict[str, Any], protocol: str, method: str, resume: bool = False) -> MethodRow:
     """Run one config; any exception becomes a failed row (its traceback saved as error.txt).
 
-    ``resume``: a run whose summary.json exists is read back instead of run again."""
+    ``resume``: a run whose summary.json says it completed is read back instead of run again (a run that was
+    stopped midway leaves a summary too, `status: interrupted`, and runs again from the start)."""
     from cema_ray.runtime import run_experiment
 
     out = Path(cfg["output"]["dir"])
     t0 = time.perf_counter()
     try:
-        done = out / "summary.json"
-        s = json.loads(done.read_text()) if resume and done.is_file() else run_experiment(cfg, out)
+        s = (finished_summary(out) if resume else None) or run_experiment(cfg, out)
     except Exception as exc:  # noqa: BLE001  a benchmark reports every failure and goes on
         out.mkdir(parents=True, exist_ok=True)
         (out / "error.txt").write_text(traceback.format_exc())
@@ -161,6 +161,16 @@ def run_one(cfg: dict[str, Any], protocol: str, method: str, resume: bool = Fals
     return MethodRow(protocol, method, "ok", s.get("accuracy"), s.get("upload_fraction"), s.get("uploaded"),
                      s.get("samples"), s.get("bytes_up"), s.get("bytes_down"), s.get("wall_seconds"),
                      time.perf_counter() - t0, str(out), seed=cfg["seed"])
+
+
+def finished_summary(out: Path) -> dict[str, Any] | None:
+    """The summary of a completed run in `out`, else None (no summary, or one written while the run went)."""
+    done = out / "summary.json"
+    if not done.is_file():
+        return None
+    s = json.loads(done.read_text())
+    status = s.get("status") or ("interrupted" if s.get("interrupted") else "complete")  # older runs: no status
+    return s if status == "complete" else None
 
 
 def _row_line(row: MethodRow) -> str:

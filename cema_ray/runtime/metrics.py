@@ -1,64 +1,112 @@
-"""Ray metrics for the dashboard (and Prometheus): what the edges and the cloud are doing.
+"""Ray metrics for the dashboard, Prometheus and Grafana: what the edges and the cloud are doing.
 
-Names follow Ray's rule (`^[a-zA-Z_:][a-zA-Z0-9_:]*$`) and are exported with Ray's `ray_`
-prefix. Tags are per host, not per edge, so a fleet of thousands keeps a small label set.
+Every series is declared once, in `METRICS` (name, kind, tags, meaning); the README's metric table,
+the Grafana dashboard and `cema-ray status` are checked against it. Names follow Ray's rule
+(`^[a-zA-Z_:][a-zA-Z0-9_:]*$`); Ray exports them with a `ray_` prefix and counters with a `_total`
+suffix (`ray_cema_edge_samples_total`).
+
+Tags: `run` is the run's actor prefix (`cema-<name>-<6 hex>`, as in the dashboard's Actors page and in
+`summary.json: ray_run`), so runs sharing a cluster keep apart; edge series carry the edge `group` and the
+`host`, never the edge id, so a fleet of thousands keeps a small label set.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ray.util import metrics
 
+EDGE_TAGS = ("run", "group", "host")
+CLOUD_TAGS = ("run",)
+BATCH_MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500]
+CALL_S_BOUNDARIES = [0.01, 0.03, 0.1, 0.3, 1, 3, 10]
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str  # as declared; exported as ray_<name> (+ _total for counters)
+    kind: str  # counter | gauge | histogram
+    tags: tuple[str, ...]
+    help: str
+
+    @property
+    def exported(self) -> str:
+        """The series name Prometheus stores (a histogram's are <exported>_bucket/_sum/_count)."""
+        return f"ray_{self.name}" + ("_total" if self.kind == "counter" else "")
+
+
+METRICS: dict[str, MetricSpec] = {m.name: m for m in [
+    MetricSpec("cema_edge_samples", "counter", EDGE_TAGS, "samples predicted by edges"),
+    MetricSpec("cema_edge_correct", "counter", EDGE_TAGS, "correct predictions (every sample has a label here)"),
+    MetricSpec("cema_edge_uploads", "counter", EDGE_TAGS, "samples uploaded to the cloud"),
+    MetricSpec("cema_edge_bytes_up", "counter", EDGE_TAGS, "bytes uploaded (uint8 images)"),
+    MetricSpec("cema_edge_bytes_down", "counter", EDGE_TAGS, "bytes of published parameters loaded by edges"),
+    MetricSpec("cema_edge_rejected", "counter", EDGE_TAGS, "samples rejected as malformed input"),
+    MetricSpec("cema_edge_accuracy", "gauge", EDGE_TAGS, "accuracy so far of the host's edges in the group (correct / samples)"),
+    MetricSpec("cema_edge_version_lag", "gauge", EDGE_TAGS, "versions behind the newest, last batch"),
+    MetricSpec("cema_edge_e_max", "gauge", EDGE_TAGS, "entropy threshold E_max in force, last batch"),
+    MetricSpec("cema_edge_batch_ms", "histogram", EDGE_TAGS, "edge inference time per batch (ms)"),
+    MetricSpec("cema_cloud_ingested", "counter", CLOUD_TAGS, "uploaded samples received by the cloud"),
+    MetricSpec("cema_cloud_refused", "counter", CLOUD_TAGS, "uploads refused by a full cloud queue (dropped)"),
+    MetricSpec("cema_cloud_steps", "counter", CLOUD_TAGS, "cloud training steps"),
+    MetricSpec("cema_cloud_step_seconds", "counter", CLOUD_TAGS, "seconds spent in training steps"),
+    MetricSpec("cema_cloud_publications", "counter", CLOUD_TAGS, "weight versions published"),
+    MetricSpec("cema_cloud_queue_depth", "gauge", CLOUD_TAGS, "cloud backlog: uploaded samples waiting for a step"),
+    MetricSpec("cema_cloud_call_seconds", "histogram", CLOUD_TAGS, "cloud time per delivery (s)"),
+]}
+
+
+def _make(name: str) -> Any:
+    spec = METRICS[name]
+    if spec.kind == "counter":
+        return metrics.Counter(name, spec.help, spec.tags)
+    if spec.kind == "gauge":
+        return metrics.Gauge(name, spec.help, spec.tags)
+    bounds = BATCH_MS_BOUNDARIES if name == "cema_edge_batch_ms" else CALL_S_BOUNDARIES
+    return metrics.Histogram(name, spec.help, boundaries=bounds, tag_keys=spec.tags)
+
 
 class HostMetrics:
-    """Counters and gauges of one EdgeHost."""
+    """The series of one EdgeHost, per edge group."""
 
-    def __init__(self, host_id: int) -> None:
-        tags = ("host",)
-        self.tags = {"host": str(host_id)}
-        self.samples = metrics.Counter("cema_edge_samples", "samples predicted by edges", tags)
-        self.correct = metrics.Counter("cema_edge_correct", "correct predictions (where labels exist)", tags)
-        self.uploads = metrics.Counter("cema_edge_uploads", "samples uploaded to the cloud", tags)
-        self.bytes_up = metrics.Counter("cema_edge_bytes_up", "bytes uploaded", tags)
-        self.rejected = metrics.Counter("cema_edge_rejected", "samples rejected as bad input", tags)
-        self.version_lag = metrics.Gauge("cema_edge_version_lag", "versions behind the newest, last batch", tags)
-        self.e_max = metrics.Gauge("cema_edge_e_max", "entropy threshold in force, last batch", tags)
-        self.latency = metrics.Histogram("cema_edge_batch_ms", "edge inference time per batch (ms)",
-                                         boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500], tag_keys=tags)
+    def __init__(self, host_id: int, run: str) -> None:
+        self.host, self.run = str(host_id), run
+        self.m = {name: _make(name) for name, spec in METRICS.items() if spec.tags == EDGE_TAGS}
+        self.seen: dict[str, list[int]] = {}  # group -> [samples, correct] in this process
 
     def record(self, rec: dict[str, Any]) -> None:
-        t = self.tags
-        self.samples.inc(rec["samples"], tags=t)
-        if rec["correct"]:
-            self.correct.inc(rec["correct"], tags=t)
-        if rec["uploaded"]:
-            self.uploads.inc(rec["uploaded"], tags=t)
-            self.bytes_up.inc(rec["bytes_up"], tags=t)
-        if rec["rejected"]:
-            self.rejected.inc(rec["rejected"], tags=t)
-        self.version_lag.set(rec["version_lag"], tags=t)
+        t = {"run": self.run, "group": str(rec["group"]), "host": self.host}
+        m = self.m
+        for name, key in (("cema_edge_samples", "samples"), ("cema_edge_correct", "correct"),
+                          ("cema_edge_uploads", "uploaded"), ("cema_edge_bytes_up", "bytes_up"),
+                          ("cema_edge_bytes_down", "bytes_down"), ("cema_edge_rejected", "rejected")):
+            if rec[key]:
+                m[name].inc(rec[key], tags=t)
+        seen = self.seen.setdefault(t["group"], [0, 0])
+        seen[0] += rec["samples"]  # as summary.json counts: a rejected sample counts as wrong
+        seen[1] += rec["correct"]
+        if seen[0]:
+            m["cema_edge_accuracy"].set(seen[1] / seen[0], tags=t)
+        m["cema_edge_version_lag"].set(rec["version_lag"], tags=t)
         if rec["e_max"] == rec["e_max"]:  # not nan
-            self.e_max.set(rec["e_max"], tags=t)
-        self.latency.observe(max(rec["latency_ms"], 1e-3), tags=t)
+            m["cema_edge_e_max"].set(rec["e_max"], tags=t)
+        m["cema_edge_batch_ms"].observe(max(rec["latency_ms"], 1e-3), tags=t)
 
 
 class CloudMetrics:
-    """The cloud's step rate, step time, queue depth and publications."""
+    """The cloud's intake, steps, step time, backlog and publications."""
 
-    def __init__(self) -> None:
-        self.steps = metrics.Counter("cema_cloud_steps", "cloud training steps")
-        self.ingested = metrics.Counter("cema_cloud_ingested", "uploaded samples received")
-        self.publications = metrics.Counter("cema_cloud_publications", "weight versions published")
-        self.queue_depth = metrics.Gauge("cema_cloud_queue_depth", "uploaded samples waiting for a step")
-        self.step_seconds = metrics.Histogram("cema_cloud_call_seconds", "cloud time per ingest call (s)",
-                                              boundaries=[0.01, 0.03, 0.1, 0.3, 1, 3, 10])
+    def __init__(self, run: str) -> None:
+        self.t = {"run": run}
+        self.m = {name: _make(name) for name, spec in METRICS.items() if spec.tags == CLOUD_TAGS}
 
-    def record(self, steps: int, ingested: int, publications: int, queue_depth: int, seconds: float) -> None:
-        if steps:
-            self.steps.inc(steps)
-        if ingested:
-            self.ingested.inc(ingested)
-        if publications:
-            self.publications.inc(publications)
-        self.queue_depth.set(queue_depth)
-        self.step_seconds.observe(max(seconds, 1e-6))
+    def record(self, ingested: int, refused: int, steps: int, step_seconds: float, publications: int,
+               queue_depth: int, seconds: float) -> None:
+        m, t = self.m, self.t
+        for name, value in (("cema_cloud_ingested", ingested), ("cema_cloud_refused", refused),
+                            ("cema_cloud_steps", steps), ("cema_cloud_step_seconds", step_seconds),
+                            ("cema_cloud_publications", publications)):
+            if value:
+                m[name].inc(value, tags=t)
+        m["cema_cloud_queue_depth"].set(queue_depth, tags=t)
+        m["cema_cloud_call_seconds"].observe(max(seconds, 1e-6), tags=t)

@@ -32,7 +32,7 @@ class EdgeHost:
 
     def __init__(self, host_id: int, cfg: dict[str, Any], plans: list[EdgePlan],
                  clean: LabeledImagesLike | None = None, threads: int = 1, nice: int = 0,
-                 clean_in_restore: bool = False) -> None:
+                 clean_in_restore: bool = False, run_label: str = "") -> None:
         """``nice``: added to this process's niceness, so that a cloud on the same node gets the CPU first
         when both are busy (async mode): a starved cloud falls behind and its backlog drops uploads.
 
@@ -58,7 +58,7 @@ class EdgeHost:
         if nice:
             os.nice(nice)
         self.anchors: dict[int, float] = {}  # edge id -> when its batch 0 was due (paced async runs)
-        self.metrics = HostMetrics(host_id)
+        self.metrics = HostMetrics(host_id, run_label)  # run_label: the run's actor prefix
         if not clean_in_restore:
             self._build(clean)
 
@@ -213,25 +213,25 @@ class CloudActor:
     """
 
     def __init__(self, cfg: dict[str, Any], threads: int = 1, checkpoint_dir: str | None = None,
-                 run_id: str = "") -> None:
+                 run_id: str = "", run_label: str = "") -> None:
         """A project error while building (a bad checkpoint) is kept and raised by `ping` and `position`,
         the driver's first calls after a start or a restart, as EdgeHost does."""
         keep_freed_memory(int(cfg["ray"]["malloc_keep_mb"]))
         torch.set_num_threads(threads)
         self.init_error: CemaError | None = None
         try:
-            self._build(cfg, checkpoint_dir, run_id)
+            self._build(cfg, checkpoint_dir, run_id, run_label)
         except CemaError as exc:
             self.init_error = exc
 
-    def _build(self, cfg: dict[str, Any], checkpoint_dir: str | None, run_id: str) -> None:
+    def _build(self, cfg: dict[str, Any], checkpoint_dir: str | None, run_id: str, run_label: str) -> None:
         from cema_ray.runtime.local import build_cloud
 
         spec, _ = method_settings(cfg)
         edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")
         foundation = load_model(cfg["models"]["foundation"], cfg["data"], "foundation") if spec.uses_foundation else None
         self.service: CloudService = build_cloud(cfg, edge_model, foundation)
-        self.metrics = CloudMetrics()
+        self.metrics = CloudMetrics(run_label)
         self.every = int(cfg["cloud"]["checkpoint_every"])
         self.delay_s = float(cfg["faults"]["slow_cloud_s"])
         self.store = CloudCheckpointStore(checkpoint_dir, run_id) if checkpoint_dir and self.every else None
@@ -272,7 +272,7 @@ class CloudActor:
         if self.delay_s:
             time.sleep(self.delay_s)
         items = sorted((item for uploads in host_uploads for item in uploads), key=lambda it: it[0])
-        t0 = time.perf_counter()
+        t0, trained = time.perf_counter(), self.service.stats.step_seconds
         steps, refused = {}, {}
         for edge_id, reset, images in items:
             if reset:
@@ -280,8 +280,9 @@ class CloudActor:
             steps[edge_id] = self.service.receive(edge_id, images)
             refused[edge_id] = self.service.last_refused
         pubs = self.service.end_round(sorted(steps if edge_ids is None else edge_ids))
-        self.metrics.record(sum(steps.values()), sum(len(it[2]) for it in items), len(pubs),
-                            self.service.trainer.queued(), time.perf_counter() - t0)
+        self.metrics.record(sum(len(it[2]) for it in items), sum(refused.values()), sum(steps.values()),
+                            self.service.stats.step_seconds - trained, len(pubs), self.service.trainer.queued(),
+                            time.perf_counter() - t0)
         return Delivery(steps, pubs, self.checkpointed, time.time(), refused)
 
     def stats(self) -> dict[str, Any]:

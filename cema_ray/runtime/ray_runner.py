@@ -120,13 +120,13 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
         name=f"{prefix}-cloud", namespace=NAMESPACE, num_cpus=cfg["cloud"]["num_cpus"],
         max_restarts=cfg["cloud"]["max_restarts"] if checkpoint_dir else 0,
         max_task_retries=0,  # the driver re-delivers, in order, after a restart
-    ).remote(cfg, cloud_threads(cfg["cloud"]), checkpoint_dir, run_id)
+    ).remote(cfg, cloud_threads(cfg["cloud"]), checkpoint_dir, run_id, prefix)
     hosts = [
         ray.remote(EdgeHost).options(
             name=f"{prefix}-edgehost-{i:03d}", namespace=NAMESPACE, num_cpus=rcfg["host_num_cpus"],
             memory=int(rcfg["host_memory_mb"]) * 2**20 or None, scheduling_strategy="SPREAD",
             max_restarts=-1, max_task_retries=0,  # restarted by Ray, restored by the driver
-        ).remote(i, cfg, plans, None, 1, int(rcfg["host_nice"]), True)
+        ).remote(i, cfg, plans, None, 1, int(rcfg["host_nice"]), True, prefix)
         for i, plans in enumerate(groups)
     ]
     try:  # arms every host; an actor killed meanwhile is waited for (faults do not wait for the start-up)
@@ -573,7 +573,7 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
         progress.close()
         stats = wait_for_actor(cloud.stats)
         facts = {"wall_seconds": progress.elapsed, "startup_seconds": startup, "num_hosts": len(hosts),
-                 "host_nodes": host_nodes,
+                 "host_nodes": host_nodes, "ray_run": actor_prefix(cfg["name"], run_id),
                  "dropped": stats["dropped"] + dropped, "cloud_steps": stats["steps"],
                  "publications": stats["publications"], "cloud_step_seconds": stats["step_seconds"],
                  "cloud_deliveries": stats["deliveries"], "cloud_ingested": stats["ingested"], "faults": faults.report(),
