@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     sta.add_argument("--once", action="store_true", help="print one table (rates over one interval) and exit")
     sta.set_defaults(func=cmd_status)
     lst = sub.add_parser("list", help="methods, models, corruptions and data sources a config may name")
+    lst.add_argument("method", nargs="?", default=None, help="a method: list its settings (default, allowed, meaning)")
     lst.set_defaults(func=cmd_list)
     return parser
 
@@ -242,6 +243,15 @@ def _sources() -> list[tuple[str, str]]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.method is not None:
+        from cema_ray.config import method_registry
+        from cema_ray.methods.tables import settings_text
+
+        reg = method_registry()
+        if args.method not in reg:
+            raise ConfigError(f"unknown method {args.method!r}; known: {', '.join(reg.names())}")
+        print(settings_text(args.method))
+        return 0
     sections = [("methods", _methods), ("models", _models), ("corruptions", _corruptions),
                 ("data sources", _sources)]
     print("\n\n".join("\n".join(_section(t, f)) for t, f in sections))

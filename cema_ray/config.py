@@ -9,20 +9,18 @@ registries, imported lazily so that reading this module stays cheap.
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 import os
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
 from cema_ray.errors import ConfigError, DataError
+from cema_ray.schema import (REQUIRED, Field, Section, Spec, boolean, describe, fail, fmt, integer, join_key, number,
+                             string, suggest, validate_section, validate_value)
 
-REQUIRED: Any = object()
-"""Default of a field the user must give."""
 
 PROTOCOLS = ("continual", "reset", "mixed", "gradual", "label_shift")
 STANDARD_CORRUPTIONS = (
@@ -38,61 +36,13 @@ SOURCE_ROOTS: dict[str, tuple[str | None, str | None]] = {
 }
 
 
-# --------------------------------------------------------------------------------------------- schema
-@dataclass(frozen=True)
-class Field:
-    """One leaf key. `kind` is str, int, float, bool, list or dict (a free-form mapping)."""
-
-    kind: str
-    default: Any = None
-    doc: str = ""
-    nullable: bool = False
-    choices: tuple[Any, ...] | None = None
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    item: "Field | Section | None" = None  # for lists
-    check: Callable[[str, Any], None] | None = None  # registry look-ups, run on non-null values
-
-
-@dataclass(frozen=True)
-class Section:
-    """A mapping of named fields; `partial` sections fill no defaults (group stream overrides)."""
-
-    fields: Mapping[str, "Field | Section"]
-    doc: str = ""
-    partial: bool = False
-
-
-Spec = Field | Section
-
-
-def _int(default: Any, doc: str, lo: float | None = None, hi: float | None = None, nullable: bool = False) -> Field:
-    return Field("int", default, doc, nullable=nullable, lo=lo, hi=hi)
-
-
-def _num(default: Any, doc: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
-         hi_open: bool = False, nullable: bool = False) -> Field:
-    return Field("float", default, doc, nullable=nullable, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open)
-
-
-def _str(default: Any, doc: str, nullable: bool = False, choices: tuple[str, ...] | None = None,
-         check: Callable[[str, Any], None] | None = None) -> Field:
-    return Field("str", default, doc, nullable=nullable, choices=choices, check=check)
-
-
-def _bool(default: bool, doc: str) -> Field:
-    return Field("bool", default, doc)
-
-
 # ------------------------------------------------------------------------------ lazy registry checks
 def _check_model(key: str, name: str) -> None:
     from cema_ray.models.factory import MODELS, TIMM_PREFIX
 
     if name in MODELS or (name.startswith(TIMM_PREFIX) and len(name) > len(TIMM_PREFIX)):
         return
-    _fail(key, name, f"unknown model{_suggest(name, MODELS.names())}; known: {', '.join(MODELS.names())}, "
+    fail(key, name, f"unknown model{suggest(name, MODELS.names())}; known: {', '.join(MODELS.names())}, "
                      f"or '{TIMM_PREFIX}<name>' for any timm model")
 
 
@@ -101,7 +51,7 @@ def _check_corruption(key: str, name: str) -> None:
 
     known = [*CORRUPTIONS, "clean"]
     if name not in known:
-        _fail(key, name, f"unknown corruption{_suggest(name, known)}; known: {', '.join(known)}")
+        fail(key, name, f"unknown corruption{suggest(name, known)}; known: {', '.join(known)}")
 
 
 def _check_source(key: str, name: str) -> None:
@@ -109,13 +59,13 @@ def _check_source(key: str, name: str) -> None:
 
     if name not in DATA_SOURCES:
         known = list(DATA_SOURCES)
-        _fail(key, name, f"unknown data source{_suggest(name, known)}; known: {', '.join(known)}")
+        fail(key, name, f"unknown data source{suggest(name, known)}; known: {', '.join(known)}")
 
 
 def _check_method(key: str, name: str) -> None:
     methods = method_registry()
     if name not in methods:
-        _fail(key, name, f"unknown method{_suggest(name, methods.names())}; known: {', '.join(methods.names())}")
+        fail(key, name, f"unknown method{suggest(name, methods.names())}; known: {', '.join(methods.names())}")
 
 
 def method_registry() -> Any:
@@ -129,28 +79,28 @@ def method_registry() -> Any:
 # ------------------------------------------------------------------------------------- the schemas
 def _stream_fields() -> dict[str, Spec]:
     return {
-        "protocol": _str("continual", "order of domains: continual (no resets), reset (reset at each new domain), "
+        "protocol": string("continual", "order of domains: continual (no resets), reset (reset at each new domain), "
                          "mixed (all domains shuffled together), gradual (severity 1..5..1 per corruption), "
                          "label_shift (Dirichlet label-correlated order)", choices=PROTOCOLS),
         "corruptions": Field("list", list(STANDARD_CORRUPTIONS), "corruption sequence ('clean' = none); "
                              "default: the 15 standard ones in order",
-                             item=_str(REQUIRED, "corruption", check=_check_corruption)),
-        "severity": _int(5, "corruption severity", lo=1, hi=5),
-        "batch_size": _int(64, "samples per edge batch", lo=1),
-        "samples_per_domain": _int(1000, "samples each edge sees per domain", lo=1),
-        "dirichlet_alpha": _num(0.1, "label-shift concentration (smaller = more correlated labels)",
+                             item=string(REQUIRED, "corruption", check=_check_corruption)),
+        "severity": integer(5, "corruption severity", lo=1, hi=5),
+        "batch_size": integer(64, "samples per edge batch", lo=1),
+        "samples_per_domain": integer(1000, "samples each edge sees per domain", lo=1),
+        "dirichlet_alpha": number(0.1, "label-shift concentration (smaller = more correlated labels)",
                                 lo=0, lo_open=True),
     }
 
 
 GROUP = Section({
-    "name": _str(None, "label of the group in reports (default g<index>)", nullable=True),
-    "fraction": _num(REQUIRED, "share of the edges in this group", lo=0, hi=1, lo_open=True),
+    "name": string(None, "label of the group in reports (default g<index>)", nullable=True),
+    "fraction": number(REQUIRED, "share of the edges in this group", lo=0, hi=1, lo_open=True),
     "stream": Section(_stream_fields(), "stream keys that differ from the top-level stream", partial=True),
-    "frame_rate": _num(None, "batches per second (null = as fast as possible)", lo=0, lo_open=True, nullable=True),
-    "uplink_samples_per_s": _num(None, "upload budget in samples per second (null = unlimited)", lo=0,
+    "frame_rate": number(None, "batches per second (null = as fast as possible)", lo=0, lo_open=True, nullable=True),
+    "uplink_samples_per_s": number(None, "upload budget in samples per second (null = unlimited)", lo=0,
                                  lo_open=True, nullable=True),
-    "uplink_bytes_per_s": _num(None, "upload budget in bytes per second (null = unlimited)", lo=0,
+    "uplink_bytes_per_s": number(None, "upload budget in bytes per second (null = unlimited)", lo=0,
                                lo_open=True, nullable=True),
 }, "one group of edges with its own stream, frame rate and uplink")
 
@@ -161,43 +111,43 @@ DISTRIBUTION_TARGETS: dict[str, Field] = {**_stream_fields(), **{k: GROUP.fields
 DISTRIBUTION_FORMS = ("choice", "uniform", "loguniform", "randint", "permute")
 
 RUN_SCHEMA = Section({
-    "name": _str(REQUIRED, "run name (default: the config file's stem)"),
-    "runtime": _str("ray", "where edges and cloud run: local (one process) or ray (actors)",
+    "name": string(REQUIRED, "run name (default: the config file's stem)"),
+    "runtime": string("ray", "where edges and cloud run: local (one process) or ray (actors)",
                     choices=("local", "ray")),
-    "mode": _str("sync", "sync: rounds in the reference order; async: edges never wait for the cloud",
+    "mode": string("sync", "sync: rounds in the reference order; async: edges never wait for the cloud",
                  choices=("sync", "async")),
-    "seed": _int(0, "seed of every random choice"),
-    "threads": _int(None, "torch threads of the local runtime and of bench's runs and evaluations, set once at "
+    "seed": integer(0, "seed of every random choice"),
+    "threads": integer(None, "torch threads of the local runtime and of bench's runs and evaluations, set once at "
                           "start and written to summary.json (null: $OMP_NUM_THREADS if set, else the CPUs "
                           "Ray assigned this task, else the cores the OS lets this process use: CPU affinity "
                           "and cgroup quota); Ray's hosts and cloud use ray.host_num_cpus / cloud.threads",
                     lo=1, nullable=True),
     "data": Section({
-        "source": _str("fashion-mnist", "data source name (see `cema-ray list`)", check=_check_source),
-        "root": _str(None, "data folder (null: the source's env var, then its default)", nullable=True),
-        "split": _str("test", "which split the streams draw from", choices=("train", "test")),
-        "cache_dir": _str(None, "where decoded arrays are cached (null: the source's default)", nullable=True),
-        "num_classes": _int(None, "number of classes (null: from the data)", lo=1, nullable=True),
+        "source": string("fashion-mnist", "data source name (see `cema-ray list`)", check=_check_source),
+        "root": string(None, "data folder (null: the source's env var, then its default)", nullable=True),
+        "split": string("test", "which split the streams draw from", choices=("train", "test")),
+        "cache_dir": string(None, "where decoded arrays are cached (null: the source's default)", nullable=True),
+        "num_classes": integer(None, "number of classes (null: from the data)", lo=1, nullable=True),
     }),
     "models": Section({
         "edge": Section({
-            "name": _str("cema_resnet_s", "edge model name", check=_check_model),
-            "checkpoint": _str(None, "safetensors checkpoint (timm: local weights file)", nullable=True),
-            "allow_unverified": _bool(False, "load a checkpoint whose card has no sha256 (nothing vouches for its "
+            "name": string("cema_resnet_s", "edge model name", check=_check_model),
+            "checkpoint": string(None, "safetensors checkpoint (timm: local weights file)", nullable=True),
+            "allow_unverified": boolean(False, "load a checkpoint whose card has no sha256 (nothing vouches for its "
                                              "bytes; a warning says so)"),
         }),
         "foundation": Section({
-            "name": _str("cema_resnet_l", "foundation model name", check=_check_model),
-            "checkpoint": _str(None, "safetensors checkpoint (timm: local weights file)", nullable=True),
-            "allow_unverified": _bool(False, "load a checkpoint whose card has no sha256 (nothing vouches for its "
+            "name": string("cema_resnet_l", "foundation model name", check=_check_model),
+            "checkpoint": string(None, "safetensors checkpoint (timm: local weights file)", nullable=True),
+            "allow_unverified": boolean(False, "load a checkpoint whose card has no sha256 (nothing vouches for its "
                                              "bytes; a warning says so)"),
         }),
     }),
     "stream": Section(_stream_fields(), "the stream every edge sees unless its group overrides it"),
     "edges": Section({
-        "count": _int(32, "number of (virtual) edges", lo=1),
-        "per_host": _int(8, "virtual edges multiplexed on one EdgeHost actor", lo=1),
-        "hosts": _int(None, "EdgeHost actors (null: ceil(count / per_host))", lo=1, nullable=True),
+        "count": integer(32, "number of (virtual) edges", lo=1),
+        "per_host": integer(8, "virtual edges multiplexed on one EdgeHost actor", lo=1),
+        "hosts": integer(None, "EdgeHost actors (null: ceil(count / per_host))", lo=1, nullable=True),
         "groups": Field("list", [], "heterogeneous edge groups; edges not covered use the top-level stream",
                         item=GROUP),
         "distributions": Field("dict", {}, "per-edge values drawn with seed (heterogeneity_seed, edge id, key): "
@@ -205,236 +155,103 @@ RUN_SCHEMA = Section({
                                "{loguniform: [lo, hi]}, {randint: [lo, hi]} or {permute: [c, ...]} (corruptions "
                                "only); keys: the group stream keys, frame_rate, uplink_samples_per_s, "
                                "uplink_bytes_per_s; a group's own keys win"),
-        "heterogeneity_seed": _int(None, "seed of per-edge variation (null: the run seed)", nullable=True),
+        "heterogeneity_seed": integer(None, "seed of per-edge variation (null: the run seed)", nullable=True),
     }),
     "method": Section({
-        "name": _str("cema", "method or preset (see `cema-ray list`)", check=_check_method),
-        "publish_every": _int(1, "cloud publishes norm parameters every K edge batches", lo=1),
-        "student_scope": _str("shared", "one student for all edges, or one per edge",
+        "name": string("cema", "method or preset (see `cema-ray list`)", check=_check_method),
+        "publish_every": integer(1, "cloud publishes norm parameters every K edge batches", lo=1),
+        "student_scope": string("shared", "one student for all edges, or one per edge",
                               choices=("shared", "per_edge")),
         "settings": Field("dict", {}, "method settings; keys must be among the method's defaults"),
     }),
     "cloud": Section({
-        "queue_capacity": _int(8192, "uploaded samples the cloud queues before dropping", lo=1),
-        "num_cpus": _num(1.0, "CPUs reserved for the cloud actor", lo=0, lo_open=True),
-        "threads": _int(None, "torch threads of the cloud actor (null: cloud.num_cpus rounded up)", lo=1,
+        "queue_capacity": integer(8192, "uploaded samples the cloud queues before dropping", lo=1),
+        "num_cpus": number(1.0, "CPUs reserved for the cloud actor", lo=0, lo_open=True),
+        "threads": integer(None, "torch threads of the cloud actor (null: cloud.num_cpus rounded up)", lo=1,
                         nullable=True),
-        "checkpoint_every": _int(10, "Ray runtime: checkpoint the cloud's state to <out>/cloud_checkpoints every N "
+        "checkpoint_every": integer(10, "Ray runtime: checkpoint the cloud's state to <out>/cloud_checkpoints every N "
                                      "deliveries (a sync round, or one host's uploads in async); 0 = off, and a "
                                      "dead cloud then ends the run", lo=0),
-        "max_restarts": _int(-1, "times Ray may restart a dead cloud actor (-1: no limit)", lo=-1),
-        "checkpoint_dir": _str(None, "folder of the cloud's checkpoints, which the node that restarts the cloud must "
+        "max_restarts": integer(-1, "times Ray may restart a dead cloud actor (-1: no limit)", lo=-1),
+        "checkpoint_dir": string(None, "folder of the cloud's checkpoints, which the node that restarts the cloud must "
                                      "read (null: <output folder>/cloud_checkpoints, the local staging folder for a "
                                      "URI); on a multi-node cluster it must be an absolute path on a shared file "
                                      "system", nullable=True),
     }),
     "ray": Section({
-        "address": _str(None, "cluster to join: an address, or auto (the one running on this machine); "
+        "address": string(None, "cluster to join: an address, or auto (the one running on this machine); "
                               "null: start a new local instance", nullable=True),
-        "num_cpus": _int(None, "logical CPUs of a local instance (null: Ray's default)", lo=1, nullable=True),
-        "object_store_memory_mb": _int(256, "object store of a local instance, MiB (Ray needs >= 75)",
+        "num_cpus": integer(None, "logical CPUs of a local instance (null: Ray's default)", lo=1, nullable=True),
+        "object_store_memory_mb": integer(256, "object store of a local instance, MiB (Ray needs >= 75)",
                                        lo=75, nullable=True),
-        "host_num_cpus": _num(0.5, "CPUs reserved per EdgeHost actor", lo=0, lo_open=True),
-        "host_memory_mb": _int(700, "memory reserved per EdgeHost actor, MiB (admission only)", lo=0),
-        "max_in_flight_per_host": _int(2, "outstanding step calls per host", lo=1),
-        "backlog_full": _str("drop_oldest", "async mode, when the uploads waiting for the cloud reach their bound "
+        "host_num_cpus": number(0.5, "CPUs reserved per EdgeHost actor", lo=0, lo_open=True),
+        "host_memory_mb": integer(700, "memory reserved per EdgeHost actor, MiB (admission only)", lo=0),
+        "max_in_flight_per_host": integer(2, "outstanding step calls per host", lo=1),
+        "backlog_full": string("drop_oldest", "async mode, when the uploads waiting for the cloud reach their bound "
                              "(2 x hosts deliveries): drop the oldest (edges never wait; counted in dropped) or "
                              "wait (hosts pause until the cloud catches up: nothing dropped)",
                              choices=("drop_oldest", "wait")),
-        "host_nice": _int(4, "niceness added to EdgeHost processes (Ray starts workers at 15; 19 is the most): "
+        "host_nice": integer(4, "niceness added to EdgeHost processes (Ray starts workers at 15; 19 is the most): "
                              "the cloud wins the CPU when edges and cloud share a node (num_cpus only admits)",
                           lo=0, hi=19),
-        "malloc_keep_mb": _int(256, "EdgeHost and cloud processes: glibc malloc serves buffers below 32 MB from its "
+        "malloc_keep_mb": integer(256, "EdgeHost and cloud processes: glibc malloc serves buffers below 32 MB from its "
                                     "heap and keeps up to this many MiB of freed memory for reuse, instead of "
                                     "mapping and unmapping torch's buffers at every batch (0: glibc's defaults)",
                                lo=0),
-        "include_dashboard": _bool(True, "start the Ray dashboard (local instance)"),
-        "dashboard_host": _str("127.0.0.1", "dashboard bind address (keep loopback unless token auth is on)"),
+        "include_dashboard": boolean(True, "start the Ray dashboard (local instance)"),
+        "dashboard_host": string("127.0.0.1", "dashboard bind address (keep loopback unless token auth is on)"),
     }),
     "faults": Section({
-        "kill_hosts": _int(0, "EdgeHost actors to kill during the run (fault injection)", lo=0),
-        "kill_cloud": _int(0, "times to kill the cloud actor during the run (needs cloud.checkpoint_every > 0)",
+        "kill_hosts": integer(0, "EdgeHost actors to kill during the run (fault injection)", lo=0),
+        "kill_cloud": integer(0, "times to kill the cloud actor during the run (needs cloud.checkpoint_every > 0)",
                            lo=0),
-        "bad_batches": _int(0, "malformed batches injected into the edges' streams (NaN, Inf, wrong shape, wrong "
+        "bad_batches": integer(0, "malformed batches injected into the edges' streams (NaN, Inf, wrong shape, wrong "
                                "dtype, labels out of range, empty, in turn): each is rejected and counted", lo=0),
-        "raise_in_hosts": _int(0, "EdgeHost steps that raise an exception during the run (fault injection)", lo=0),
-        "slow_cloud_s": _num(0.0, "extra seconds the cloud sleeps per delivery: rehearses a cloud that cannot "
+        "raise_in_hosts": integer(0, "EdgeHost steps that raise an exception during the run (fault injection)", lo=0),
+        "slow_cloud_s": number(0.0, "extra seconds the cloud sleeps per delivery: rehearses a cloud that cannot "
                                   "keep up (backpressure)", lo=0),
-        "seed": _int(0, "seed of when and which actors are killed"),
+        "seed": integer(0, "seed of when and which actors are killed"),
     }),
     "output": Section({
-        "dir": _str(None, "output folder, or a URI pyarrow's filesystems open (s3://bucket/prefix, gs://, hdfs://, "
+        "dir": string(None, "output folder, or a URI pyarrow's filesystems open (s3://bucket/prefix, gs://, hdfs://, "
                           "file://) (null: $CEMA_RAY_STORAGE/<name>-<timestamp>, else ~/cema_ray_runs/... under a "
                           "Ray job, else runs/<name>-<timestamp>)", nullable=True),
-        "progress": _bool(True, "show progress bars"),
-        "report": _bool(True, "write report.md and its plots"),
+        "progress": boolean(True, "show progress bars"),
+        "report": boolean(True, "write report.md and its plots"),
     }),
 })
 
 PRETRAIN_SCHEMA = Section({
-    "name": _str(REQUIRED, "pretrain run name (default: the config file's stem)"),
-    "seed": _int(0, "seed of every random choice"),
+    "name": string(REQUIRED, "pretrain run name (default: the config file's stem)"),
+    "seed": integer(0, "seed of every random choice"),
     "data": Section({
-        "source": _str("fashion-mnist", "data source name", check=_check_source),
-        "root": _str(None, "data folder (null: the source's env var, then its default)", nullable=True),
-        "cache_dir": _str(None, "where decoded arrays are cached", nullable=True),
+        "source": string("fashion-mnist", "data source name", check=_check_source),
+        "root": string(None, "data folder (null: the source's env var, then its default)", nullable=True),
+        "cache_dir": string(None, "where decoded arrays are cached", nullable=True),
     }),
     "model": Section({
-        "name": _str(REQUIRED, "model name", check=_check_model),
-        "role": _str(REQUIRED, "which model of a run this becomes", choices=("edge", "foundation")),
-        "init_checkpoint": _str(None, "start from this checkpoint's weights (same architecture; a second "
+        "name": string(REQUIRED, "model name", check=_check_model),
+        "role": string(REQUIRED, "which model of a run this becomes", choices=("edge", "foundation")),
+        "init_checkpoint": string(None, "start from this checkpoint's weights (same architecture; a second "
                                 "training stage) instead of a random initialisation", nullable=True),
     }),
     "train": Section({
-        "epochs": _int(10, "training epochs", lo=1),
-        "batch_size": _int(128, "training batch size", lo=1),
-        "lr": _num(0.1, "peak SGD learning rate", lo=0, lo_open=True),
-        "weight_decay": _num(5e-4, "SGD weight decay", lo=0),
-        "momentum": _num(0.9, "SGD momentum", lo=0, hi=1, hi_open=True),
-        "augment": _str("basic", "basic (crop + flip) or augmix (adds AugMix for robustness)",
+        "epochs": integer(10, "training epochs", lo=1),
+        "batch_size": integer(128, "training batch size", lo=1),
+        "lr": number(0.1, "peak SGD learning rate", lo=0, lo_open=True),
+        "weight_decay": number(5e-4, "SGD weight decay", lo=0),
+        "momentum": number(0.9, "SGD momentum", lo=0, hi=1, hi_open=True),
+        "augment": string("basic", "basic (crop + flip) or augmix (adds AugMix for robustness)",
                         choices=("basic", "augmix")),
-        "label_smoothing": _num(0.0, "cross-entropy label smoothing", lo=0, hi=1, hi_open=True),
-        "threads": _int(None, "torch threads (null: torch's default)", lo=1, nullable=True),
-        "eval_every": _int(1, "evaluate on the test split every N epochs", lo=1),
+        "label_smoothing": number(0.0, "cross-entropy label smoothing", lo=0, hi=1, hi_open=True),
+        "threads": integer(None, "torch threads (null: torch's default)", lo=1, nullable=True),
+        "eval_every": integer(1, "evaluate on the test split every N epochs", lo=1),
     }),
     "output": Section({
-        "checkpoint": _str(REQUIRED, "where the safetensors checkpoint (+ .json card) is written"),
-        "work_dir": _str("pretrain_work", "scratch folder for partial checkpoints and logs"),
+        "checkpoint": string(REQUIRED, "where the safetensors checkpoint (+ .json card) is written"),
+        "work_dir": string("pretrain_work", "scratch folder for partial checkpoints and logs"),
     }),
 })
-
-
-# ----------------------------------------------------------------------------------------- messages
-def fmt(value: Any) -> str:
-    """A value as the user wrote it in YAML (null/true/false, quoted strings)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(fmt(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {fmt(v)}" for k, v in value.items()) + "}"
-    return str(value)
-
-
-def _fail(key: str, value: Any, problem: str) -> None:
-    raise ConfigError(f"{key} = {fmt(value)}: {problem}")
-
-
-def _suggest(name: Any, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _join(prefix: str, name: str | int) -> str:
-    return f"{prefix}.{name}" if prefix else str(name)
-
-
-def _num_text(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
-def describe(spec: Spec) -> str:
-    """What a field accepts, in words: 'an integer from 1 to 5', "one of 'local', 'ray'"..."""
-    if isinstance(spec, Section):
-        return "a mapping"
-    if spec.choices is not None:
-        text = "one of " + ", ".join(fmt(c) for c in spec.choices)
-    elif spec.kind in ("int", "float"):
-        text = ("an integer" if spec.kind == "int" else "a number") + _range_text(spec)
-    else:
-        text = {"str": "a string", "bool": "true or false", "dict": "a mapping",
-                "list": "a list" + (f" of {_plural(spec.item)}" if spec.item is not None else "")}[spec.kind]
-    return f"null or {text}" if spec.nullable else text
-
-
-def _plural(item: Spec) -> str:
-    if isinstance(item, Section):
-        return "mappings"
-    return {"str": "strings", "int": "integers", "float": "numbers", "bool": "booleans"}.get(item.kind, "values")
-
-
-def _range_text(spec: Field) -> str:
-    lo, hi = spec.lo, spec.hi
-    if lo is not None and hi is not None:
-        if spec.kind == "int" and not spec.lo_open and not spec.hi_open:
-            return f" from {_num_text(lo)} to {_num_text(hi)}"
-        return f" in {'(' if spec.lo_open else '['}{_num_text(lo)}, {_num_text(hi)}{')' if spec.hi_open else ']'}"
-    if lo is not None:
-        return f" {'>' if spec.lo_open else '>='} {_num_text(lo)}"
-    if hi is not None:
-        return f" {'<' if spec.hi_open else '<='} {_num_text(hi)}"
-    return ""
-
-
-# --------------------------------------------------------------------------------------- validation
-def _validate_section(section: Section, raw: Any, prefix: str) -> dict[str, Any]:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        _fail(prefix or "<config>", raw, f"must be a mapping with keys {', '.join(section.fields)}")
-    for name in raw:
-        if name not in section.fields:
-            _fail(_join(prefix, name), raw[name], f"unknown key{_suggest(name, section.fields)}; "
-                                                  f"allowed here: {', '.join(section.fields)}")
-    out: dict[str, Any] = {}
-    for name, spec in section.fields.items():
-        key = _join(prefix, name)
-        if name in raw:
-            out[name] = _validate_value(spec, raw[name], key)
-        elif section.partial:
-            continue
-        elif isinstance(spec, Section):
-            out[name] = _validate_section(spec, {}, key)
-        elif spec.default is REQUIRED:
-            raise ConfigError(f"{key}: missing; must be {describe(spec)}")
-        else:
-            out[name] = _validate_value(spec, copy.deepcopy(spec.default), key)
-    return out
-
-
-def _validate_value(spec: Spec, value: Any, key: str) -> Any:
-    if isinstance(spec, Section):
-        return _validate_section(spec, value, key)
-    if value is None:
-        if spec.nullable:
-            return None
-        _fail(key, value, f"must be {describe(spec)}")
-    value = _check_type(spec, value, key)
-    if spec.choices is not None and value not in spec.choices:
-        _fail(key, value, f"must be {describe(spec)}{_suggest(value, map(str, spec.choices))}")
-    if spec.kind in ("int", "float") and not _in_range(spec, value):
-        _fail(key, value, f"must be {describe(spec)}")
-    if spec.kind == "list" and spec.item is not None:
-        value = [_validate_value(spec.item, v, _join(key, i)) for i, v in enumerate(value)]
-    if spec.check is not None:
-        spec.check(key, value)
-    return value
-
-
-def _check_type(spec: Field, value: Any, key: str) -> Any:
-    ok = {
-        "str": isinstance(value, str),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-        "list": isinstance(value, list),
-        "dict": isinstance(value, dict) and all(isinstance(k, str) for k in value),
-    }[spec.kind]
-    if not ok or (spec.kind == "float" and not math.isfinite(value)):
-        _fail(key, value, f"must be {describe(spec)}")
-    return float(value) if spec.kind == "float" else value
-
-
-def _in_range(spec: Field, x: float) -> bool:
-    if spec.lo is not None and (x <= spec.lo if spec.lo_open else x < spec.lo):
-        return False
-    if spec.hi is not None and (x >= spec.hi if spec.hi_open else x > spec.hi):
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------- overrides
@@ -471,16 +288,16 @@ def _set_dotted(raw: dict[str, Any], schema: Section, key: str, value: Any) -> N
         if isinstance(spec, Field) and spec.kind == "list":
             node, spec = _descend_list(node, spec, part, key, value, where), spec.item
             if last:
-                _fail(key, value, "cannot replace a whole list item; set its keys, e.g. "
+                fail(key, value, "cannot replace a whole list item; set its keys, e.g. "
                                   f"{key}.fraction=0.5")
             continue
         if isinstance(spec, Section):
             if part not in spec.fields:
-                _fail(key, value, f"unknown key{_suggest(part, spec.fields)}"
+                fail(key, value, f"unknown key{suggest(part, spec.fields)}"
                                   f"{' in ' + repr(where) if where else ''}; allowed: {', '.join(spec.fields)}")
             spec = spec.fields[part]
         elif isinstance(spec, Field) and spec.kind != "dict":
-            _fail(key, value, f"'{where}' is {describe(spec)}, it has no key '{part}'")
+            fail(key, value, f"'{where}' is {describe(spec)}, it has no key '{part}'")
         else:
             spec = None
         if last:
@@ -494,7 +311,7 @@ def _set_dotted(raw: dict[str, Any], schema: Section, key: str, value: Any) -> N
 def _descend_list(node: Any, spec: Field, part: str, key: str, value: Any, where: str) -> Any:
     if not part.isdigit() or not isinstance(node, list) or int(part) >= len(node):
         size = len(node) if isinstance(node, list) else 0
-        _fail(key, value, f"'{where}' has {size} item(s); address one as {where}.<index 0..{max(size - 1, 0)}>")
+        fail(key, value, f"'{where}' has {size} item(s); address one as {where}.<index 0..{max(size - 1, 0)}>")
     item = node[int(part)]
     if not isinstance(item, dict):
         node[int(part)] = item = {}
@@ -527,11 +344,11 @@ def resolve_data_root(source: str, root: str | None, key: str = "data.root", che
         path, origin = default, "the default"
     if path is None:
         if env is not None and check:
-            _fail(key, root, f"no folder for data source '{source}'; set ${env} or {key} to it")
+            fail(key, root, f"no folder for data source '{source}'; set ${env} or {key} to it")
         return None
     if check and not Path(path).exists():
         how = f"set ${env} or {key}" if env else f"set {key}"
-        _fail(key, root, f"data folder {path} ({origin}) does not exist; {how} to the '{source}' data")
+        fail(key, root, f"data folder {path} ({origin}) does not exist; {how} to the '{source}' data")
     return path
 
 
@@ -542,55 +359,32 @@ MIRRORED_SETTINGS = {"publish_every": "method.publish_every", "student_scope": "
 
 
 def _check_settings(cfg: dict[str, Any]) -> None:
-    """method.settings: known keys only (those of the method's defaults), same type as the default.
+    """method.settings, resolved by the method's own declarations (`MethodSpec.resolve`): every key filled,
+    each value type- and range-checked, class-count defaults computed; what the run uses is what is stored.
 
     Settings that mirror a config key (MIRRORED_SETTINGS) take that key's value, so the method and the
     runtime cannot disagree; giving both with different values is an error.
     """
     method = cfg["method"]
     spec = method_registry().get(method["name"])
-    if getattr(spec, "needs_labels", False) and cfg["runtime"] != "local":
-        _fail("method.name", method["name"], "is a reference trained on the stream's true labels; it needs runtime: local")
-    defaults = dict(spec.defaults)
+    if spec.needs_labels and cfg["runtime"] != "local":
+        fail("method.name", method["name"], "is a reference trained on the stream's true labels; it needs runtime: local")
+    given = dict(method["settings"])
     for name, source in MIRRORED_SETTINGS.items():
         section, key = source.split(".")
         value = cfg[section][key]
-        if name not in defaults or value is None:
+        if name not in spec.settings or value is None:
             continue
-        if name in method["settings"] and method["settings"][name] != value:
-            _fail(f"method.settings.{name}", method["settings"][name],
-                  f"conflicts with {source} = {fmt(value)}; set {source} only")
-        method["settings"][name] = value
-    for name, value in method["settings"].items():
-        key = f"method.settings.{name}"
-        if name not in defaults:
-            _fail(key, value, f"unknown setting of method '{method['name']}'{_suggest(name, defaults)}; "
-                              f"known: {', '.join(sorted(defaults)) or '(none)'}")
-        typed = getattr(spec, "nullable_settings", {}).get(name)
-        method["settings"][name] = (_validate_value(typed, value, key) if typed is not None and defaults[name] is None
-                                    else _like_default(key, value, defaults[name]))
-    method["settings"] = {**copy.deepcopy(defaults), **method["settings"]}
+        if name in given and given[name] != value:
+            fail(f"method.settings.{name}", given[name], f"conflicts with {source} = {fmt(value)}; set {source} only")
+        given[name] = value
+    method["settings"] = dict(spec.resolve(given, num_classes=_num_classes(cfg["data"])))
 
 
-def _like_default(key: str, value: Any, default: Any) -> Any:
-    if default is None:
-        return value
-    if isinstance(default, bool):
-        ok, what = isinstance(value, bool), "true or false"
-    elif isinstance(default, int):
-        ok, what = isinstance(value, int) and not isinstance(value, bool), "an integer"
-    elif isinstance(default, float):
-        ok, what = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        value = float(value) if ok else value
-    elif isinstance(default, str):
-        ok, what = isinstance(value, str), "a string"
-    elif isinstance(default, (list, tuple)):
-        ok, what = isinstance(value, (list, tuple)), "a list"
-    else:
-        ok, what = True, ""
-    if not ok:
-        _fail(key, value, f"must be {what} (default {fmt(default)})")
-    return value
+def _num_classes(data: dict[str, Any]) -> int | None:
+    from cema_ray.data.sources import DATA_SOURCES
+
+    return data.get("num_classes") or getattr(DATA_SOURCES.get(data["source"]), "num_classes", None)
 
 
 def _check_groups(edges: dict[str, Any]) -> None:
@@ -600,12 +394,12 @@ def _check_groups(edges: dict[str, Any]) -> None:
     total = sum(g["fraction"] for g in edges["groups"])
     if total > 1 + 1e-9:
         fractions = [g["fraction"] for g in edges["groups"]]
-        _fail("edges.groups", fractions, f"fractions sum to {total:g}; they must sum to at most 1")
+        fail("edges.groups", fractions, f"fractions sum to {total:g}; they must sum to at most 1")
     names = [g["name"] for g in edges["groups"]]
     if len(set(names)) != len(names):
-        _fail("edges.groups", names, "group names must be distinct")
+        fail("edges.groups", names, "group names must be distinct")
     if edges["hosts"] is not None and edges["hosts"] > edges["count"]:
-        _fail("edges.hosts", edges["hosts"], f"must be at most edges.count ({edges['count']})")
+        fail("edges.hosts", edges["hosts"], f"must be at most edges.count ({edges['count']})")
 
 
 def _check_distributions(edges: dict[str, Any]) -> None:
@@ -617,29 +411,29 @@ def _check_distributions(edges: dict[str, Any]) -> None:
     for name, dist in edges["distributions"].items():
         key = f"edges.distributions.{name}"
         if name not in DISTRIBUTION_TARGETS:
-            _fail(key, dist, f"unknown key{_suggest(name, DISTRIBUTION_TARGETS)}; "
+            fail(key, dist, f"unknown key{suggest(name, DISTRIBUTION_TARGETS)}; "
                              f"allowed: {', '.join(DISTRIBUTION_TARGETS)}")
         forms_text = ", ".join(DISTRIBUTION_FORMS)
         if not isinstance(dist, dict) or not all(isinstance(k, str) for k in dist):
-            _fail(key, dist, f"must be a mapping with one of {forms_text}, e.g. {{choice: [16, 32]}}")
+            fail(key, dist, f"must be a mapping with one of {forms_text}, e.g. {{choice: [16, 32]}}")
         for form in dist:
             if form not in (*DISTRIBUTION_FORMS, "weights"):
-                _fail(_join(key, form), dist[form], f"unknown distribution{_suggest(form, DISTRIBUTION_FORMS)}; "
+                fail(join_key(key, form), dist[form], f"unknown distribution{suggest(form, DISTRIBUTION_FORMS)}; "
                                                     f"allowed: {forms_text} (and weights with choice)")
         forms = [f for f in dist if f in DISTRIBUTION_FORMS]
         if len(forms) != 1:
-            _fail(key, dist, f"give exactly one of {forms_text}" + (f"; got {', '.join(forms)}" if forms else ""))
+            fail(key, dist, f"give exactly one of {forms_text}" + (f"; got {', '.join(forms)}" if forms else ""))
         form = forms[0]
         if "weights" in dist and form != "choice":
-            _fail(_join(key, "weights"), dist["weights"], f"weights go with choice, not {form}")
+            fail(join_key(key, "weights"), dist["weights"], f"weights go with choice, not {form}")
         spec = DISTRIBUTION_TARGETS[name]
         if form == "choice":
             out[name] = _check_choice(key, name, spec, dist)
         elif form == "permute":
             if name != "corruptions":
-                _fail(_join(key, form), dist[form], "permute shuffles a list per edge: only "
+                fail(join_key(key, form), dist[form], "permute shuffles a list per edge: only "
                                                     "edges.distributions.corruptions takes it")
-            out[name] = {form: _drawable(name, spec, dist[form], _join(key, form))}
+            out[name] = {form: _drawable(name, spec, dist[form], join_key(key, form))}
         else:
             out[name] = {form: _check_bounds(key, name, spec, form, dist[form])}
     edges["distributions"] = out
@@ -648,53 +442,53 @@ def _check_distributions(edges: dict[str, Any]) -> None:
 def _drawable(name: str, spec: Field, value: Any, key: str) -> Any:
     """One value a distribution can give `name`, validated as the key itself would be."""
     if name == "corruptions" and not isinstance(value, list):
-        _fail(key, value, "must be a list of corruption names (a choice picks a whole list, e.g. "
+        fail(key, value, "must be a list of corruption names (a choice picks a whole list, e.g. "
                           "{choice: [[fog], [snow, frost]]})")
-    value = _validate_value(spec, value, key)
+    value = validate_value(spec, value, key)
     if name == "corruptions" and not value:
-        _fail(key, value, "must be a non-empty list of corruption names")
+        fail(key, value, "must be a non-empty list of corruption names")
     return value
 
 
 def _check_choice(key: str, name: str, spec: Field, dist: dict[str, Any]) -> dict[str, Any]:
-    values, ckey = dist["choice"], _join(key, "choice")
+    values, ckey = dist["choice"], join_key(key, "choice")
     if not isinstance(values, list) or not values:
-        _fail(ckey, values, f"must be a non-empty list of values for {name}")
-    out: dict[str, Any] = {"choice": [_drawable(name, spec, v, _join(ckey, i)) for i, v in enumerate(values)]}
+        fail(ckey, values, f"must be a non-empty list of values for {name}")
+    out: dict[str, Any] = {"choice": [_drawable(name, spec, v, join_key(ckey, i)) for i, v in enumerate(values)]}
     if "weights" in dist:
-        weights, wkey = dist["weights"], _join(key, "weights")
+        weights, wkey = dist["weights"], join_key(key, "weights")
         if not isinstance(weights, list) or len(weights) != len(values):
-            _fail(wkey, weights, f"must be a list of {len(values)} numbers >= 0, one per choice")
+            fail(wkey, weights, f"must be a list of {len(values)} numbers >= 0, one per choice")
         for i, w in enumerate(weights):
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-                _fail(_join(wkey, i), w, "must be a number >= 0")
+                fail(join_key(wkey, i), w, "must be a number >= 0")
         if not sum(weights) > 0:
-            _fail(wkey, weights, "must not all be 0")
+            fail(wkey, weights, "must not all be 0")
         out["weights"] = [float(w) for w in weights]
     return out
 
 
 def _check_bounds(key: str, name: str, spec: Field, form: str, bounds: Any) -> list[Any]:
-    bkey = _join(key, form)
+    bkey = join_key(key, form)
     if form in ("uniform", "loguniform") and spec.kind != "float":
         hint = "use randint" if spec.kind == "int" else "use choice"
-        _fail(bkey, bounds, f"{form} draws real numbers; {name} must be {describe(spec)}: {hint}")
+        fail(bkey, bounds, f"{form} draws real numbers; {name} must be {describe(spec)}: {hint}")
     if form == "randint" and spec.kind not in ("int", "float"):
-        _fail(bkey, bounds, f"randint draws integers; {name} must be {describe(spec)}: use choice")
+        fail(bkey, bounds, f"randint draws integers; {name} must be {describe(spec)}: use choice")
     integer = form == "randint"
     what = "integers" if integer else "numbers"
     if not isinstance(bounds, list) or len(bounds) != 2 or any(
             isinstance(b, bool) or not isinstance(b, int if integer else (int, float))
             or (isinstance(b, float) and not math.isfinite(b)) for b in bounds):
-        _fail(bkey, bounds, f"must be [lo, hi], two {what}")
+        fail(bkey, bounds, f"must be [lo, hi], two {what}")
     lo, hi = bounds
     if lo > hi:
-        _fail(bkey, bounds, f"lo ({fmt(lo)}) must be <= hi ({fmt(hi)})")
+        fail(bkey, bounds, f"lo ({fmt(lo)}) must be <= hi ({fmt(hi)})")
     if form == "loguniform" and lo <= 0:
-        _fail(bkey, bounds, "loguniform needs lo > 0")
+        fail(bkey, bounds, "loguniform needs lo > 0")
     bound_spec = Field(spec.kind, doc=spec.doc, lo=spec.lo, hi=spec.hi, lo_open=spec.lo_open, hi_open=spec.hi_open)
     for i, b in enumerate(bounds):
-        _validate_value(bound_spec, b, _join(bkey, i))  # a draw lies in [lo, hi]: both ends must be valid values
+        validate_value(bound_spec, b, join_key(bkey, i))  # a draw lies in [lo, hi]: both ends must be valid values
     return [int(lo), int(hi)] if integer else [float(lo), float(hi)]
 
 
@@ -704,15 +498,15 @@ def _check_corruption_lists(cfg: dict[str, Any]) -> None:
               for i, g in enumerate(cfg["edges"]["groups"])]
     for key, names in lists:
         if names is not None and not names:
-            _fail(key, names, "must be a non-empty list of corruption names")
+            fail(key, names, "must be a non-empty list of corruption names")
 
 
 def _check_faults(cfg: dict[str, Any]) -> None:
     if cfg["faults"]["kill_cloud"] and not cfg["cloud"]["checkpoint_every"]:
-        _fail("faults.kill_cloud", cfg["faults"]["kill_cloud"],
+        fail("faults.kill_cloud", cfg["faults"]["kill_cloud"],
               "a killed cloud restarts from its checkpoint: set cloud.checkpoint_every > 0")
     if cfg["faults"]["kill_cloud"] and cfg["cloud"]["max_restarts"] == 0:
-        _fail("faults.kill_cloud", cfg["faults"]["kill_cloud"], "cloud.max_restarts is 0: a killed cloud cannot restart")
+        fail("faults.kill_cloud", cfg["faults"]["kill_cloud"], "cloud.max_restarts is 0: a killed cloud cannot restart")
 
 
 def _check_corrupted_source(cfg: dict[str, Any], raw_data: dict[str, Any], check_files: bool) -> None:
@@ -728,11 +522,11 @@ def _check_corrupted_source(cfg: dict[str, Any], raw_data: dict[str, Any], check
         return
     for key, default in (("split", "test"), ("cache_dir", None)):
         if key in raw_data and raw_data[key] != default:
-            _fail(f"data.{key}", raw_data[key], f"data source '{source}' ships its corrupted test images as they "
+            fail(f"data.{key}", raw_data[key], f"data source '{source}' ships its corrupted test images as they "
                                                 f"are and ignores data.{key}: remove it")
     names = needed_corruptions(cfg)
     if "clean" in names:
-        _fail("stream.corruptions", "clean", f"data source '{source}' has no clean images; drop 'clean' or use a "
+        fail("stream.corruptions", "clean", f"data source '{source}' has no clean images; drop 'clean' or use a "
                                              f"clean source (see `cema-ray list`)")
     if check_files and info.check_files is not None and cfg["data"]["root"] is not None:
         try:
@@ -774,7 +568,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def validate_run_config(raw: dict[str, Any], *, check_paths: bool = True) -> dict[str, Any]:
     """Validate a raw run config (overrides already applied) and return it with defaults filled."""
-    cfg = _validate_section(RUN_SCHEMA, raw, "")
+    cfg = validate_section(RUN_SCHEMA, raw, "")
     _check_corruption_lists(cfg)
     _check_groups(cfg["edges"])
     _check_distributions(cfg["edges"])
@@ -787,7 +581,7 @@ def validate_run_config(raw: dict[str, Any], *, check_paths: bool = True) -> dic
 
 def validate_pretrain_config(raw: dict[str, Any], *, check_paths: bool = True) -> dict[str, Any]:
     """Validate a raw pretrain config and return it with defaults filled."""
-    cfg = _validate_section(PRETRAIN_SCHEMA, raw, "")
+    cfg = validate_section(PRETRAIN_SCHEMA, raw, "")
     cfg["data"]["root"] = resolve_data_root(cfg["data"]["source"], cfg["data"]["root"], check=check_paths)
     init = cfg["model"]["init_checkpoint"]
     if init is not None and check_paths and not Path(init).is_file():
@@ -841,7 +635,7 @@ def resolve_output_dir(cfg: dict[str, Any], now: datetime | None = None) -> Path
 def schema_rows(schema: Section = RUN_SCHEMA, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
     """(dotted key, default, allowed, doc) for every leaf: what the README's configuration table lists."""
     for name, spec in schema.fields.items():
-        key = _join(prefix, name)
+        key = join_key(prefix, name)
         if isinstance(spec, Section) and spec.partial:
             yield f"{key}.<key>", "unset", f"any of: {', '.join(spec.fields)}", spec.doc
             continue

@@ -13,7 +13,7 @@ from torch import nn
 
 from cema_ray.errors import ConfigError
 from cema_ray.methods.base import METHODS
-from cema_ray.methods.cema import DEFAULTS, CemaCloud, CemaEdge
+from cema_ray.methods.cema import SETTINGS, CemaCloud, CemaEdge
 from cema_ray.models.norm import norm_affine_parameters, norm_state
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.tbr import TBRBatchNorm2d, convert_bn_to_tbr
@@ -57,7 +57,7 @@ def record_sizes(c: CemaCloud) -> list[int]:
 def test_presets_and_defaults() -> None:
     for name in ("cema", "cema-paper", "cema-edgebn", "upload-all"):
         spec = METHODS.get(name)
-        assert set(spec.defaults) == set(DEFAULTS) and spec.uses_foundation
+        assert set(spec.defaults) == set(SETTINGS) and spec.uses_foundation
     d = METHODS.get("cema").defaults
     assert (d["lr_foundation"], d["lr_student"], d["momentum"], d["chunk_size"], d["replay_capacity"]) == \
         (2.5e-4, 2.5e-3, 0.9, 32, 10000)
@@ -67,9 +67,9 @@ def test_presets_and_defaults() -> None:
     assert paper["dynamic_e_max"] and paper["dynamic_lambda"] == 0.6 and paper["entropy_floor"] == 0.02
     assert METHODS.get("cema-edgebn").defaults["edge_stats"] == "batch"
     assert METHODS.get("upload-all").defaults["select"] is False
-    with pytest.raises(ConfigError, match="'lr_studnet'"):
+    with pytest.raises(ConfigError, match="lr_studnet = 1.0: unknown setting"):
         cloud({"lr_studnet": 1.0})
-    with pytest.raises(ConfigError, match="'student_scope'"):
+    with pytest.raises(ConfigError, match="settings.student_scope = 'group': must be one of 'shared', 'per_edge'"):
         cloud({"student_scope": "group"})
     with pytest.raises(ConfigError, match="foundation"):
         METHODS.get("cema").make_cloud(None, tiny(4, 2), {}, torch.Generator())

@@ -10,46 +10,15 @@ import torch
 import yaml
 
 import cema_ray.runtime
-from cema_ray import config
 from cema_ray.cli import main
 from cema_ray.errors import DataError
-from cema_ray.registry import Registry
 
 torch.set_num_threads(1)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-def _real_registries() -> bool:
-    try:
-        import cema_ray.data.corruptions  # noqa: F401
-        import cema_ray.data.sources  # noqa: F401
-
-        return "cema" in config.method_registry()
-    except ImportError:
-        return False
-
-
 @pytest.fixture
-def registries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Minimal stand-ins for registries other people have not written yet (as in test_config)."""
-    if _real_registries():
-        return
-    from cema_ray.methods.base import MethodSpec
-
-    corr = types.ModuleType("cema_ray.data.corruptions")
-    corr.CORRUPTIONS = list(config.STANDARD_CORRUPTIONS)
-    src = types.ModuleType("cema_ray.data.sources")
-    src.DATA_SOURCES = Registry("data source")
-    src.DATA_SOURCES.register("fashion-mnist", object())
-    monkeypatch.setitem(sys.modules, "cema_ray.data.corruptions", corr)
-    monkeypatch.setitem(sys.modules, "cema_ray.data.sources", src)
-    methods: Registry = Registry("method")
-    methods.register("cema", MethodSpec("cema", None, None, True, {"d_margin": 0.4}, "CEMA (stand-in)"))
-    monkeypatch.setattr(config, "method_registry", lambda: methods)
-
-
-@pytest.fixture
-def run_yaml(tmp_path: Path, registries: None) -> Path:
+def run_yaml(tmp_path: Path) -> Path:
     root = tmp_path / "data"
     root.mkdir()
     path = tmp_path / "run.yaml"
@@ -58,20 +27,12 @@ def run_yaml(tmp_path: Path, registries: None) -> Path:
     return path
 
 
-def test_list_names_methods_and_sources(capsys) -> None:
-    if not _real_registries():
-        pytest.skip("method/data registries are not built yet")
+def test_list_names_methods_models_corruptions_and_sources(capsys) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "methods:" in out and "\n  cema " in out and "fashion-mnist" in out and "gaussian_noise" in out
-    assert "cema_resnet_s" in out and "timm:<name>" in out
-
-
-def test_list_with_stand_in_registries(capsys, registries: None) -> None:
-    assert main(["list"]) == 0
-    out = capsys.readouterr().out
-    for text in ("methods:", "cema", "models:", "cema_resnet_l", "corruptions:", "jpeg_compression", "clean",
-                 "data sources:", "fashion-mnist", "$CEMA_FASHION_MNIST_ROOT"):
+    for text in ("methods:", "\n  cema ", "models:", "cema_resnet_s", "cema_resnet_l", "timm:<name>", "corruptions:",
+                 "gaussian_noise", "jpeg_compression", "clean", "data sources:", "fashion-mnist",
+                 "$CEMA_FASHION_MNIST_ROOT"):
         assert text in out
 
 
@@ -126,7 +87,7 @@ def test_runtime_errors_exit_1_without_traceback(run_yaml: Path, capsys, monkeyp
     assert "DataError: fashion-mnist" in err and "Traceback" not in err
 
 
-def test_pretrain_and_bench_dispatch(tmp_path: Path, monkeypatch, capsys, registries: None) -> None:
+def test_pretrain_and_bench_dispatch(tmp_path: Path, monkeypatch, capsys) -> None:
     seen: dict = {}
     pre = types.ModuleType("cema_ray.pretrain")
     pre.run_pretrain = lambda cfg: seen.setdefault("pretrain", cfg)
@@ -180,3 +141,21 @@ def test_every_run_writes_a_resolved_config_that_reruns_it(make_run_config, tmp_
     run_experiment(resolved, tmp_path / "b")
     a, b = batch_table(tmp_path / "a"), batch_table(tmp_path / "b")
     assert all(a[c] == b[c] for c in COMPARED)
+
+
+def test_readme_methods_table_is_generated_from_the_declarations():
+    from cema_ray.config import method_registry
+    from cema_ray.methods.tables import README_END, README_START, methods_markdown
+
+    method_registry()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shipped = readme.split(README_START, 1)[1].split(README_END, 1)[0].strip()
+    assert shipped == methods_markdown(), "regenerate the README's methods table from cema_ray.methods.tables"
+
+
+def test_list_prints_a_methods_settings_and_refuses_an_unknown_one(capsys):
+    assert main(["list", "cema-fleet"]) == 0
+    out = capsys.readouterr().out
+    assert "upload_budget       0.3" in out and "a number in (0, 1]" in out
+    assert main(["list", "cemma"]) == 2
+    assert "unknown method 'cemma'" in capsys.readouterr().err

@@ -1,8 +1,6 @@
 """Config schema: every bad value names its dotted key and value; overrides; defaults; shipped configs."""
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -14,45 +12,9 @@ from cema_ray.config import (
     STANDARD_CORRUPTIONS, apply_overrides, load_config, load_pretrain_config, resolve_output_dir, schema_rows,
 )
 from cema_ray.errors import ConfigError
-from cema_ray.registry import Registry
 
 torch.set_num_threads(1)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
-
-def _fake_method_registry() -> Registry:
-    from cema_ray.methods.base import MethodSpec
-
-    reg: Registry = Registry("method")
-    for name in ("cema", "source", "eata"):
-        reg.register(name, MethodSpec(name, None, None, name != "source",
-                                      {"d_margin": 0.4, "lambda_": 1.0, "dynamic": False, "steps": 1}, name))
-    return reg
-
-
-@pytest.fixture(autouse=True)
-def registries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Use the real registries; stand in minimal ones for modules other people have not written yet."""
-    try:
-        import cema_ray.data.corruptions  # noqa: F401
-    except ImportError:
-        mod = types.ModuleType("cema_ray.data.corruptions")
-        mod.CORRUPTIONS = list(STANDARD_CORRUPTIONS)
-        monkeypatch.setitem(sys.modules, "cema_ray.data.corruptions", mod)
-    try:
-        import cema_ray.data.sources  # noqa: F401
-    except ImportError:
-        mod = types.ModuleType("cema_ray.data.sources")
-        mod.DATA_SOURCES = Registry("data source")
-        for name in ("fashion-mnist", "cifar10-folder", "imagenet-c"):
-            mod.DATA_SOURCES.register(name, object())
-        monkeypatch.setitem(sys.modules, "cema_ray.data.sources", mod)
-    try:
-        ok = "cema" in config.method_registry()
-    except ImportError:
-        ok = False
-    if not ok:
-        monkeypatch.setattr(config, "method_registry", _fake_method_registry)
 
 
 @pytest.fixture
@@ -82,7 +44,9 @@ def test_defaults_filled(base: Path) -> None:
                                        "frame_rate": None, "uplink_samples_per_s": None,
                                        "uplink_bytes_per_s": None}]
     assert cfg["method"]["name"] == "cema" and cfg["method"]["publish_every"] == 1
-    assert cfg["method"]["settings"] == config.method_registry().get("cema").defaults
+    # resolved at load: the class count from the data source, and the redundancy margin that depends on it
+    assert cfg["method"]["settings"] == {**config.method_registry().get("cema").defaults, "num_classes": 10,
+                                         "d_margin": 0.4}
     assert cfg["cloud"] == {"queue_capacity": 8192, "num_cpus": 1.0, "threads": None, "checkpoint_every": 10, "max_restarts": -1,
                             "checkpoint_dir": None}
     assert cfg["ray"]["object_store_memory_mb"] == 256 and cfg["ray"]["dashboard_host"] == "127.0.0.1"

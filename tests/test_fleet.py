@@ -11,7 +11,7 @@ from torch import nn
 from cema_ray.algorithms.budget import apply_budget, budget_cap
 from cema_ray.errors import ConfigError
 from cema_ray.methods.base import METHODS
-from cema_ray.methods.fleet import ABLATIONS, DEFAULTS, ChunkReplay, FleetCloud
+from cema_ray.methods.fleet import ABLATIONS, ChunkReplay, FleetCloud
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.publish import scope_parameters, scope_state, train_only
 
@@ -19,6 +19,8 @@ from conftest import REPO
 
 torch.set_num_threads(1)
 C = 10
+
+DEFAULTS = METHODS.get("cema-fleet").defaults
 
 
 def tiny(width: int, seed: int) -> nn.Module:

@@ -6,14 +6,18 @@ cost in what `CloudTrainer.export` returns. Runtimes (local or Ray) only call th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from cema_ray.errors import ConfigError
 from cema_ray.registry import Registry
+from cema_ray.schema import Field, Section, Settings, fail, join_key, suggest, validate_section
 
 NormState = dict[str, np.ndarray]
 
@@ -81,25 +85,80 @@ class CloudTrainer:
         pass
 
 
-EdgeFactory = Callable[[nn.Module, dict[str, Any]], EdgePolicy]
-CloudFactory = Callable[[nn.Module | None, nn.Module, dict[str, Any], torch.Generator], CloudTrainer]
+EdgeFactory = Callable[[nn.Module, Settings], EdgePolicy]
+CloudFactory = Callable[[nn.Module | None, nn.Module, Settings, torch.Generator], CloudTrainer]
+SettingsHook = Callable[[dict[str, Any], str], None]
+
+
+def infer_num_classes(model: nn.Module, setting: int | None = None) -> int:
+    """The explicit setting, else the last Linear layer's width."""
+    if setting is not None:
+        return int(setting)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError("setting 'num_classes' is needed: the model has no Linear layer to read it from")
+    return int(linears[-1].out_features)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A named method: how to build its edge half and its cloud half, and its default settings."""
+    """A named method: its settings (declared once, as `Field`s), how to build its edge half and its cloud half.
+
+    `resolve` is the only place settings are merged and checked: the config calls it at load (so a bad value is
+    one line naming `method.settings.<key>` before anything runs), and `make_edge`/`make_cloud` call it on what
+    they are given (a resolved `Settings` passes through unchanged), so the factories receive every key, checked.
+    """
 
     name: str
-    make_edge: EdgeFactory
-    make_cloud: CloudFactory
+    edge_factory: EdgeFactory
+    cloud_factory: CloudFactory
     uses_foundation: bool
-    defaults: dict[str, Any]
+    settings: Mapping[str, Field]
     description: str
     forward_only_edge: bool = True  # False for references that back-propagate on the edge
     needs_labels: bool = False  # True for references whose cloud trains on the true labels (local runs only)
-    # settings whose default is None ("decided from the data"), declared with the config's Field so a value
-    # the user gives is type- and range-checked at load like every other key (others follow their default)
-    nullable_settings: dict[str, Any] = field(default_factory=dict)
+    derive: SettingsHook | None = None  # fills data-dependent defaults (class count) and checks settings together
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {k: copy.deepcopy(f.default) for k, f in self.settings.items()}
+
+    def resolve(self, given: Mapping[str, Any] | None = None, num_classes: int | None = None,
+                prefix: str = "method.settings") -> Settings:
+        """Defaults overlaid with `given`, each value type- and range-checked; `num_classes` fills a null
+        `num_classes` setting, then `derive` computes what depends on it."""
+        if isinstance(given, Settings):
+            return given
+        given = dict(given or {})
+        for key in given:
+            if key not in self.settings:
+                fail(join_key(prefix, key), given[key], f"unknown setting of method '{self.name}'"
+                     f"{suggest(key, self.settings)}; known: {', '.join(self.settings) or '(none)'}")
+        values = validate_section(Section(self.settings), given, prefix)
+        if values.get("num_classes", 0) is None and num_classes is not None:
+            values["num_classes"] = int(num_classes)
+        if self.derive is not None:
+            self.derive(values, prefix)
+        return Settings(values)
+
+    def make_edge(self, model: nn.Module, settings: Mapping[str, Any] | None = None) -> EdgePolicy:
+        return self.edge_factory(model, self.resolve(settings, _classes(model)))
+
+    def make_cloud(self, foundation: nn.Module | None, student: nn.Module, settings: Mapping[str, Any] | None,
+                   generator: torch.Generator) -> CloudTrainer:
+        return self.cloud_factory(foundation, student, self.resolve(settings, _classes(student)), generator)
+
+
+def _classes(model: nn.Module) -> int | None:
+    return infer_num_classes(model) if any(isinstance(m, nn.Linear) for m in model.modules()) else None
+
+
+def preset_settings(base: Mapping[str, Field], overrides: Mapping[str, Any]) -> dict[str, Field]:
+    """A preset's declarations: the family's fields with some defaults changed."""
+    unknown = set(overrides) - set(base)
+    if unknown:
+        raise KeyError(f"preset overrides unknown settings {sorted(unknown)}")
+    return {k: dataclasses.replace(f, default=overrides[k]) if k in overrides else f for k, f in base.items()}
 
 
 METHODS: Registry[MethodSpec] = Registry("method")

@@ -9,31 +9,24 @@ Settings: ``alpha`` (float in [0, 1]): weight of the test batch's statistics.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
-from cema_ray.errors import ConfigError
 from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, MethodSpec
-from cema_ray.methods.common import BatchStatsEdge, resolve_settings
+from cema_ray.methods.common import BatchStatsEdge
+from cema_ray.schema import Settings, setting
 
-DEFAULTS: dict[str, Any] = {"alpha": 1.0}
+SETTINGS = {"alpha": setting(1.0, "weight of the test batch's statistics (1: pure batch statistics)", lo=0, hi=1)}
 
 
-def make_edge(model: nn.Module, settings: dict[str, Any]) -> EdgePolicy:
-    s = resolve_settings("bn", DEFAULTS, settings)
-    alpha = float(s["alpha"])
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(f"method 'bn': setting 'alpha' must be in [0, 1], got {s['alpha']!r}")
+def make_edge(model: nn.Module, settings: Settings) -> EdgePolicy:
+    alpha = settings["alpha"]
     mode = "batch" if alpha == 1.0 else "running" if alpha == 0.0 else "mix"
     return BatchStatsEdge(model, norm_mode=mode, alpha=alpha, upload_all=False)
 
 
-def make_cloud(
-    foundation: nn.Module | None, student: nn.Module, settings: dict[str, Any], generator: torch.Generator
-) -> CloudTrainer:
-    resolve_settings("bn", DEFAULTS, settings)
+def make_cloud(foundation: nn.Module | None, student: nn.Module, settings: Settings,
+               generator: torch.Generator) -> CloudTrainer:
     return CloudTrainer()
 
 
@@ -41,10 +34,10 @@ SPEC = METHODS.register(
     "bn",
     MethodSpec(
         name="bn",
-        make_edge=make_edge,
-        make_cloud=make_cloud,
+        edge_factory=make_edge,
+        cloud_factory=make_cloud,
         uses_foundation=False,
-        defaults=DEFAULTS,
+        settings=SETTINGS,
         description="BN adapt: edge normalises with test-batch statistics (alpha-mixed with source); 0 uploads",
     ),
 )

@@ -19,86 +19,71 @@ from cema_ray.algorithms.distill import selective_distillation_loss
 from cema_ray.algorithms.entropy import e0 as e0_of
 from cema_ray.algorithms.entropy import entropy, reweight
 from cema_ray.algorithms.replay import ReplayBuffer
-from cema_ray.algorithms.selection import EntropyFilter
+from cema_ray.algorithms.selection import EntropyFilter, default_d_margin
 from cema_ray.errors import ConfigError
 from cema_ray.methods import common
 from cema_ray.methods.common import model_device
-from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState
+from cema_ray.methods.base import (METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState,
+                                   infer_num_classes, preset_settings)
 from cema_ray.models.norm import freeze_all_but_norm_affine, load_norm_state, norm_layers, norm_state
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.tbr import convert_bn_to_tbr, set_norm_stats_mode
+from cema_ray.schema import Field, Settings, setting
 
-DEFAULTS: dict[str, Any] = {
-    "num_classes": None,  # None: the out_features of the model's last Linear layer
-    # models
-    "tbr": True,  # TBR forward in edge, student and foundation (authors' is_tbr)
-    "discard_source_stats": True,  # authors: running stats start from the first batch
-    "edge_stats": "published",  # "published" (TBR/eval, cloud's stats) | "batch" | "mix"
-    "edge_stats_alpha": 0.5,  # weight of the batch statistics in "mix"
-    # edge selection (steps 2-3)
-    "select": True,  # False: upload every sample (the upload-all baseline)
-    "e_max_factor": 0.4,  # E0 = factor * ln C: threshold and reweighting pivot everywhere
-    "dynamic_e_max": False,  # paper Eqn. 2 (authors' config: off)
-    "dynamic_lambda": 0.6,
-    "warmup_samples": 256,  # N_w of the dynamic threshold (METHOD.md gives none)
-    "redundancy": True,
-    "d_margin": None,  # None: 0.4 for <= 100 classes, else 0.05
-    "entropy_floor": None,  # e_min factor (paper Eqn. 3); None = off
-    # cloud (steps 1-6)
-    "chunk_size": 32,  # B_c
-    "replay_capacity": 10000,
-    "replay_warmup": 256,  # below: distil on the chunk alone; above: replay-only steps allowed
-    "replay_ratio": 3,  # replayed samples per chunk = ratio * B_c
-    "replay_only_step": True,
-    "replay_only_ratio": 4,  # replay-only step size = ratio * B_c
-    "replay_only_cadence": "edge_batch",  # "edge_batch" (authors) | "fleet_round": see CemaCloud.on_edge_batch
-    "lr_foundation": 2.5e-4,
-    "lr_student": 2.5e-3,
-    "momentum": 0.9,
-    "weight_decay": 0.0,
-    "alpha": 3.0,
-    "beta": 3.0,
-    "gamma": 1.0,
-    "tau": 1.0,
-    "publish_every": 1,  # K
-    "student_scope": "shared",  # "shared" | "per_edge"
-    "reset_foundation_with_edge": True,  # reset(edge_id) also resets the foundation (single-edge protocol)
-}
 EDGE_STATS = ("published", "batch", "mix")
 SCOPES = ("shared", "per_edge")
 CADENCES = ("edge_batch", "fleet_round")
+SETTINGS: dict[str, Field] = {
+    "num_classes": setting(None, "classes (null: data.num_classes, else the model's last Linear layer)", kind="int",
+                           lo=1),
+    # models
+    "tbr": setting(True, "TBR forward in edge, student and foundation (authors' is_tbr)"),
+    "discard_source_stats": setting(True, "running statistics start from the first batch (authors)"),
+    "edge_stats": setting("published", "edge normalisation: the cloud's published statistics (TBR, eval), the "
+                                       "test batch's, or a mix", choices=EDGE_STATS),
+    "edge_stats_alpha": setting(0.5, "weight of the batch statistics in 'mix'", lo=0, hi=1),
+    # edge selection (steps 2-3)
+    "select": setting(True, "false: upload every sample (the upload-all baseline)"),
+    "e_max_factor": setting(0.4, "E0 = factor * ln C: upload threshold and reweighting pivot", lo=0, lo_open=True),
+    "dynamic_e_max": setting(False, "the paper's dynamic threshold (Eqn. 2; authors' config: off)"),
+    "dynamic_lambda": setting(0.6, "lambda of the dynamic threshold", lo=0, hi=1),
+    "warmup_samples": setting(256, "N_w of the dynamic threshold (METHOD.md gives none)", lo=1),
+    "redundancy": setting(True, "the redundancy filter (|cos| to the moving average)"),
+    "d_margin": setting(None, "redundancy margin (null: 0.4 up to 100 classes, else 0.05)", kind="float", lo=0,
+                        lo_open=True),
+    "entropy_floor": setting(None, "uploads need entropy >= floor * ln C (paper Eqn. 3; null: none)", kind="float",
+                             lo=0),
+    # cloud (steps 1-6)
+    "chunk_size": setting(32, "B_c: uploads per cloud step", lo=1),
+    "replay_capacity": setting(10000, "samples kept for replay", lo=1),
+    "replay_warmup": setting(256, "below: distil on the chunk alone; above: replay-only steps allowed", lo=0),
+    "replay_ratio": setting(3, "replayed samples per chunk = ratio * B_c", lo=0),
+    "replay_only_step": setting(True, "replay-only steps between chunks"),
+    "replay_only_ratio": setting(4, "replay-only step size = ratio * B_c", lo=0),
+    "replay_only_cadence": setting("edge_batch", "when replay-only steps run (authors: every edge batch)",
+                                   choices=CADENCES),
+    "lr_foundation": setting(2.5e-4, "foundation SGD learning rate", lo=0),
+    "lr_student": setting(2.5e-3, "student SGD learning rate", lo=0),
+    "momentum": setting(0.9, "SGD momentum", lo=0, hi=1, hi_open=True),
+    "weight_decay": setting(0.0, "SGD weight decay", lo=0),
+    "alpha": setting(3.0, "weight of the student's reweighted entropy term (distillation loss)", lo=0),
+    "beta": setting(3.0, "weight of the KL term to the teacher", lo=0),
+    "gamma": setting(1.0, "weight of the cross-entropy to the teacher's argmax", lo=0),
+    "tau": setting(1.0, "distillation temperature", lo=0, lo_open=True),
+    "publish_every": setting(1, "K: publish every K edge batches (mirrors method.publish_every)", lo=1),
+    "student_scope": setting("shared", "one student for the fleet, or one per edge (mirrors method.student_scope)",
+                             choices=SCOPES),
+    "reset_foundation_with_edge": setting(True, "reset(edge) also resets the foundation (single-edge protocol)"),
+}
 
 
-# --- settings and small helpers ---------------------------------------------------------------
-
-def resolve_settings(method: str, defaults: Mapping[str, Any], settings: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Preset defaults overlaid with ``settings``; unknown keys and impossible values fail by name."""
-    s = common.resolve_settings(method, defaults, settings)
-    if s["edge_stats"] not in EDGE_STATS:
-        raise ConfigError(f"method '{method}': setting 'edge_stats' is {s['edge_stats']!r}; allowed: {', '.join(EDGE_STATS)}")
-    if s["student_scope"] not in SCOPES:
-        raise ConfigError(f"method '{method}': setting 'student_scope' is {s['student_scope']!r}; allowed: {', '.join(SCOPES)}")
-    if s["replay_only_cadence"] not in CADENCES:
-        raise ConfigError(f"method '{method}': setting 'replay_only_cadence' is {s['replay_only_cadence']!r}; "
-                          f"allowed: {', '.join(CADENCES)}")
-    for key in ("chunk_size", "publish_every", "replay_capacity", "warmup_samples"):
-        if int(s[key]) < 1:
-            raise ConfigError(f"method '{method}': setting '{key}' must be >= 1, got {s[key]!r}")
-    for key in ("replay_ratio", "replay_only_ratio", "replay_warmup"):
-        if int(s[key]) < 0:
-            raise ConfigError(f"method '{method}': setting '{key}' must be >= 0, got {s[key]!r}")
-    return s
+def derive_settings(values: dict[str, Any], prefix: str) -> None:
+    """The redundancy margin depends on the class count: computed here, once, when the count is known."""
+    if values["d_margin"] is None and values["num_classes"] is not None:
+        values["d_margin"] = default_d_margin(values["num_classes"])
 
 
-def infer_num_classes(model: nn.Module, setting: int | None) -> int:
-    """The explicit setting, else the last Linear layer's width."""
-    if setting is not None:
-        return int(setting)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ConfigError("setting 'num_classes' is needed: the model has no Linear layer to read it from")
-    return int(linears[-1].out_features)
-
+# --- small helpers ----------------------------------------------------------------------------
 
 def set_norm_training(model: nn.Module, mode: bool) -> None:
     """Train/eval only the normalisation layers; dropout and the rest stay in eval mode."""
@@ -156,7 +141,7 @@ class CemaEdge(EdgePolicy):
     """
 
     def __init__(self, model: nn.Module, settings: Mapping[str, Any], method: str = "cema") -> None:
-        self.settings = s = resolve_settings(method, DEFAULTS, settings)
+        self.settings = s = settings
         self.model = prepare_model(model, s, trainable=False)
         if s["edge_stats"] != "published":
             set_norm_stats_mode(self.model, "batch" if s["edge_stats"] == "batch" else "mix", alpha=s["edge_stats_alpha"])
@@ -243,7 +228,7 @@ class CemaCloud(CloudTrainer):
                  generator: torch.Generator, method: str = "cema") -> None:
         if foundation is None:
             raise ConfigError(f"method '{method}' needs a foundation model (config key 'foundation')")
-        self.settings = s = resolve_settings(method, DEFAULTS, settings)
+        self.settings = s = settings
         self.generator = generator
         self.foundation = prepare_model(foundation, s, trainable=True)
         self.student = prepare_model(student_template, s, trainable=True)
@@ -470,36 +455,21 @@ PRESETS: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
-def _make_edge(method: str, defaults: dict[str, Any], model: nn.Module, settings: Mapping[str, Any]) -> CemaEdge:
-    return CemaEdge(model, resolve_settings(method, defaults, settings), method=method)
+def _make_edge(method: str, model: nn.Module, settings: Settings) -> CemaEdge:
+    return CemaEdge(model, settings, method=method)
 
 
-def _make_cloud(method: str, defaults: dict[str, Any], foundation: nn.Module | None, student_template: nn.Module,
-                settings: Mapping[str, Any], generator: torch.Generator) -> CemaCloud:
-    return CemaCloud(foundation, student_template, resolve_settings(method, defaults, settings), generator, method=method)
-
-
-def nullable_settings() -> dict[str, Any]:
-    """The settings whose default None means "decided from the data", with their types and ranges."""
-    from cema_ray.config import Field
-
-    return {
-        "num_classes": Field("int", None, "classes (null: data.num_classes, else the source's)", lo=1, nullable=True),
-        "d_margin": Field("float", None, "redundancy margin (null: 0.4 for 10 classes, 0.05 for 1,000)", lo=0,
-                          lo_open=True, nullable=True),
-        "entropy_floor": Field("float", None, "uploads need at least this entropy (null: none)", lo=0,
-                               nullable=True),
-    }
+def _make_cloud(method: str, foundation: nn.Module | None, student_template: nn.Module, settings: Settings,
+                generator: torch.Generator) -> CemaCloud:
+    return CemaCloud(foundation, student_template, settings, generator, method=method)
 
 
 def _register() -> None:
     for name, (overrides, description) in PRESETS.items():
-        defaults = {**DEFAULTS, **overrides}
         METHODS.register(name, MethodSpec(
-            name=name, make_edge=functools.partial(_make_edge, name, defaults),
-            make_cloud=functools.partial(_make_cloud, name, defaults), uses_foundation=True,
-            defaults=defaults, description=description,
-            nullable_settings={k: v for k, v in nullable_settings().items() if defaults.get(k, 0) is None}))
+            name=name, edge_factory=functools.partial(_make_edge, name),
+            cloud_factory=functools.partial(_make_cloud, name), uses_foundation=True,
+            settings=preset_settings(SETTINGS, overrides), description=description, derive=derive_settings))
 
 
 _register()

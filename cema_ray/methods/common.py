@@ -16,43 +16,29 @@ import torch
 from torch import nn
 
 from cema_ray.algorithms.entropy import entropy
-from cema_ray.errors import BatchRejected, CheckpointError, ConfigError
+from cema_ray.errors import BatchRejected, CheckpointError
 from cema_ray.methods.base import CloudTrainer, EdgePolicy, EdgeResult, NormState
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.tbr import set_norm_stats_mode
+from cema_ray.schema import Field, setting
 
-OPTIMIZER_DEFAULTS: dict[str, Any] = {
-    "optimizer": "adam",  # "adam" | "sgd"
-    "lr": 1e-3,
-    "momentum": 0.9,  # SGD only
-    "betas": [0.9, 0.999],  # Adam only
-    "weight_decay": 0.0,
-}
 OPTIMIZERS = ("adam", "sgd")
-
-
-def resolve_settings(method: str, defaults: Mapping[str, Any], settings: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Defaults overlaid with ``settings``; an unknown key is a typo, so it fails loudly."""
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(defaults))
-    if unknown:
-        allowed = ", ".join(sorted(defaults)) or "(none)"
-        raise ConfigError(f"method '{method}': unknown setting(s) {', '.join(map(repr, unknown))}; allowed: {allowed}")
-    return {**defaults, **settings}
+OPTIMIZER_SETTINGS: dict[str, Field] = {
+    "optimizer": setting("adam", "the cloud's optimiser", choices=OPTIMIZERS),
+    "lr": setting(1e-3, "learning rate", lo=0, lo_open=True),
+    "momentum": setting(0.9, "SGD momentum (SGD only)", lo=0, hi=1, hi_open=True),
+    "betas": setting([0.9, 0.999], "Adam's betas (Adam only)", item=Field("float", lo=0, hi=1, hi_open=True)),
+    "weight_decay": setting(0.0, "L2 weight decay", lo=0),
+}
 
 
 def make_optimizer(params: list[nn.Parameter], settings: Mapping[str, Any]) -> torch.optim.Optimizer:
     """SGD or Adam from the ``optimizer``/``lr``/``momentum``/``betas``/``weight_decay`` settings."""
-    kind = str(settings["optimizer"]).lower()
     lr, wd = float(settings["lr"]), float(settings["weight_decay"])
-    if lr <= 0:
-        raise ConfigError(f"setting 'lr' must be > 0, got {settings['lr']!r}")
-    if kind == "sgd":
+    if settings["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=float(settings["momentum"]), weight_decay=wd)
-    if kind == "adam":
-        b1, b2 = (float(b) for b in settings["betas"])
-        return torch.optim.Adam(params, lr=lr, betas=(b1, b2), weight_decay=wd)
-    raise ConfigError(f"setting 'optimizer' is {settings['optimizer']!r}; allowed: {', '.join(OPTIMIZERS)}")
+    b1, b2 = (float(b) for b in settings["betas"])
+    return torch.optim.Adam(params, lr=lr, betas=(b1, b2), weight_decay=wd)
 
 
 def check_edge_input(x: Any) -> None:

@@ -34,20 +34,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cema_ray.errors import ConfigError
 from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, MethodSpec, NormState
 from cema_ray.methods.common import (
-    OPTIMIZER_DEFAULTS,
+    OPTIMIZER_SETTINGS,
     BatchStatsEdge,
     SharedModelCloud,
     full_state,
     make_optimizer,
-    resolve_settings,
     tensor_state,
     use_norm_stats,
 )
+from cema_ray.schema import Settings, setting
 
-DEFAULTS: dict[str, Any] = {**OPTIMIZER_DEFAULTS, "ema": 0.999, "p_th": 0.92, "restore_prob": 0.01, "n_views": 32}
+SETTINGS = {**OPTIMIZER_SETTINGS,
+            "ema": setting(0.999, "teacher EMA decay", lo=0, hi=1),
+            "p_th": setting(0.92, "augment when the anchor's mean max-probability is below this (0.1 ImageNet)",
+                            lo=0, hi=1),
+            "restore_prob": setting(0.01, "per-element probability of a stochastic restore to source", lo=0, hi=1),
+            "n_views": setting(32, "augmented views averaged by the teacher", lo=1)}
 _GRAY = (0.299, 0.587, 0.114)
 
 
@@ -100,7 +104,7 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 class CottaCloud(SharedModelCloud):
     """Student, EMA teacher and frozen anchor; publishes the whole teacher."""
 
-    def __init__(self, student: nn.Module, settings: dict[str, Any], generator: torch.Generator) -> None:
+    def __init__(self, student: nn.Module, settings: Settings, generator: torch.Generator) -> None:
         self.settings = settings
         model = copy.deepcopy(student).eval()
         use_norm_stats(model, "batch")
@@ -161,34 +165,24 @@ class CottaCloud(SharedModelCloud):
         self.augmented_steps = int(d["augmented_steps"])
 
 
-def _check(settings: dict[str, Any]) -> dict[str, Any]:
-    if int(settings["n_views"]) < 1:
-        raise ConfigError(f"method 'cotta': setting 'n_views' must be >= 1, got {settings['n_views']!r}")
-    for key in ("ema", "restore_prob"):
-        if not 0.0 <= float(settings[key]) <= 1.0:
-            raise ConfigError(f"method 'cotta': setting '{key}' must be in [0, 1], got {settings[key]!r}")
-    return settings
-
-
-def make_edge(model: nn.Module, settings: dict[str, Any]) -> EdgePolicy:
-    _check(resolve_settings("cotta", DEFAULTS, settings))
+def make_edge(model: nn.Module, settings: Settings) -> EdgePolicy:
     return BatchStatsEdge(model, norm_mode="batch", upload_all=True)
 
 
 def make_cloud(
-    foundation: nn.Module | None, student: nn.Module, settings: dict[str, Any], generator: torch.Generator
+    foundation: nn.Module | None, student: nn.Module, settings: Settings, generator: torch.Generator
 ) -> CloudTrainer:
-    return CottaCloud(student, _check(resolve_settings("cotta", DEFAULTS, settings)), generator)
+    return CottaCloud(student, settings, generator)
 
 
 SPEC = METHODS.register(
     "cotta",
     MethodSpec(
         name="cotta",
-        make_edge=make_edge,
-        make_cloud=make_cloud,
+        edge_factory=make_edge,
+        cloud_factory=make_cloud,
         uses_foundation=False,
-        defaults=DEFAULTS,
+        settings=SETTINGS,
         description="CoTTA in the cloud: every sample uploaded, EMA teacher + anchor; publishes the whole teacher",
     ),
 )

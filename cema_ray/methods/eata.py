@@ -1,7 +1,7 @@
 """EATA as the CEMA authors ran it, i.e. ETA (Niu et al., ICML 2022) without the Fisher term.
 
 The edge runs EATA's two sample filters forward-only and uploads what passes them: reliable
-(H < E0 = ``e0_factor`` * ln C) and non-redundant (|cos(p, m)| < ``d_margin`` against the moving
+(H < E0 = ``e_max_factor`` * ln C) and non-redundant (|cos(p, m)| < ``d_margin`` against the moving
 average m of kept probability vectors). The cloud runs reweighted entropy minimisation on the
 uploads -- loss = mean over uploaded samples of exp(E0 - H) * H, the weight a constant -- one step
 per edge batch that uploaded anything (none uploaded: no step, as EATA skips the update), on its
@@ -14,7 +14,7 @@ and only the loss is restricted to the kept samples; here the cloud only ever se
 samples, so its forward (and therefore its gradient) uses the batch statistics of the kept subset.
 
 Settings: the optimiser ones of Tent (defaults Adam 1e-3 as in mariodoebler's CIFAR config;
-ImageNet: SGD 2.5e-4 momentum 0.9), ``e0_factor`` (E0 = factor * ln C, 0.4), ``d_margin``
+ImageNet: SGD 2.5e-4 momentum 0.9), ``e_max_factor`` (E0 = factor * ln C, 0.4), ``d_margin``
 (redundancy threshold: 0.4 for 10 classes, 0.05 for ImageNet).
 """
 from __future__ import annotations
@@ -29,25 +29,28 @@ from cema_ray.algorithms.entropy import e0, entropy, reweight
 from cema_ray.algorithms.selection import EntropyFilter
 from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState
 from cema_ray.methods.common import (
-    OPTIMIZER_DEFAULTS,
+    OPTIMIZER_SETTINGS,
     LossFn,
     load_arrays,
     predict,
-    resolve_settings,
     tensor_state,
     use_norm_stats,
 )
 from cema_ray.methods.tent import EntropyCloud
+from cema_ray.schema import Settings, setting
 
-DEFAULTS: dict[str, Any] = {**OPTIMIZER_DEFAULTS, "e0_factor": 0.4, "d_margin": 0.4}
+SETTINGS = {**OPTIMIZER_SETTINGS,
+            "e_max_factor": setting(0.4, "reliable samples: entropy below E0 = factor * ln C", lo=0, lo_open=True),
+            "d_margin": setting(0.4, "redundancy: |cos| to the moving average below this (0.05 for ImageNet)",
+                                lo=0, lo_open=True)}
 
 
-def reweighted_entropy(e0_factor: float) -> LossFn:
+def reweighted_entropy(e_max_factor: float) -> LossFn:
     """EATA's loss: mean of exp(E0 - H) * H, the weight detached (CEMA's and EATA's 1/exp(H - E0))."""
 
     def loss(logits: torch.Tensor) -> torch.Tensor:
         ent = entropy(logits)
-        return (reweight(ent, e0(logits.shape[1], e0_factor)) * ent).mean()
+        return (reweight(ent, e0(logits.shape[1], e_max_factor)) * ent).mean()
 
     return loss
 
@@ -55,7 +58,7 @@ def reweighted_entropy(e0_factor: float) -> LossFn:
 class EataEdge(EdgePolicy):
     """Forward-only edge: batch-statistics predictions and EATA's two filters decide the uploads."""
 
-    def __init__(self, model: nn.Module, settings: dict[str, Any]) -> None:
+    def __init__(self, model: nn.Module, settings: Settings) -> None:
         self.model = model.eval()
         use_norm_stats(self.model, "batch")
         self.settings = settings
@@ -67,7 +70,7 @@ class EataEdge(EdgePolicy):
         self._num_classes = num_classes
         return EntropyFilter(
             num_classes,
-            e_max_factor=float(self.settings["e0_factor"]),
+            e_max_factor=float(self.settings["e_max_factor"]),
             dynamic=False,
             d_margin=float(self.settings["d_margin"]),
             redundancy=True,
@@ -104,25 +107,24 @@ class EataEdge(EdgePolicy):
             self.filter.restore(snap["filter"])
 
 
-def make_edge(model: nn.Module, settings: dict[str, Any]) -> EdgePolicy:
-    return EataEdge(model, resolve_settings("eata", DEFAULTS, settings))
+def make_edge(model: nn.Module, settings: Settings) -> EdgePolicy:
+    return EataEdge(model, settings)
 
 
 def make_cloud(
-    foundation: nn.Module | None, student: nn.Module, settings: dict[str, Any], generator: torch.Generator
+    foundation: nn.Module | None, student: nn.Module, settings: Settings, generator: torch.Generator
 ) -> CloudTrainer:
-    s = resolve_settings("eata", DEFAULTS, settings)
-    return EntropyCloud(student, s, generator, reweighted_entropy(float(s["e0_factor"])))
+    return EntropyCloud(student, settings, generator, reweighted_entropy(settings["e_max_factor"]))
 
 
 SPEC = METHODS.register(
     "eata",
     MethodSpec(
         name="eata",
-        make_edge=make_edge,
-        make_cloud=make_cloud,
+        edge_factory=make_edge,
+        cloud_factory=make_cloud,
         uses_foundation=False,
-        defaults=DEFAULTS,
+        settings=SETTINGS,
         description="ETA (EATA without Fisher): edge uploads reliable, non-redundant samples; cloud reweighted entropy min",
     ),
 )

@@ -41,80 +41,57 @@ from cema_ray.algorithms.entropy import entropy, reweight
 from cema_ray.algorithms.selection import EntropyFilter
 from cema_ray.errors import ConfigError
 from cema_ray.methods import common
-from cema_ray.methods.cema import infer_num_classes, nullable_settings
-from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState
+from cema_ray.methods.base import (METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState,
+                                   infer_num_classes, preset_settings)
 from cema_ray.methods.common import load_arrays, model_device, tensor_state, use_norm_stats
 from cema_ray.models.norm import freeze_all_but_norm_affine
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.publish import SCOPES, scope_parameters, scope_state, train_only
+from cema_ray.schema import Field, Settings, setting
 
-DEFAULTS: dict[str, Any] = {
-    "num_classes": None,  # None: the out_features of the model's last Linear layer
-    "student_scope": "shared",  # mirrored from method.student_scope; only "shared" is supported
-    "publish_every": 1,  # mirrored from method.publish_every
-    # edge: which samples may go up (the CEMA filters), and how many do (the budget)
-    "e_max_factor": 1.0,  # E_max = factor * ln C; samples at or above it are not uploaded (1.0: the budget decides)
-    "redundancy": False,  # EATA's redundancy filter before the budget
-    "d_margin": 0.4,
-    "upload_budget": 0.3,  # at most floor(budget * batch) uploads per edge batch; 1.0 = no cap
-    "upload_priority": "uncertain",  # "uncertain" | "confident": which candidates first (algorithms/budget.py)
-    "upload_balance": True,  # take the candidates class by class (the edge's predictions) in turns
-    # teacher
-    "teacher": "foundation",  # "foundation" | "labels" (the oracle reference: true labels)
-    "lr_foundation": 2.5e-4,  # reweighted entropy minimisation of the foundation's norm affine; 0 = off
-    "foundation_restore": 0.0,  # CoTTA's stochastic restore: per-step probability a norm weight goes back to source
-    # student
-    "train_scope": "norm",  # "norm" | "head" | "all": what the student trains and the cloud publishes
-    "student_loss": "ce",  # "kl" (soft labels at a temperature) | "ce" (the teacher's argmax) | "sed" (the paper's)
-    "temperature": 2.0,
-    "lr_student": 0.01,
-    "momentum": 0.9,
-    "weight_decay": 0.0,
-    "student_steps": 1,  # student SGD steps per chunk of uploads
-    "chunk_size": 16,  # uploads per cloud step
-    "replay_chunks": 0,  # stored chunks replayed with every new one (each forwarded by itself)
-    "replay_window": 0,  # draw replayed chunks from the newest this many (0: the whole buffer)
-    "replay_capacity": 10000,  # samples kept for replay (oldest chunks leave first)
-    "student_ema": 0.5,  # publish an EMA of the student with this decay; 0 = publish the student
-    "anchor": 0.0,  # L2 pull of the trained parameters towards the deployed ones
-    "alpha": 3.0, "beta": 3.0, "gamma": 1.0,  # "sed" loss weights (METHOD.md, cloud step 4)
-}
 TEACHERS = ("foundation", "labels")
 LOSSES = ("kl", "ce", "sed")
-
-
-def resolve_settings(method: str, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Defaults overlaid with ``settings``; a value outside its range fails by name."""
-    s = common.resolve_settings(method, DEFAULTS, settings)
-
-    def fail(key: str, allowed: str) -> None:
-        raise ConfigError(f"method '{method}': setting '{key}' is {s[key]!r}; {allowed}")
-
-    for key, allowed in (("teacher", TEACHERS), ("student_loss", LOSSES), ("train_scope", SCOPES),
-                         ("upload_priority", PRIORITIES)):
-        if s[key] not in allowed:
-            fail(key, f"allowed: {', '.join(allowed)}")
-    if s["student_scope"] != "shared":
-        fail("student_scope", "cema-fleet trains one student for the fleet (method.student_scope: shared); "
-                              "per-edge students: method 'cema'")
-    if not 0.0 < float(s["upload_budget"]) <= 1.0:
-        fail("upload_budget", "must lie in (0, 1]")
-    for key in ("student_ema", "foundation_restore"):
-        if not 0.0 <= float(s[key]) < 1.0:
-            fail(key, "must lie in [0, 1)")
-    for key in ("chunk_size", "student_steps", "replay_capacity"):
-        if int(s[key]) < 1:
-            fail(key, "must be >= 1")
-    for key in ("replay_chunks", "replay_window"):
-        if int(s[key]) < 0:
-            fail(key, "must be >= 0")
-    for key in ("temperature", "lr_student"):
-        if float(s[key]) <= 0:
-            fail(key, "must be > 0")
-    for key in ("lr_foundation", "anchor", "weight_decay", "e_max_factor", "d_margin"):
-        if float(s[key]) < 0:
-            fail(key, "must be >= 0")
-    return s
+SETTINGS: dict[str, Field] = {
+    "num_classes": setting(None, "classes (null: data.num_classes, else the model's last Linear layer)", kind="int",
+                           lo=1),
+    "student_scope": setting("shared", "cema-fleet trains one student for the fleet (mirrors method.student_scope; "
+                                       "per-edge students: method 'cema')", choices=("shared",)),
+    "publish_every": setting(1, "K: publish every K edge batches (mirrors method.publish_every)", lo=1),
+    # edge: which samples may go up (the CEMA filters), and how many do (the budget)
+    "e_max_factor": setting(1.0, "samples with entropy >= factor * ln C stay (1.0: the budget decides)", lo=0),
+    "redundancy": setting(False, "EATA's redundancy filter before the budget"),
+    "d_margin": setting(0.4, "redundancy margin", lo=0),
+    "upload_budget": setting(0.3, "at most floor(budget * batch) uploads per edge batch; 1.0 = no cap", lo=0, hi=1,
+                             lo_open=True),
+    "upload_priority": setting("uncertain", "which candidates go first (algorithms/budget.py)", choices=PRIORITIES),
+    "upload_balance": setting(True, "take the candidates class by class (the edge's predictions) in turns"),
+    # teacher
+    "teacher": setting("foundation", "who labels the uploads: the foundation, or the true labels (oracle)",
+                       choices=TEACHERS),
+    "lr_foundation": setting(2.5e-4, "reweighted entropy minimisation of the foundation's norm affine; 0 = off",
+                             lo=0),
+    "foundation_restore": setting(0.0, "CoTTA's stochastic restore: per-step probability a norm weight goes back",
+                                  lo=0, hi=1, hi_open=True),
+    # student
+    "train_scope": setting("norm", "what the student trains and the cloud publishes", choices=SCOPES),
+    "student_loss": setting("ce", "kl (soft labels at a temperature), ce (the teacher's argmax), sed (the paper's)",
+                            choices=LOSSES),
+    "temperature": setting(2.0, "temperature of the kl loss", lo=0, lo_open=True),
+    "lr_student": setting(0.01, "student SGD learning rate", lo=0, lo_open=True),
+    "momentum": setting(0.9, "SGD momentum", lo=0, hi=1, hi_open=True),
+    "weight_decay": setting(0.0, "SGD weight decay", lo=0),
+    "student_steps": setting(1, "student SGD steps per chunk of uploads", lo=1),
+    "chunk_size": setting(16, "uploads per cloud step", lo=1),
+    "replay_chunks": setting(0, "stored chunks replayed with every new one (each forwarded by itself)", lo=0),
+    "replay_window": setting(0, "draw replayed chunks from the newest this many (0: the whole buffer)", lo=0),
+    "replay_capacity": setting(10000, "samples kept for replay (oldest chunks leave first)", lo=1),
+    "student_ema": setting(0.5, "publish an EMA of the student with this decay; 0 = the student itself", lo=0, hi=1,
+                           hi_open=True),
+    "anchor": setting(0.0, "L2 pull of the trained parameters towards the deployed ones", lo=0),
+    "alpha": setting(3.0, "sed loss: weight of the reweighted entropy term", lo=0),
+    "beta": setting(3.0, "sed loss: weight of the KL term", lo=0),
+    "gamma": setting(1.0, "sed loss: weight of the cross-entropy term", lo=0),
+}
 
 
 # --- edge ----------------------------------------------------------------------------------
@@ -123,7 +100,7 @@ class FleetEdge(EdgePolicy):
     """Forward-only: BN adapt with the published weights, CEMA's filters, then the upload budget."""
 
     def __init__(self, model: nn.Module, settings: Mapping[str, Any], method: str = "cema-fleet") -> None:
-        self.settings = s = resolve_settings(method, settings)
+        self.settings = s = settings
         self.model = model.eval().requires_grad_(False)
         use_norm_stats(self.model, "batch")
         self.num_classes = infer_num_classes(self.model, s["num_classes"])
@@ -215,7 +192,7 @@ class FleetCloud(CloudTrainer):
 
     def __init__(self, foundation: nn.Module | None, student_template: nn.Module, settings: Mapping[str, Any],
                  generator: torch.Generator, method: str = "cema-fleet") -> None:
-        self.settings = s = resolve_settings(method, settings)
+        self.settings = s = settings
         self.method = method
         self.needs_labels = s["teacher"] == "labels"
         if foundation is None and not self.needs_labels:
@@ -431,23 +408,22 @@ PRESETS: dict[str, tuple[dict[str, Any], str, bool]] = {
 }
 
 
-def _make_edge(method: str, defaults: dict[str, Any], model: nn.Module, settings: Mapping[str, Any]) -> FleetEdge:
-    return FleetEdge(model, {**defaults, **settings}, method=method)
+def _make_edge(method: str, model: nn.Module, settings: Settings) -> FleetEdge:
+    return FleetEdge(model, settings, method=method)
 
 
-def _make_cloud(method: str, defaults: dict[str, Any], foundation: nn.Module | None, student_template: nn.Module,
-                settings: Mapping[str, Any], generator: torch.Generator) -> FleetCloud:
-    return FleetCloud(foundation, student_template, {**defaults, **settings}, generator, method=method)
+def _make_cloud(method: str, foundation: nn.Module | None, student_template: nn.Module, settings: Settings,
+                generator: torch.Generator) -> FleetCloud:
+    return FleetCloud(foundation, student_template, settings, generator, method=method)
 
 
 def _register() -> None:
     for name, (overrides, description, uses_foundation) in PRESETS.items():
-        defaults = {**DEFAULTS, **overrides}
         METHODS.register(name, MethodSpec(
-            name=name, make_edge=functools.partial(_make_edge, name, defaults),
-            make_cloud=functools.partial(_make_cloud, name, defaults), uses_foundation=uses_foundation,
-            defaults=defaults, description=description, needs_labels=overrides.get("teacher") == "labels",
-            nullable_settings={k: v for k, v in nullable_settings().items() if defaults.get(k, 0) is None}))
+            name=name, edge_factory=functools.partial(_make_edge, name),
+            cloud_factory=functools.partial(_make_cloud, name), uses_foundation=uses_foundation,
+            settings=preset_settings(SETTINGS, overrides), description=description,
+            needs_labels=overrides.get("teacher") == "labels"))
 
 
 _register()

@@ -1,7 +1,7 @@
 """SAR (Niu et al., ICLR 2023): sharpness-aware, reliable entropy minimisation, in the cloud.
 
 Every sample is uploaded. Per edge batch the cloud (on its copy of the edge model, BN in
-batch-statistics mode) runs: forward, keep H < E0 = ``e0_factor`` * ln C, backward, SAM ascent
+batch-statistics mode) runs: forward, keep H < E0 = ``e_max_factor`` * ln C, backward, SAM ascent
 to theta + eps (``rho`` = 0.05); second forward at theta + eps, keep the first filter's samples
 whose new entropy is still below E0, backward, SGD-momentum descent from theta. The EMA (0.9,
 ``loss_ema``) of the second loss tracks collapse: when it falls below ``reset_constant`` (0.2)
@@ -20,7 +20,7 @@ momentum with zero gradients), and likewise if no sample survives the second fil
 undone and no descent is taken (the original's loss is NaN there).
 
 Settings: ``lr`` (1e-3, mariodoebler's CIFAR config; SAR's ImageNet R50: 2.5e-4), ``momentum``
-(0.9), ``rho`` (0.05), ``e0_factor`` (0.4), ``reset_constant`` (0.2), ``loss_ema`` (0.9).
+(0.9), ``rho`` (0.05), ``e_max_factor`` (0.4), ``reset_constant`` (0.2), ``loss_ema`` (0.9).
 """
 from __future__ import annotations
 
@@ -32,18 +32,18 @@ import torch
 from torch import nn
 
 from cema_ray.algorithms.entropy import e0, entropy
-from cema_ray.errors import ConfigError
 from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, MethodSpec, NormState
-from cema_ray.methods.common import BatchStatsEdge, SharedModelCloud, resolve_settings, use_norm_stats
+from cema_ray.methods.common import BatchStatsEdge, SharedModelCloud, use_norm_stats
 from cema_ray.models.norm import freeze_all_but_norm_affine, norm_affine_parameters, norm_state
+from cema_ray.schema import Settings, setting
 
-DEFAULTS: dict[str, Any] = {
-    "lr": 1e-3,
-    "momentum": 0.9,
-    "rho": 0.05,
-    "e0_factor": 0.4,
-    "reset_constant": 0.2,
-    "loss_ema": 0.9,
+SETTINGS = {
+    "lr": setting(1e-3, "SGD learning rate (mariodoebler's CIFAR config; SAR's ImageNet R50: 2.5e-4)", lo=0, lo_open=True),
+    "momentum": setting(0.9, "SGD momentum", lo=0, hi=1, hi_open=True),
+    "rho": setting(0.05, "SAM neighbourhood radius", lo=0, lo_open=True),
+    "e_max_factor": setting(0.4, "reliable samples: entropy below E0 = factor * ln C", lo=0, lo_open=True),
+    "reset_constant": setting(0.2, "model recovery when the loss EMA falls below this", lo=0),
+    "loss_ema": setting(0.9, "decay of the second loss's moving average", lo=0, hi=1, hi_open=True),
 }
 _STAGE = re.compile(r"layer(\d+)")
 
@@ -113,7 +113,7 @@ class SAM:
 class SarCloud(SharedModelCloud):
     """SAR on the cloud's copy of the edge model; publishes the trainable norm affine parameters."""
 
-    def __init__(self, student: nn.Module, settings: dict[str, Any], generator: torch.Generator) -> None:
+    def __init__(self, student: nn.Module, settings: Settings, generator: torch.Generator) -> None:
         self.settings = settings
         model = copy.deepcopy(student).eval()
         use_norm_stats(model, "batch")
@@ -135,7 +135,7 @@ class SarCloud(SharedModelCloud):
     def train_step(self, x: torch.Tensor) -> bool:
         logits = self.model(x)
         ent = entropy(logits)
-        margin = e0(logits.shape[1], float(self.settings["e0_factor"]))
+        margin = e0(logits.shape[1], float(self.settings["e_max_factor"]))
         keep = ent < margin
         if not bool(keep.any()):
             return False
@@ -177,32 +177,24 @@ class SarCloud(SharedModelCloud):
         self.model_resets = int(d["model_resets"])
 
 
-def _check(settings: dict[str, Any]) -> dict[str, Any]:
-    for key in ("lr", "rho"):
-        if float(settings[key]) <= 0:
-            raise ConfigError(f"method 'sar': setting '{key}' must be > 0, got {settings[key]!r}")
-    return settings
-
-
-def make_edge(model: nn.Module, settings: dict[str, Any]) -> EdgePolicy:
-    _check(resolve_settings("sar", DEFAULTS, settings))
+def make_edge(model: nn.Module, settings: Settings) -> EdgePolicy:
     return BatchStatsEdge(model, norm_mode="batch", upload_all=True)
 
 
 def make_cloud(
-    foundation: nn.Module | None, student: nn.Module, settings: dict[str, Any], generator: torch.Generator
+    foundation: nn.Module | None, student: nn.Module, settings: Settings, generator: torch.Generator
 ) -> CloudTrainer:
-    return SarCloud(student, _check(resolve_settings("sar", DEFAULTS, settings)), generator)
+    return SarCloud(student, settings, generator)
 
 
 SPEC = METHODS.register(
     "sar",
     MethodSpec(
         name="sar",
-        make_edge=make_edge,
-        make_cloud=make_cloud,
+        edge_factory=make_edge,
+        cloud_factory=make_cloud,
         uses_foundation=False,
-        defaults=DEFAULTS,
+        settings=SETTINGS,
         description="SAR in the cloud: every sample uploaded, SAM + reliable entropy on norm affine (top block frozen)",
     ),
 )

@@ -20,7 +20,6 @@ config is SGD lr 2.5e-4 momentum 0.9 (set by the configs).
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,20 +28,20 @@ from torch import nn
 from cema_ray.algorithms.entropy import entropy
 from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState
 from cema_ray.methods.common import (
-    OPTIMIZER_DEFAULTS,
+    OPTIMIZER_SETTINGS,
     BatchStatsEdge,
     LossFn,
     SharedModelCloud,
     load_arrays,
     make_optimizer,
     model_device,
-    resolve_settings,
     tensor_state,
     use_norm_stats,
 )
 from cema_ray.models.norm import freeze_all_but_norm_affine, norm_affine_parameters, norm_state
+from cema_ray.schema import Settings
 
-DEFAULTS: dict[str, Any] = dict(OPTIMIZER_DEFAULTS)
+SETTINGS = dict(OPTIMIZER_SETTINGS)
 
 
 def mean_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -76,7 +75,7 @@ def entropy_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
 class EntropyCloud(SharedModelCloud):
     """The cloud half of Tent-like methods: one entropy step on each edge batch's uploads."""
 
-    def __init__(self, student: nn.Module, settings: dict[str, Any], generator: torch.Generator, loss_fn: LossFn) -> None:
+    def __init__(self, student: nn.Module, settings: Settings, generator: torch.Generator, loss_fn: LossFn) -> None:
         self.settings = settings
         self.loss_fn = loss_fn
         model = copy.deepcopy(student)
@@ -98,7 +97,7 @@ class EntropyCloud(SharedModelCloud):
 class TentEdge(EdgePolicy):
     """Tent run on the edge itself (``tent-edge``): back-propagates, uploads nothing."""
 
-    def __init__(self, model: nn.Module, settings: dict[str, Any]) -> None:
+    def __init__(self, model: nn.Module, settings: Settings) -> None:
         self.model = model
         self.settings = settings
         self.params = configure_tent(model)
@@ -120,25 +119,23 @@ class TentEdge(EdgePolicy):
         self.optimizer = make_optimizer(self.params, self.settings)
 
 
-def make_edge(model: nn.Module, settings: dict[str, Any]) -> EdgePolicy:
-    resolve_settings("tent", DEFAULTS, settings)
+def make_edge(model: nn.Module, settings: Settings) -> EdgePolicy:
     return BatchStatsEdge(model, norm_mode="batch", upload_all=True)
 
 
 def make_cloud(
-    foundation: nn.Module | None, student: nn.Module, settings: dict[str, Any], generator: torch.Generator
+    foundation: nn.Module | None, student: nn.Module, settings: Settings, generator: torch.Generator
 ) -> CloudTrainer:
-    return EntropyCloud(student, resolve_settings("tent", DEFAULTS, settings), generator, mean_entropy)
+    return EntropyCloud(student, settings, generator, mean_entropy)
 
 
-def make_edge_local(model: nn.Module, settings: dict[str, Any]) -> EdgePolicy:
-    return TentEdge(model, resolve_settings("tent-edge", DEFAULTS, settings))
+def make_edge_local(model: nn.Module, settings: Settings) -> EdgePolicy:
+    return TentEdge(model, settings)
 
 
 def make_cloud_none(
-    foundation: nn.Module | None, student: nn.Module, settings: dict[str, Any], generator: torch.Generator
+    foundation: nn.Module | None, student: nn.Module, settings: Settings, generator: torch.Generator
 ) -> CloudTrainer:
-    resolve_settings("tent-edge", DEFAULTS, settings)
     return CloudTrainer()
 
 
@@ -146,10 +143,10 @@ SPEC = METHODS.register(
     "tent",
     MethodSpec(
         name="tent",
-        make_edge=make_edge,
-        make_cloud=make_cloud,
+        edge_factory=make_edge,
+        cloud_factory=make_cloud,
         uses_foundation=False,
-        defaults=DEFAULTS,
+        settings=SETTINGS,
         description="Tent in the cloud: every sample uploaded, norm affine params published; edge uses batch stats",
     ),
 )
@@ -157,10 +154,10 @@ SPEC_EDGE = METHODS.register(
     "tent-edge",
     MethodSpec(
         name="tent-edge",
-        make_edge=make_edge_local,
-        make_cloud=make_cloud_none,
+        edge_factory=make_edge_local,
+        cloud_factory=make_cloud_none,
         uses_foundation=False,
-        defaults=DEFAULTS,
+        settings=SETTINGS,
         description="Tent on the edge itself (back-propagates: breaks the forward-only rule); 0 uploads, reference",
         forward_only_edge=False,
     ),

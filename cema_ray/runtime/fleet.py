@@ -26,6 +26,7 @@ from cema_ray.models.checkpoint import load_checkpoint, verify_checkpoint
 from cema_ray.models.factory import TIMM_PREFIX, create_model
 from cema_ray.runtime.edge import EdgeProfile
 from cema_ray.runtime.faults import plan_bad_batches
+from cema_ray.schema import Settings
 
 
 @dataclass
@@ -38,19 +39,10 @@ class EdgePlan:
     bad_batches: tuple[tuple[float, str], ...] = ()  # fault injection: (position as a fraction, kind)
 
 
-def method_settings(cfg: dict[str, Any]) -> tuple[MethodSpec, dict[str, Any]]:
-    """The method's registered defaults overlaid with the config's `method.settings`.
-
-    Settings that mirror run-level keys (student scope, K, class count) follow the run config
-    when the method has them, so the runtime and the method cannot disagree.
-    """
+def method_settings(cfg: dict[str, Any]) -> tuple[MethodSpec, Settings]:
+    """The method and its settings as the config resolved them at load (`MethodSpec.resolve`), frozen."""
     spec = METHODS.get(cfg["method"]["name"])
-    settings = dict(spec.defaults)
-    settings.update(cfg["method"].get("settings") or {})
-    mirrored = {"student_scope": cfg["method"]["student_scope"], "publish_every": cfg["method"]["publish_every"],
-                "num_classes": cfg["data"].get("num_classes") or source_info(cfg["data"]["source"]).num_classes}
-    settings.update({k: v for k, v in mirrored.items() if k in spec.defaults})
-    return spec, settings
+    return spec, spec.resolve(cfg["method"]["settings"])
 
 
 def load_model(model_cfg: dict[str, Any], data_cfg: dict[str, Any], role: str) -> nn.Module:
