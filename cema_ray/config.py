@@ -18,22 +18,11 @@ from typing import Any, Iterator, Sequence
 import yaml
 
 from cema_ray.errors import ConfigError, DataError
+from cema_ray.names import CORRUPTIONS, PROTOCOLS
 from cema_ray.schema import (REQUIRED, Field, Section, Spec, boolean, describe, fail, fmt, integer, join_key, number,
                              string, suggest, validate_section, validate_value)
 
 
-PROTOCOLS = ("continual", "reset", "mixed", "gradual", "label_shift")
-STANDARD_CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
-)
-# (environment variable, default root) per data source, used when the source's registry entry does not
-# carry its own `env_var` / `default_root` attributes.
-SOURCE_ROOTS: dict[str, tuple[str | None, str | None]] = {
-    "fashion-mnist": ("CEMA_FASHION_MNIST_ROOT", "/usr/share/datasets/fashion-mnist"),
-    "cifar10-folder": ("CEMA_CIFAR10_ROOT", None),
-    "imagenet-c": ("CEMA_IMAGENETC_ROOT", None),
-}
 
 
 # ------------------------------------------------------------------------------ lazy registry checks
@@ -82,7 +71,7 @@ def _stream_fields() -> dict[str, Spec]:
         "protocol": string("continual", "order of domains: continual (no resets), reset (reset at each new domain), "
                          "mixed (all domains shuffled together), gradual (severity 1..5..1 per corruption), "
                          "label_shift (Dirichlet label-correlated order)", choices=PROTOCOLS),
-        "corruptions": Field("list", list(STANDARD_CORRUPTIONS), "corruption sequence ('clean' = none); "
+        "corruptions": Field("list", list(CORRUPTIONS), "corruption sequence ('clean' = none); "
                              "default: the 15 standard ones in order",
                              item=string(REQUIRED, "corruption", check=_check_corruption)),
         "severity": integer(5, "corruption severity", lo=1, hi=5),
@@ -320,17 +309,12 @@ def _descend_list(node: Any, spec: Field, part: str, key: str, value: Any, where
 
 # ------------------------------------------------------------------------------------ data roots
 def source_root_info(source: str) -> tuple[str | None, str | None]:
-    """(environment variable, default root) of a data source: its registry entry's, else SOURCE_ROOTS."""
-    env, default = SOURCE_ROOTS.get(source, (None, None))
-    try:
-        from cema_ray.data.sources import DATA_SOURCES
+    """(environment variable, default root) of a data source, as its registry entry declares them."""
+    from cema_ray.data.sources import DATA_SOURCES
 
-        entry = DATA_SOURCES.get(source) if source in DATA_SOURCES else None
-    except ImportError:
-        entry = None
-    env = getattr(entry, "env_var", env)
-    default = getattr(entry, "default_root", default)
-    return env, (None if default is None else str(default))
+    entry = DATA_SOURCES.get(source) if source in DATA_SOURCES else None
+    default = getattr(entry, "default_root", None)
+    return getattr(entry, "env_var", None), (None if default is None else str(default))
 
 
 def resolve_data_root(source: str, root: str | None, key: str = "data.root", check: bool = True) -> str | None:
@@ -542,11 +526,6 @@ def needed_corruptions(cfg: dict[str, Any]) -> list[str]:
     dist = cfg["edges"]["distributions"].get("corruptions") or {}
     lists += [dist["permute"]] if "permute" in dist else [list(v) for v in dist.get("choice", [])]
     return list(dict.fromkeys(name for names in lists for name in names))
-
-
-def merged_stream(cfg: dict[str, Any], group: dict[str, Any] | None) -> dict[str, Any]:
-    """The full stream settings of a group's edges: the top-level stream with the group's keys on top."""
-    return {**cfg["stream"], **(group["stream"] if group else {})}
 
 
 # ------------------------------------------------------------------------------------------ loading

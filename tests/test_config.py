@@ -9,9 +9,10 @@ import yaml
 
 from cema_ray import config
 from cema_ray.config import (
-    STANDARD_CORRUPTIONS, apply_overrides, load_config, load_pretrain_config, resolve_output_dir, schema_rows,
+    apply_overrides, load_config, load_pretrain_config, resolve_output_dir, schema_rows,
 )
 from cema_ray.errors import ConfigError
+from cema_ray.names import CORRUPTIONS
 
 torch.set_num_threads(1)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -37,7 +38,7 @@ def error_of(path: Path, *overrides: str, **kw) -> str:
 def test_defaults_filled(base: Path) -> None:
     cfg = load_config(base)
     assert cfg["name"] == "t" and cfg["runtime"] == "local" and cfg["mode"] == "sync" and cfg["seed"] == 0
-    assert cfg["stream"] == {"protocol": "continual", "corruptions": list(STANDARD_CORRUPTIONS), "severity": 5,
+    assert cfg["stream"] == {"protocol": "continual", "corruptions": list(CORRUPTIONS), "severity": 5,
                              "batch_size": 64, "samples_per_domain": 1000, "dirichlet_alpha": 0.1}
     assert cfg["edges"]["count"] == 32 and cfg["edges"]["per_host"] == 8 and cfg["edges"]["hosts"] is None
     assert cfg["edges"]["groups"] == [{"name": "g0", "fraction": 0.5, "stream": {"batch_size": 32},
@@ -252,10 +253,12 @@ def test_quickstart_shape() -> None:
     groups = cfg["edges"]["groups"]
     assert cfg["runtime"] == "ray" and cfg["mode"] == "sync" and cfg["edges"]["count"] == 32
     assert 2 <= len(groups) <= 3 and sum(g["fraction"] for g in groups) == pytest.approx(1.0)
-    streams = [config.merged_stream(cfg, g) for g in groups]
-    assert {s["batch_size"] for s in streams} == {32, 64}
-    assert {s["protocol"] for s in streams} == {"continual", "reset"}
-    assert all(len(s["corruptions"]) * s["samples_per_domain"] <= 1000 for s in streams)
+    from cema_ray.runtime.fleet import edge_plans
+
+    streams = [p.spec for p in edge_plans(cfg)]
+    assert {s.batch_size for s in streams} == {32, 64}
+    assert {s.protocol for s in streams} == {"continual", "reset"}
+    assert all(len(s.corruptions) * s.samples_per_domain <= 1000 for s in streams)
     assert cfg["models"]["edge"]["checkpoint"] == "checkpoints/fashion-mnist/edge.safetensors"
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 
-from cema_ray.config import PROTOCOLS
+from cema_ray.names import PROTOCOLS
 from cema_ray.errors import ConfigError
 from cema_ray.threads import apply_threads
 from cema_ray.bench.common import _out_dir, _split_names, _write_table, bench_config

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cema_ray.config import PROTOCOLS, method_registry, read_yaml
+from cema_ray.config import method_registry, read_yaml
+from cema_ray.names import PROTOCOLS
 from cema_ray.errors import ConfigError
 from cema_ray.bench.common import _split_names, _out_dir, _pct, _markdown_page, _environment, bench_config
 

@@ -52,12 +52,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cema_ray.errors import ConfigError, DataError
+from cema_ray.names import CORRUPTIONS
 
-CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-    "jpeg_compression",
-)
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 SMALL_IMAGE_MAX_SIDE = 32  # up to this size the CIFAR-10-C constants apply
 

@@ -30,8 +30,8 @@ import torch
 
 from cema_ray.data.corruptions import CORRUPTIONS, corrupt
 from cema_ray.errors import ConfigError
+from cema_ray.names import PROTOCOLS
 
-PROTOCOLS: tuple[str, ...] = ("continual", "reset", "mixed", "gradual", "label_shift")
 GRADUAL_SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5, 4, 3, 2, 1)
 CLEAN = "clean"
 MIXED = "mixed"

@@ -55,6 +55,14 @@ class EdgePolicy:
         pass
 
 
+def check_uploads(edge_id: int, images: Any) -> np.ndarray:
+    """What every trainer's `ingest` accepts: uint8 (N, H, W, C) pixels, as the edges send them."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"uploads from edge {edge_id} must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+    return images
+
+
 class CloudTrainer:
     """Runs in the cloud: receives uploads, trains, and says what each edge must load."""
 

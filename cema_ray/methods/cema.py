@@ -24,7 +24,7 @@ from cema_ray.errors import ConfigError
 from cema_ray.methods import common
 from cema_ray.methods.common import model_device
 from cema_ray.methods.base import (METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState,
-                                   infer_num_classes, preset_settings)
+                                   check_uploads, infer_num_classes, preset_settings)
 from cema_ray.models.norm import freeze_all_but_norm_affine, load_norm_state, norm_layers, norm_state
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.tbr import convert_bn_to_tbr, set_norm_stats_mode
@@ -324,9 +324,7 @@ class CemaCloud(CloudTrainer):
 
     # the CloudTrainer contract ---------------------------------------------------------------
     def ingest(self, edge_id: int, images: np.ndarray) -> None:
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(f"uploads from edge {edge_id} must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+        images = check_uploads(edge_id, images)
         if len(images):
             self._lane(edge_id).push(images.copy())
 

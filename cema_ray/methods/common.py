@@ -17,7 +17,7 @@ from torch import nn
 
 from cema_ray.algorithms.entropy import entropy
 from cema_ray.errors import BatchRejected, CheckpointError
-from cema_ray.methods.base import CloudTrainer, EdgePolicy, EdgeResult, NormState
+from cema_ray.methods.base import CloudTrainer, EdgePolicy, EdgeResult, NormState, check_uploads
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.tbr import set_norm_stats_mode
 from cema_ray.schema import Field, setting
@@ -139,9 +139,7 @@ class UploadQueues:
         self._q: dict[int, list[np.ndarray]] = {}
 
     def put(self, edge_id: int, images: np.ndarray) -> None:
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(f"uploads from edge {edge_id} must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+        images = check_uploads(edge_id, images)
         if len(images):
             self._q.setdefault(int(edge_id), []).append(images)
 

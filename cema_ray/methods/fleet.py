@@ -42,7 +42,7 @@ from cema_ray.algorithms.selection import EntropyFilter
 from cema_ray.errors import ConfigError
 from cema_ray.methods import common
 from cema_ray.methods.base import (METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState,
-                                   infer_num_classes, preset_settings)
+                                   check_uploads, infer_num_classes, preset_settings)
 from cema_ray.methods.common import load_arrays, model_device, tensor_state, use_norm_stats
 from cema_ray.models.norm import freeze_all_but_norm_affine
 from cema_ray.models.preprocess import to_input
@@ -311,9 +311,7 @@ class FleetCloud(CloudTrainer):
 
     # the CloudTrainer contract ---------------------------------------------------------------
     def ingest(self, edge_id: int, images: np.ndarray, labels: np.ndarray | None = None) -> None:
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4:
-            raise ValueError(f"uploads from edge {edge_id} must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+        images = check_uploads(edge_id, images)
         if self.needs_labels and labels is None:
             raise ConfigError(f"method '{self.method}' trains on the stream's true labels (a reference): "
                               "it runs with runtime=local only")
