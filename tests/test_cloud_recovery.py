@@ -68,7 +68,7 @@ def test_tampered_or_truncated_cloud_checkpoint_is_refused(tmp_path):
 def test_cema_cloud_resumes_from_disk_exactly(make_run_config, tmp_path, method):
     """Save after two deliveries, load into a fresh cloud: both publish the same parameters afterwards."""
     from cema_ray.runtime.fleet import load_model
-    from cema_ray.runtime.local import build_cloud
+    from cema_ray.runtime.assembly import build_cloud
 
     torch.set_num_threads(1)
     cfg = make_run_config(f"method.name={method}", "method.settings={}")

@@ -32,8 +32,8 @@ FILL = 288  # uploads before timing: past CEMA's replay warm-up (256), so every 
 
 def _probe(cfg: dict[str, Any], chunk: int) -> tuple[Any, np.ndarray]:
     """A fresh cloud for the config, its replay buffer filled, and the images to feed it."""
-    from cema_ray.runtime.fleet import DataContext, load_model, method_settings
-    from cema_ray.runtime.local import build_cloud
+    from cema_ray.runtime.assembly import load_cloud
+    from cema_ray.runtime.fleet import DataContext, method_settings
 
     data = DataContext(cfg["data"])
     if data.clean is None:
@@ -41,9 +41,7 @@ def _probe(cfg: dict[str, Any], chunk: int) -> tuple[Any, np.ndarray]:
     spec, _ = method_settings(cfg)
     if not spec.uses_foundation:
         raise ConfigError(f"bench cloud times a cloud that trains: method '{spec.name}' has none")
-    edge = load_model(cfg["models"]["edge"], cfg["data"], "edge")
-    foundation = load_model(cfg["models"]["foundation"], cfg["data"], "foundation")
-    cloud = build_cloud(cfg, edge, foundation)
+    cloud = load_cloud(cfg)
     images = data.clean.take(np.arange(min(len(data.clean), 4096))).images
     if len(images) < FILL + chunk:
         raise ConfigError(f"bench cloud needs at least {FILL + chunk} clean images, the split has {len(images)}")

@@ -14,28 +14,12 @@ import torch
 from cema_ray.errors import RunInterrupted
 from cema_ray.runtime.cloud import CloudService, Publication
 from cema_ray.runtime.edge import EdgeDevice, EdgeStep
-from cema_ray.runtime.fleet import DataContext, edge_plans, fresh_copy, load_model, make_generator, method_settings
+from cema_ray.runtime.assembly import build_cloud, build_edges, load_edge_model, load_foundation
+from cema_ray.runtime.fleet import DataContext, edge_plans
 from cema_ray.results import RunRecorder
 from cema_ray.runtime.progress import RunProgress
 from cema_ray.runtime.journal import PartialWriter
 from cema_ray.threads import apply_threads
-
-
-def build_cloud(cfg: dict[str, Any], edge_model: torch.nn.Module, foundation: torch.nn.Module | None) -> CloudService:
-    spec, settings = method_settings(cfg)
-    trainer = spec.make_cloud(foundation, fresh_copy(edge_model), settings, make_generator(cfg["seed"], 1))
-    return CloudService(trainer, cfg["method"]["student_scope"], cfg["method"]["publish_every"],
-                        cfg["cloud"]["queue_capacity"])
-
-
-def build_edges(cfg: dict[str, Any], data: DataContext, edge_model: torch.nn.Module, plans: list) -> list[EdgeDevice]:
-    spec, settings = method_settings(cfg)
-    shape = data.image_shape
-    return [
-        EdgeDevice(p.edge_id, data.stream(p), spec.make_edge(fresh_copy(edge_model), settings), p.profile,
-                   shape, data.num_classes, p.bad_batches)
-        for p in plans
-    ]
 
 
 def run_round(edges: list[EdgeDevice], cloud: CloudService) -> list[EdgeStep]:
@@ -66,12 +50,9 @@ def run_local(cfg: dict[str, Any], partial: PartialWriter | None = None) -> tupl
     threads = apply_threads(cfg.get("threads"))
     torch.manual_seed(cfg["seed"])
     data = DataContext(cfg["data"])
-    edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")
-    spec, _ = method_settings(cfg)
-    foundation = load_model(cfg["models"]["foundation"], cfg["data"], "foundation") if spec.uses_foundation else None
-    plans = edge_plans(cfg)
-    edges = build_edges(cfg, data, edge_model, plans)
-    cloud = build_cloud(cfg, edge_model, foundation)
+    edge_model = load_edge_model(cfg)
+    edges = build_edges(cfg, data, edge_model, edge_plans(cfg))
+    cloud = build_cloud(cfg, edge_model, load_foundation(cfg))
     progress = RunProgress(f"{cfg['name']} [local]", sum(len(e.stream) for e in edges), cfg["output"]["progress"])
     try:
         while any(not e.done for e in edges):

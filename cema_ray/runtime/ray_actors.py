@@ -24,7 +24,8 @@ from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore
 from cema_ray.runtime.edge import EdgeDevice
 from cema_ray.runtime.malloc import keep_freed_memory
 from cema_ray.runtime.metrics import CloudMetrics, HostMetrics
-from cema_ray.runtime.fleet import DataContext, EdgePlan, load_model, method_settings
+from cema_ray.runtime.assembly import build_edges, load_cloud, load_edge_model
+from cema_ray.runtime.fleet import DataContext, EdgePlan
 
 
 class EdgeHost:
@@ -63,12 +64,9 @@ class EdgeHost:
             self._build(clean)
 
     def _build(self, clean: LabeledImagesLike | None) -> None:
-        from cema_ray.runtime.local import build_edges
-
         try:
             data = DataContext(self.cfg["data"], clean=clean)
-            edge_model = load_model(self.cfg["models"]["edge"], self.cfg["data"], "edge")
-            self.edges = build_edges(self.cfg, data, edge_model, self.plans)
+            self.edges = build_edges(self.cfg, data, load_edge_model(self.cfg), self.plans)
         except CemaError as exc:
             self.init_error = exc
         self.by_id = {e.edge_id: e for e in self.edges}
@@ -225,12 +223,7 @@ class CloudActor:
             self.init_error = exc
 
     def _build(self, cfg: dict[str, Any], checkpoint_dir: str | None, run_id: str, run_label: str) -> None:
-        from cema_ray.runtime.local import build_cloud
-
-        spec, _ = method_settings(cfg)
-        edge_model = load_model(cfg["models"]["edge"], cfg["data"], "edge")
-        foundation = load_model(cfg["models"]["foundation"], cfg["data"], "foundation") if spec.uses_foundation else None
-        self.service: CloudService = build_cloud(cfg, edge_model, foundation)
+        self.service: CloudService = load_cloud(cfg)
         self.metrics = CloudMetrics(run_label)
         self.every = int(cfg["cloud"]["checkpoint_every"])
         self.delay_s = float(cfg["faults"]["slow_cloud_s"])

@@ -1,0 +1,48 @@
+"""One assembly path: a run's models, edges and cloud, built the same way by every runtime and benchmark.
+
+The single-process runner, the Ray actors (`EdgeHost`, `CloudActor`) and `bench cloud` call these, so a
+host's edges and the cloud actor's trainer are exactly what the local runner builds from the same config:
+the ground on which sync Ray == local stands.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from cema_ray.runtime.cloud import CloudService
+from cema_ray.runtime.edge import EdgeDevice
+from cema_ray.runtime.fleet import DataContext, EdgePlan, fresh_copy, load_model, make_generator, method_settings
+
+
+def load_edge_model(cfg: dict[str, Any]) -> nn.Module:
+    return load_model(cfg["models"]["edge"], cfg["data"], "edge")
+
+
+def load_foundation(cfg: dict[str, Any]) -> nn.Module | None:
+    """The foundation, or None for a method that has no use for one (nothing is read then)."""
+    spec, _ = method_settings(cfg)
+    return load_model(cfg["models"]["foundation"], cfg["data"], "foundation") if spec.uses_foundation else None
+
+
+def build_cloud(cfg: dict[str, Any], edge_model: nn.Module, foundation: nn.Module | None) -> CloudService:
+    """The method's cloud trainer on a fresh copy of the edge model, seeded from the run's seed."""
+    spec, settings = method_settings(cfg)
+    trainer = spec.make_cloud(foundation, fresh_copy(edge_model), settings, make_generator(cfg["seed"], 1))
+    return CloudService(trainer, cfg["method"]["student_scope"], cfg["method"]["publish_every"],
+                        cfg["cloud"]["queue_capacity"])
+
+
+def load_cloud(cfg: dict[str, Any]) -> CloudService:
+    """`build_cloud` with the models read from the config's checkpoints (the cloud actor, `bench cloud`)."""
+    return build_cloud(cfg, load_edge_model(cfg), load_foundation(cfg))
+
+
+def build_edges(cfg: dict[str, Any], data: DataContext, edge_model: nn.Module, plans: list[EdgePlan]
+                ) -> list[EdgeDevice]:
+    """One EdgeDevice per plan, each with its own copy of the edge model and the method's edge policy."""
+    spec, settings = method_settings(cfg)
+    shape = data.image_shape
+    return [EdgeDevice(p.edge_id, data.stream(p), spec.make_edge(fresh_copy(edge_model), settings), p.profile,
+                       shape, data.num_classes, p.bad_batches)
+            for p in plans]
