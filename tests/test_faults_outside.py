@@ -54,21 +54,21 @@ def test_a_cloud_killed_again_during_its_replay_recovers(ray_session, make_run_c
 def test_a_host_killed_again_while_it_is_restored_recovers(ray_session, make_run_config, tmp_path, monkeypatch):
     import ray
 
-    from cema_ray.runtime import ray_runner
+    from cema_ray.runtime.host_pool import HostPool
 
     torch.set_num_threads(1)
     common = ("method.name=cema-fleet", "edges.count=2", "edges.per_host=1", "stream.samples_per_domain=128")
     run_experiment(make_run_config("runtime=local", *common), tmp_path / "local")
-    original = ray_runner.revive_host
+    original = HostPool.revive
     kills = []
 
-    def revive_after_another_kill(host, index, exc, snapshot, pubs, faults, clean_ref=None):
+    def revive_after_another_kill(pool, i, exc, pubs):
         if not kills:
-            kills.append(index)
-            ray.kill(host, no_restart=False)  # the restore about to be sent meets a dead host
-        return original(host, index, exc, snapshot, pubs, faults, clean_ref)
+            kills.append(i)
+            ray.kill(pool.hosts[i], no_restart=False)  # the restore about to be sent meets a dead host
+        return original(pool, i, exc, pubs)
 
-    monkeypatch.setattr(ray_runner, "revive_host", revive_after_another_kill)
+    monkeypatch.setattr(HostPool, "revive", revive_after_another_kill)
     hit = run_experiment(make_run_config("runtime=ray", "faults.kill_hosts=1", *common), tmp_path / "hit")
     f = hit["faults"]
     assert kills and f["host_recovery_retries"] >= 1 and f["host_recoveries"] == f["host_failures_seen"] == 1

@@ -7,6 +7,7 @@ reference. The driver owns those objects, so they outlive a cloud actor's failur
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -29,6 +30,7 @@ from cema_ray.runtime.actor_calls import (MAX_RECOVERIES_PER_ROUND, kill_actors,
                                            wait_for_actor)
 from cema_ray.runtime.cloud_link import CloudLink
 from cema_ray.runtime.faults import FaultSchedule
+from cema_ray.runtime.host_pool import HostPool
 from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans, verify_models
 from cema_ray.runtime.journal import PartialWriter, ResumeJournal
 from cema_ray.runtime.progress import RunProgress
@@ -148,31 +150,6 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
     return cloud, hosts
 
 
-def initial_snapshots(hosts: list[Any]) -> list[dict[int, Any]]:
-    """Every host's state before its first step. A host killed since it was armed comes back at batch 0 too
-    (Ray reruns its constructor), so its snapshot is the same; its first step then asks to be restored."""
-    return [wait_for_actor(h.snapshot, where=f"edge host {i}") for i, h in enumerate(hosts)]
-
-
-def revive_host(host: Any, index: int, exc: Exception, snapshot: dict[int, Any], pubs: list[Publication],
-                faults: FaultSchedule, clean_ref: Any = None) -> None:
-    """Bring a failed host back at its last snapshot: whatever it did after that is discarded and redone.
-
-    A dead process is restarted by Ray; a host whose step raised is killed first (its edges may be half
-    stepped), so both come back through the same restart and restore.
-    """
-    err = project_error(exc, f"edge host {index}")
-    if err is not None:
-        raise err from None
-    faults.seen += 1
-    if isinstance(exc, RayTaskError) and "HostNeedsRestore" not in str(exc):
-        if "InjectedFault" in str(exc):
-            faults.raised(index)
-        ray.kill(host, no_restart=False)
-    wait_for_actor(host.restore, snapshot, pubs, clean_ref, where=f"edge host {index}", on_retry=faults.host_retry)
-    faults.recovered += 1
-
-
 def track_newest(newest: dict[int, int], pubs: list[Publication]) -> None:
     for pub in pubs:
         key = SHARED if pub.edge_id is None else pub.edge_id
@@ -190,16 +167,12 @@ class SyncDriver:
     records an undisturbed run gives.
     """
 
-    def __init__(self, cloud: Any, hosts: list[Any], progress: RunProgress, faults: FaultSchedule,
-                 lengths: dict[int, int], checkpointing: bool, journal: ResumeJournal | None = None,
-                 every: int = 0, partial: PartialWriter | None = None, start: ResumePoint | None = None,
-                 clean_ref: Any = None) -> None:
-        self.cloud, self.hosts, self.progress, self.faults = cloud, hosts, progress, faults
-        self.clean_ref = clean_ref  # what a restarted host builds its edges from
-        self.link = CloudLink(cloud, faults, checkpointing)
+    def __init__(self, link: CloudLink, pool: HostPool, progress: RunProgress, lengths: dict[int, int],
+                 journal: ResumeJournal | None = None, every: int = 0, partial: PartialWriter | None = None,
+                 start: ResumePoint | None = None) -> None:
+        self.link, self.pool, self.progress = link, pool, progress
         self.lengths = lengths  # batches per edge: edge e takes part in rounds 0 .. lengths[e] - 1
         self.journal, self.every, self.partial = journal, every, partial
-        self.snapshots = initial_snapshots(hosts)
         self.latest_pubs: list[Publication] = []
         self.pubs_ref: Any = None  # the last round's publications, sent with the next round's steps
         self.newest: dict[int, int] = {}
@@ -212,13 +185,12 @@ class SyncDriver:
         for round_index in range(self.first_round, max(self.lengths.values(), default=0)):
             self._journal(round_index)
             edge_ids = sorted(e for e, n in self.lengths.items() if n > round_index)
-            newest = dict(self.newest)
-            calls = [h.step_and_snapshot.options(num_returns=3).remote(
-                newest, False, self.faults.wants_raise(i, round_index), self.pubs_ref)
-                for i, h in enumerate(self.hosts)]
-            for victim in self.faults.victims(round_index):
-                ray.kill(self.hosts[victim], no_restart=False)  # injected crash, mid-step
-            outs = [self._result(i, call, newest, round_index) for i, call in enumerate(calls)]
+            newest, pubs_ref = dict(self.newest), self.pubs_ref
+            steps = [functools.partial(self.pool.submit, i, newest, False, round_index, pubs_ref)
+                     for i in range(len(self.pool))]  # each host's step, again after a revival
+            calls = [step() for step in steps]
+            self.pool.inject_crashes(round_index)  # mid-step
+            outs = [self.pool.result(i, call, self.latest_pubs, steps[i]) for i, call in enumerate(calls)]
             delivery = self._deliver(edge_ids, [o[1] for o in outs])
             self.pubs_ref = None
             if delivery.pubs:
@@ -226,7 +198,7 @@ class SyncDriver:
                 track_newest(self.newest, delivery.pubs)
                 self.pubs_ref = ray.put(delivery.pubs)  # put once; every host loads it with its next step
             for i, (records, _, snap) in enumerate(outs):
-                self.snapshots[i] = snap
+                self.pool.snapshots[i] = snap
                 for rec in records:
                     self.progress.add(dict(rec, cloud_steps=delivery.steps.get(rec["edge_id"], 0),
                                            dropped=delivery.refused.get(rec["edge_id"], 0)))
@@ -238,7 +210,7 @@ class SyncDriver:
         """At a round the cloud checkpoints at, put the hosts' state and the records so far on disk first."""
         if self.journal is None or not round_index or round_index % self.every or round_index == self.first_round:
             return
-        merged = {e: snap for host in self.snapshots for e, snap in host.items()}
+        merged = {e: snap for host in self.pool.snapshots for e, snap in host.items()}
         self.journal.save_round(round_index, merged, self.latest_pubs, self.newest)
         if self.partial is not None:
             self.partial.maybe(self.progress.recorder, force=True)
@@ -255,20 +227,6 @@ class SyncDriver:
                 self.link.recover(seq)
                 ref = self.link.send(seq)
         raise RuntimeError(f"the cloud kept failing: gave up after {MAX_RECOVERIES_PER_ROUND} restarts")
-
-    def _result(self, i: int, call: list[Any], newest: dict[int, int], round_index: int) -> tuple[list, Any, dict]:
-        """This host's round output; after a crash or an exception, restore it and run its step again."""
-        records_ref, uploads_ref, snap_ref = call
-        for _ in range(MAX_RECOVERIES_PER_ROUND):
-            try:
-                records, snap = ray.get([records_ref, snap_ref])
-                return records, uploads_ref, snap
-            except (RayActorError, RayTaskError) as exc:
-                error = exc
-                revive_host(self.hosts[i], i, exc, self.snapshots[i], self.latest_pubs, self.faults, self.clean_ref)
-                records_ref, uploads_ref, snap_ref = self.hosts[i].step_and_snapshot.options(
-                    num_returns=3).remote(newest, False, self.faults.wants_raise(i, round_index), self.pubs_ref)
-        raise RuntimeError(f"edge host {i} kept failing: gave up after {MAX_RECOVERIES_PER_ROUND} restarts") from error
 
 
 class AsyncDriver:
@@ -287,23 +245,16 @@ class AsyncDriver:
 
     CLOUD_IN_FLIGHT = 2
 
-    def __init__(self, cloud: Any, hosts: list[Any], progress: RunProgress, cfg: dict[str, Any],
-                 faults: FaultSchedule, checkpointing: bool, partial: PartialWriter | None = None,
-                 clean_ref: Any = None) -> None:
-        self.cloud, self.hosts, self.progress, self.faults = cloud, hosts, progress, faults
-        self.partial, self.clean_ref = partial, clean_ref
-        self.link = CloudLink(cloud, faults, checkpointing)
-        self.max_in_flight = cfg["ray"]["max_in_flight_per_host"]
-        self.backlog_bound = max(2, 2 * len(hosts))
-        self.wait_when_full = cfg["ray"]["backlog_full"] == "wait"
+    def __init__(self, link: CloudLink, pool: HostPool, progress: RunProgress, max_in_flight: int,
+                 wait_when_full: bool, partial: PartialWriter | None = None) -> None:
+        self.link, self.pool, self.progress, self.partial = link, pool, progress, partial
+        self.max_in_flight = max_in_flight  # steps queued per host
+        self.backlog_bound = max(2, 2 * len(pool))
+        self.wait_when_full = wait_when_full  # ray.backlog_full: wait (backpressure) instead of drop
         self.paused: deque[int] = deque()  # hosts whose next step waits for room in the backlog (wait mode)
         self.newest: dict[int, int] = {}
         self.latest_pubs: dict[int, Publication] = {}  # per student key: what a restored host must load
         self.pub_log: list[tuple[float, int, int]] = []  # (published at, student key, version)
-        self.snapshots = initial_snapshots(hosts)
-        self.host_queues: list[deque[tuple[Any, Any, Any]]] = [deque() for _ in hosts]  # in submission order
-        self.ref_host: dict[Any, int] = {}  # records ref -> host index
-        self.host_steps = [0] * len(hosts)  # calls submitted per host: the fault schedule's clock
         self.cloud_calls: dict[Any, tuple[int, list[dict[str, Any]]]] = {}  # ref -> (seq, records)
         self.backlog: deque[tuple[Any, list[dict[str, Any]]]] = deque()
         self.redo: dict[int, list[dict[str, Any]]] = {}  # failed deliveries to resend, by seq
@@ -312,25 +263,21 @@ class AsyncDriver:
         self.max_backlog = 0
 
     def submit(self, i: int) -> None:
-        step = self.host_steps[i]
-        self.host_steps[i] += 1
-        call = self.hosts[i].step_and_snapshot.options(num_returns=3).remote(
-            self.newest, True, self.faults.wants_raise(i, step))
-        self.host_queues[i].append(call)
-        self.ref_host[call[0]] = i
-        if i in self.faults.victims(step):
-            ray.kill(self.hosts[i], no_restart=False)  # injected crash, mid-step
+        when = self.pool.clock[i]  # the host's own step count is its fault-schedule clock
+        self.pool.submit(i, self.newest, True, when, track=True)
+        self.pool.inject_crashes(when, only=i)  # mid-step
 
     def run(self) -> int:
-        for i in range(len(self.hosts)):
+        for i in range(len(self.pool)):
             for _ in range(self.max_in_flight):
                 self.submit(i)
-        while self.ref_host or self.cloud_calls or self.backlog or self.redo or self.paused:
-            waiting = [*self.ref_host, *self.cloud_calls, *([self.ping] if self.ping else [])]
+        owner = self.pool.owner
+        while owner or self.cloud_calls or self.backlog or self.redo or self.paused:
+            waiting = [*owner, *self.cloud_calls, *([self.ping] if self.ping else [])]
             ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
             for ref in ready:
-                if ref in self.ref_host:
-                    self._drain_host(self.ref_host[ref], ref)
+                if ref in owner:
+                    self._drain_host(owner[ref], ref)
                 elif ref in self.cloud_calls:
                     self._cloud_done(ref)
                 elif ref == self.ping:
@@ -344,16 +291,16 @@ class AsyncDriver:
 
     def _drain_host(self, i: int, upto: Any) -> None:
         """Take host i's finished steps in the order they ran, up to `upto`; a failed one revives the host."""
-        queue = self.host_queues[i]
+        queue = self.pool.in_flight[i]
         while queue:
             records_ref, uploads_ref, snap_ref = queue.popleft()
-            del self.ref_host[records_ref]
+            del self.pool.owner[records_ref]
             try:
                 records, snap = ray.get([records_ref, snap_ref])
             except (RayActorError, RayTaskError) as exc:
                 self._revive(i, exc)
                 return
-            self.snapshots[i] = snap
+            self.pool.snapshots[i] = snap
             self.progress.predicted(len(records))
             self._host_records(i, records, uploads_ref)
             if records_ref == upto:
@@ -361,12 +308,8 @@ class AsyncDriver:
 
     def _revive(self, i: int, exc: Exception) -> None:
         """Discard the host's later steps (they ran after the failure or will not run), restore, resubmit."""
-        for call in self.host_queues[i]:
-            del self.ref_host[call[0]]
-        self.host_queues[i].clear()
         self.paused = deque(h for h in self.paused if h != i)  # resubmitted below
-        revive_host(self.hosts[i], i, exc, self.snapshots[i], list(self.latest_pubs.values()), self.faults,
-                    self.clean_ref)
+        self.pool.revive(i, exc, list(self.latest_pubs.values()))
         for _ in range(self.max_in_flight):
             self.submit(i)
 
@@ -400,7 +343,7 @@ class AsyncDriver:
 
     def _pending(self) -> int:
         """Deliveries the cloud has not taken: waiting in the backlog, or still being stepped by a host."""
-        return len(self.backlog) + len(self.ref_host)
+        return len(self.backlog) + len(self.pool.owner)
 
     def _cloud_done(self, ref: Any) -> None:
         seq, records = self.cloud_calls.pop(ref)
@@ -410,7 +353,7 @@ class AsyncDriver:
             self.link.raise_unless_recoverable(exc)
             self.redo[seq] = records
             if self.ping is None:
-                self.ping = self.cloud.position.remote()
+                self.ping = self.link.cloud.position.remote()
             return
         self.link.delivered(seq, delivery)
         if delivery.pubs:
@@ -418,9 +361,7 @@ class AsyncDriver:
             self.latest_pubs.update({SHARED if p.edge_id is None else p.edge_id: p for p in delivery.pubs})
             self.pub_log += [(delivery.published_at, SHARED if p.edge_id is None else p.edge_id, p.version)
                              for p in delivery.pubs]
-            pubs_ref = ray.put(delivery.pubs)  # put once; every host gets the same reference
-            for host in self.hosts:
-                host.apply.remote(pubs_ref)  # fire and forget: applied between the host's steps
+            self.pool.broadcast(ray.put(delivery.pubs))  # put once; every host gets the same reference
         for rec in records:
             self.progress.add(dict(rec, cloud_steps=delivery.steps.get(rec["edge_id"], 0),
                                    dropped=delivery.refused.get(rec["edge_id"], 0)))
@@ -431,7 +372,7 @@ class AsyncDriver:
             ray.get(self.ping)
         except (RayActorError, GetTimeoutError):
             time.sleep(0.2)
-            self.ping = self.cloud.position.remote()  # still restarting
+            self.ping = self.link.cloud.position.remote()  # still restarting
             return
         self.ping = None
         if self.cloud_calls:  # deliveries sent before the crash: each failed or was applied
@@ -548,16 +489,18 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                                     fcfg["kill_cloud"], fcfg["raise_in_hosts"])
         extra: dict[str, Any] = {}
         try:
+            link, pool = CloudLink(cloud, faults, checkpointing), HostPool(hosts, faults, clean_ref)
             if cfg["mode"] == "sync":
                 start = (resume_hosts(cloud, hosts, groups, journal, Path(out_dir), lengths, progress, clean_ref)
                          if resume else None)
-                SyncDriver(cloud, hosts, progress, faults, lengths, checkpointing, journal,
-                           cfg["cloud"]["checkpoint_every"], partial, start, clean_ref).run()
+                SyncDriver(link, pool, progress, lengths, journal, cfg["cloud"]["checkpoint_every"], partial,
+                           start).run()
                 dropped = 0
                 if journal is not None:
                     journal.finish()
             else:
-                driver = AsyncDriver(cloud, hosts, progress, cfg, faults, checkpointing, partial, clean_ref)
+                driver = AsyncDriver(link, pool, progress, cfg["ray"]["max_in_flight_per_host"],
+                                     cfg["ray"]["backlog_full"] == "wait", partial)
                 dropped = driver.run()
                 driver.fix_lags(progress.recorder.rows)
                 extra = {"max_backlog": driver.max_backlog, "backlog_bound": driver.backlog_bound}
