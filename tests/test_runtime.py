@@ -100,7 +100,7 @@ def test_async_version_lag_counts_the_versions_published_before_the_batch():
     """`fix_lags`: a batch's lag is the newest version its student key had when the batch was predicted, minus
     the version the edge used; publications after the prediction do not count, per-edge keys win over shared."""
     from cema_ray.runtime.cloud import SHARED
-    from cema_ray.runtime.ray_runner import AsyncDriver
+    from cema_ray.runtime.async_driver import AsyncDriver
 
     driver = object.__new__(AsyncDriver)  # only the publication log matters here
     driver.pub_log = [(1.0, SHARED, 1), (2.0, SHARED, 2), (3.0, SHARED, 3), (2.5, 7, 5)]

@@ -108,3 +108,10 @@ class CloudService:
         self.versions = dict(state["versions"])
         self.rounds = state["rounds"]
         self.stats = CloudStats(**state["stats"])
+
+
+def track_newest(newest: dict[int, int], pubs: list[Publication]) -> None:
+    """Raise each student key's newest version to what these publications carry."""
+    for pub in pubs:
+        key = SHARED if pub.edge_id is None else pub.edge_id
+        newest[key] = max(newest.get(key, 0), pub.version)

@@ -1,13 +1,11 @@
-"""The Ray runtime's driver: starts (or joins) Ray, places edge hosts and the cloud, runs rounds.
+"""The Ray runtime's entry: starts (or joins) Ray, places edge hosts and the cloud, runs a driver.
 
-Sync mode runs the single-process runner's rounds with the edges spread over hosts: all hosts
-predict in parallel, the cloud ingests the uploads in ascending edge id, publishes once, and
-the driver puts each publication into the object store once and hands every host the same
-reference. The driver owns those objects, so they outlive a cloud actor's failure.
+The rounds themselves are `sync_driver.SyncDriver` (the single-process runner's rounds, hosts in
+parallel) and `async_driver.AsyncDriver` (edges ahead of the cloud); both step the hosts through a
+`host_pool.HostPool` and talk to the cloud through a `cloud_link.CloudLink`.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
@@ -15,26 +13,25 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
+
 from cema_ray.errors import ConfigError, RunInterrupted
 from cema_ray.results import RunRecorder
 from cema_ray.results.storage import is_uri
-from cema_ray.runtime.cloud import SHARED, Publication
-from cema_ray.runtime.actor_calls import (MAX_RECOVERIES_PER_ROUND, kill_actors, project_error,
-                                           wait_for_actor)
+from cema_ray.runtime.actor_calls import kill_actors, project_error, wait_for_actor
+from cema_ray.runtime.async_driver import AsyncDriver
 from cema_ray.runtime.cloud_link import CloudLink
 from cema_ray.runtime.faults import FaultSchedule
-from cema_ray.runtime.host_pool import HostPool
 from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans, verify_models
+from cema_ray.runtime.host_pool import HostPool
 from cema_ray.runtime.journal import PartialWriter, ResumeJournal
 from cema_ray.runtime.progress import RunProgress
-from cema_ray.runtime.ray_actors import CloudActor, Delivery, EdgeHost
+from cema_ray.runtime.ray_actors import CloudActor, EdgeHost
+from cema_ray.runtime.sync_driver import ResumePoint, SyncDriver
 
 NAMESPACE = "cema"
 
@@ -150,250 +147,6 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
     return cloud, hosts
 
 
-def track_newest(newest: dict[int, int], pubs: list[Publication]) -> None:
-    for pub in pubs:
-        key = SHARED if pub.edge_id is None else pub.edge_id
-        newest[key] = max(newest.get(key, 0), pub.version)
-
-
-class SyncDriver:
-    """Reference rounds on Ray: hosts predict in parallel, the cloud ingests in edge order, one publication.
-
-    After every round each host hands back a snapshot of its edges. A host that dies (a crash, an
-    OOM kill, `ray.kill`) is restarted by Ray (`max_restarts=-1`); the driver restores its edges from
-    the previous round's snapshot, re-sends the newest publication and reruns its step, so every
-    batch is predicted exactly once and the run goes on. A dead cloud is restarted from its
-    checkpoint and replayed up to the round it died in (`CloudLink`), so a run with faults gives the
-    records an undisturbed run gives.
-    """
-
-    def __init__(self, link: CloudLink, pool: HostPool, progress: RunProgress, lengths: dict[int, int],
-                 journal: ResumeJournal | None = None, every: int = 0, partial: PartialWriter | None = None,
-                 start: ResumePoint | None = None) -> None:
-        self.link, self.pool, self.progress = link, pool, progress
-        self.lengths = lengths  # batches per edge: edge e takes part in rounds 0 .. lengths[e] - 1
-        self.journal, self.every, self.partial = journal, every, partial
-        self.latest_pubs: list[Publication] = []
-        self.pubs_ref: Any = None  # the last round's publications, sent with the next round's steps
-        self.newest: dict[int, int] = {}
-        self.first_round = 0
-        if start is not None:  # a resumed run: the hosts hold round `start.position`'s state already
-            self.first_round = self.link.next_seq = start.position
-            self.latest_pubs, self.newest = start.pubs, dict(start.newest)
-
-    def run(self) -> None:
-        for round_index in range(self.first_round, max(self.lengths.values(), default=0)):
-            self._journal(round_index)
-            edge_ids = sorted(e for e, n in self.lengths.items() if n > round_index)
-            newest, pubs_ref = dict(self.newest), self.pubs_ref
-            steps = [functools.partial(self.pool.submit, i, newest, False, round_index, pubs_ref)
-                     for i in range(len(self.pool))]  # each host's step, again after a revival
-            calls = [step() for step in steps]
-            self.pool.inject_crashes(round_index)  # mid-step
-            outs = [self.pool.result(i, call, self.latest_pubs, steps[i]) for i, call in enumerate(calls)]
-            delivery = self._deliver(edge_ids, [o[1] for o in outs])
-            self.pubs_ref = None
-            if delivery.pubs:
-                self.latest_pubs = delivery.pubs
-                track_newest(self.newest, delivery.pubs)
-                self.pubs_ref = ray.put(delivery.pubs)  # put once; every host loads it with its next step
-            for i, (records, _, snap) in enumerate(outs):
-                self.pool.snapshots[i] = snap
-                for rec in records:
-                    self.progress.add(dict(rec, cloud_steps=delivery.steps.get(rec["edge_id"], 0),
-                                           dropped=delivery.refused.get(rec["edge_id"], 0)))
-            self.progress.refresh()
-            if self.partial is not None:
-                self.partial.maybe(self.progress.recorder)
-
-    def _journal(self, round_index: int) -> None:
-        """At a round the cloud checkpoints at, put the hosts' state and the records so far on disk first."""
-        if self.journal is None or not round_index or round_index % self.every or round_index == self.first_round:
-            return
-        merged = {e: snap for host in self.pool.snapshots for e, snap in host.items()}
-        self.journal.save_round(round_index, merged, self.latest_pubs, self.newest)
-        if self.partial is not None:
-            self.partial.maybe(self.progress.recorder, force=True)
-
-    def _deliver(self, edge_ids: list[int], uploads: list[Any]) -> Delivery:
-        seq, ref = self.link.submit(edge_ids, uploads)
-        for _ in range(MAX_RECOVERIES_PER_ROUND):
-            try:
-                delivery = ray.get(ref)
-                self.link.delivered(seq, delivery)
-                return delivery
-            except (RayActorError, RayTaskError) as exc:
-                self.link.raise_unless_recoverable(exc)
-                self.link.recover(seq)
-                ref = self.link.send(seq)
-        raise RuntimeError(f"the cloud kept failing: gave up after {MAX_RECOVERIES_PER_ROUND} restarts")
-
-
-class AsyncDriver:
-    """Edges run ahead: each host keeps up to `max_in_flight` steps queued, the cloud consumes uploads
-    as they come, and each publication is broadcast as soon as it exists.
-
-    Uploads wait in a bounded backlog while the cloud is busy (at most `CLOUD_IN_FLIGHT` deliveries
-    outstanding) or down; past the bound the oldest are dropped and counted, so a slow or dead cloud
-    never stalls the edges nor grows memory without bound. With `ray.backlog_full: wait` a host gets its
-    next step only while the deliveries the cloud has not taken (backlog plus steps in flight) are
-    below the bound (backpressure): nothing is dropped, and edges stay within a few steps of the cloud.
-    A dead cloud is restarted from its checkpoint in the background: the driver keeps the hosts stepping
-    with the weights they have, and when the cloud answers again it replays the deliveries the checkpoint
-    misses, then resends the ones that failed.
-    """
-
-    CLOUD_IN_FLIGHT = 2
-
-    def __init__(self, link: CloudLink, pool: HostPool, progress: RunProgress, max_in_flight: int,
-                 wait_when_full: bool, partial: PartialWriter | None = None) -> None:
-        self.link, self.pool, self.progress, self.partial = link, pool, progress, partial
-        self.max_in_flight = max_in_flight  # steps queued per host
-        self.backlog_bound = max(2, 2 * len(pool))
-        self.wait_when_full = wait_when_full  # ray.backlog_full: wait (backpressure) instead of drop
-        self.paused: deque[int] = deque()  # hosts whose next step waits for room in the backlog (wait mode)
-        self.newest: dict[int, int] = {}
-        self.latest_pubs: dict[int, Publication] = {}  # per student key: what a restored host must load
-        self.pub_log: list[tuple[float, int, int]] = []  # (published at, student key, version)
-        self.cloud_calls: dict[Any, tuple[int, list[dict[str, Any]]]] = {}  # ref -> (seq, records)
-        self.backlog: deque[tuple[Any, list[dict[str, Any]]]] = deque()
-        self.redo: dict[int, list[dict[str, Any]]] = {}  # failed deliveries to resend, by seq
-        self.ping: Any = None  # outstanding `position` call while the cloud is down
-        self.dropped = 0
-        self.max_backlog = 0
-
-    def submit(self, i: int) -> None:
-        when = self.pool.clock[i]  # the host's own step count is its fault-schedule clock
-        self.pool.submit(i, self.newest, True, when, track=True)
-        self.pool.inject_crashes(when, only=i)  # mid-step
-
-    def run(self) -> int:
-        for i in range(len(self.pool)):
-            for _ in range(self.max_in_flight):
-                self.submit(i)
-        owner = self.pool.owner
-        while owner or self.cloud_calls or self.backlog or self.redo or self.paused:
-            waiting = [*owner, *self.cloud_calls, *([self.ping] if self.ping else [])]
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
-            for ref in ready:
-                if ref in owner:
-                    self._drain_host(owner[ref], ref)
-                elif ref in self.cloud_calls:
-                    self._cloud_done(ref)
-                elif ref == self.ping:
-                    self._cloud_back()
-            self._dispatch()
-            self.progress.refresh(version=max(self.newest.values(), default=0), backlog=len(self.backlog),
-                                  **({"cloud": "down"} if self.ping else {}))
-            if self.partial is not None:
-                self.partial.maybe(self.progress.recorder)
-        return self.dropped
-
-    def _drain_host(self, i: int, upto: Any) -> None:
-        """Take host i's finished steps in the order they ran, up to `upto`; a failed one revives the host."""
-        queue = self.pool.in_flight[i]
-        while queue:
-            records_ref, uploads_ref, snap_ref = queue.popleft()
-            del self.pool.owner[records_ref]
-            try:
-                records, snap = ray.get([records_ref, snap_ref])
-            except (RayActorError, RayTaskError) as exc:
-                self._revive(i, exc)
-                return
-            self.pool.snapshots[i] = snap
-            self.progress.predicted(len(records))
-            self._host_records(i, records, uploads_ref)
-            if records_ref == upto:
-                return
-
-    def _revive(self, i: int, exc: Exception) -> None:
-        """Discard the host's later steps (they ran after the failure or will not run), restore, resubmit."""
-        self.paused = deque(h for h in self.paused if h != i)  # resubmitted below
-        self.pool.revive(i, exc, list(self.latest_pubs.values()))
-        for _ in range(self.max_in_flight):
-            self.submit(i)
-
-    def _host_records(self, i: int, records: list[dict[str, Any]], uploads_ref: Any) -> None:
-        if not records:
-            return  # the host's edges are done: no more calls to it
-        self.backlog.append((uploads_ref, records))
-        if self.wait_when_full and self._pending() >= self.backlog_bound:
-            self.paused.append(i)  # backpressure: this host's next step waits for the cloud
-            self.max_backlog = max(self.max_backlog, len(self.backlog))
-            return
-        while len(self.backlog) > self.backlog_bound:
-            _, old = self.backlog.popleft()  # oldest first: the freshest uploads matter most
-            for rec in old:
-                self.dropped += rec["uploaded"]
-                self.progress.add(dict(rec, cloud_steps=0, dropped=rec["uploaded"]))
-        self.max_backlog = max(self.max_backlog, len(self.backlog))
-        self.submit(i)
-
-    def _dispatch(self) -> None:
-        if self.ping:
-            return  # the cloud is down: uploads wait in the backlog
-        for seq in sorted(self.redo):
-            self.cloud_calls[self.link.send(seq)] = (seq, self.redo.pop(seq))
-        while self.backlog and len(self.cloud_calls) < self.CLOUD_IN_FLIGHT:
-            uploads_ref, records = self.backlog.popleft()
-            seq, ref = self.link.submit(None, [uploads_ref])
-            self.cloud_calls[ref] = (seq, records)
-        while self.paused and self._pending() < self.backlog_bound:
-            self.submit(self.paused.popleft())
-
-    def _pending(self) -> int:
-        """Deliveries the cloud has not taken: waiting in the backlog, or still being stepped by a host."""
-        return len(self.backlog) + len(self.pool.owner)
-
-    def _cloud_done(self, ref: Any) -> None:
-        seq, records = self.cloud_calls.pop(ref)
-        try:
-            delivery = ray.get(ref)
-        except (RayActorError, RayTaskError) as exc:
-            self.link.raise_unless_recoverable(exc)
-            self.redo[seq] = records
-            if self.ping is None:
-                self.ping = self.link.cloud.position.remote()
-            return
-        self.link.delivered(seq, delivery)
-        if delivery.pubs:
-            track_newest(self.newest, delivery.pubs)
-            self.latest_pubs.update({SHARED if p.edge_id is None else p.edge_id: p for p in delivery.pubs})
-            self.pub_log += [(delivery.published_at, SHARED if p.edge_id is None else p.edge_id, p.version)
-                             for p in delivery.pubs]
-            self.pool.broadcast(ray.put(delivery.pubs))  # put once; every host gets the same reference
-        for rec in records:
-            self.progress.add(dict(rec, cloud_steps=delivery.steps.get(rec["edge_id"], 0),
-                                   dropped=delivery.refused.get(rec["edge_id"], 0)))
-
-    def _cloud_back(self) -> None:
-        """The ping answered or failed: once every outstanding delivery has settled, replay and resend."""
-        try:
-            ray.get(self.ping)
-        except (RayActorError, GetTimeoutError):
-            time.sleep(0.2)
-            self.ping = self.link.cloud.position.remote()  # still restarting
-            return
-        self.ping = None
-        if self.cloud_calls:  # deliveries sent before the crash: each failed or was applied
-            ray.wait(list(self.cloud_calls), num_returns=len(self.cloud_calls), timeout=60)
-            for ref in list(self.cloud_calls):
-                self._cloud_done(ref)
-        if self.ping is None and self.redo:
-            self.link.recover(min(self.redo))
-
-    def fix_lags(self, records: list[dict[str, Any]]) -> None:
-        """Version lag measured after the fact: versions published before the batch was predicted,
-        minus the version it used (the driver's view at submission time would undercount)."""
-        by_key: dict[int, list[tuple[float, int]]] = {}
-        for t, key, version in sorted(self.pub_log):
-            by_key.setdefault(key, []).append((t, version))
-        for rec in records:
-            pubs = by_key.get(rec["edge_id"], by_key.get(SHARED, []))
-            newest = max((v for t, v in pubs if t <= rec["predicted_at"]), default=0)
-            rec["version_lag"] = max(0, newest - rec["weight_version"])
-
-
 def checkpoint_folder(cfg: dict[str, Any], out: str | Path) -> str:
     """Where the cloud checkpoints: `cloud.checkpoint_dir`, else `<out>/cloud_checkpoints`. The folder must be
     readable from whichever node Ray restarts the cloud on: on a multi-node cluster only an absolute path the
@@ -408,15 +161,6 @@ def checkpoint_folder(cfg: dict[str, Any], out: str | Path) -> str:
                           f"checkpoints need a folder every node reads; set cloud.checkpoint_dir (or output.dir) to "
                           f"an absolute path on a shared file system, or cloud.checkpoint_every=0 (no recovery)")
     return str(folder.resolve())
-
-
-@dataclass
-class ResumePoint:
-    """Where a resumed sync run continues: the round, and the publications and versions the hosts hold."""
-
-    position: int
-    pubs: list[Publication]
-    newest: dict[int, int]
 
 
 def resume_hosts(cloud: Any, hosts: list[Any], groups: list[list[EdgePlan]], journal: ResumeJournal, out: Path,

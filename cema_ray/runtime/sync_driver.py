@@ -1,0 +1,104 @@
+"""Sync mode on Ray: the reference rounds with the edges spread over hosts.
+
+All hosts predict in parallel, the cloud ingests the uploads in ascending edge id, publishes once, and
+the driver puts each publication into the object store once and hands every host the same reference.
+The driver owns those objects, so they outlive a cloud actor's failure.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from cema_ray.runtime.actor_calls import MAX_RECOVERIES_PER_ROUND
+from cema_ray.runtime.cloud import Publication, track_newest
+from cema_ray.runtime.cloud_link import CloudLink
+from cema_ray.runtime.host_pool import HostPool
+from cema_ray.runtime.journal import PartialWriter, ResumeJournal
+from cema_ray.runtime.progress import RunProgress
+from cema_ray.runtime.ray_actors import Delivery
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed sync run continues: the round, and the publications and versions the hosts hold."""
+
+    position: int
+    pubs: list[Publication]
+    newest: dict[int, int]
+
+
+class SyncDriver:
+    """Reference rounds on Ray: hosts predict in parallel, the cloud ingests in edge order, one publication.
+
+    After every round each host hands back a snapshot of its edges. A host that dies (a crash, an
+    OOM kill, `ray.kill`) is restarted by Ray (`max_restarts=-1`); the driver restores its edges from
+    the previous round's snapshot, re-sends the newest publication and reruns its step, so every
+    batch is predicted exactly once and the run goes on. A dead cloud is restarted from its
+    checkpoint and replayed up to the round it died in (`CloudLink`), so a run with faults gives the
+    records an undisturbed run gives.
+    """
+
+    def __init__(self, link: CloudLink, pool: HostPool, progress: RunProgress, lengths: dict[int, int],
+                 journal: ResumeJournal | None = None, every: int = 0, partial: PartialWriter | None = None,
+                 start: ResumePoint | None = None) -> None:
+        self.link, self.pool, self.progress = link, pool, progress
+        self.lengths = lengths  # batches per edge: edge e takes part in rounds 0 .. lengths[e] - 1
+        self.journal, self.every, self.partial = journal, every, partial
+        self.latest_pubs: list[Publication] = []
+        self.pubs_ref: Any = None  # the last round's publications, sent with the next round's steps
+        self.newest: dict[int, int] = {}
+        self.first_round = 0
+        if start is not None:  # a resumed run: the hosts hold round `start.position`'s state already
+            self.first_round = self.link.next_seq = start.position
+            self.latest_pubs, self.newest = start.pubs, dict(start.newest)
+
+    def run(self) -> None:
+        for round_index in range(self.first_round, max(self.lengths.values(), default=0)):
+            self._journal(round_index)
+            edge_ids = sorted(e for e, n in self.lengths.items() if n > round_index)
+            newest, pubs_ref = dict(self.newest), self.pubs_ref
+            steps = [functools.partial(self.pool.submit, i, newest, False, round_index, pubs_ref)
+                     for i in range(len(self.pool))]  # each host's step, again after a revival
+            calls = [step() for step in steps]
+            self.pool.inject_crashes(round_index)  # mid-step
+            outs = [self.pool.result(i, call, self.latest_pubs, steps[i]) for i, call in enumerate(calls)]
+            delivery = self._deliver(edge_ids, [o[1] for o in outs])
+            self.pubs_ref = None
+            if delivery.pubs:
+                self.latest_pubs = delivery.pubs
+                track_newest(self.newest, delivery.pubs)
+                self.pubs_ref = ray.put(delivery.pubs)  # put once; every host loads it with its next step
+            for i, (records, _, snap) in enumerate(outs):
+                self.pool.snapshots[i] = snap
+                for rec in records:
+                    self.progress.add(dict(rec, cloud_steps=delivery.steps.get(rec["edge_id"], 0),
+                                           dropped=delivery.refused.get(rec["edge_id"], 0)))
+            self.progress.refresh()
+            if self.partial is not None:
+                self.partial.maybe(self.progress.recorder)
+
+    def _journal(self, round_index: int) -> None:
+        """At a round the cloud checkpoints at, put the hosts' state and the records so far on disk first."""
+        if self.journal is None or not round_index or round_index % self.every or round_index == self.first_round:
+            return
+        merged = {e: snap for host in self.pool.snapshots for e, snap in host.items()}
+        self.journal.save_round(round_index, merged, self.latest_pubs, self.newest)
+        if self.partial is not None:
+            self.partial.maybe(self.progress.recorder, force=True)
+
+    def _deliver(self, edge_ids: list[int], uploads: list[Any]) -> Delivery:
+        seq, ref = self.link.submit(edge_ids, uploads)
+        for _ in range(MAX_RECOVERIES_PER_ROUND):
+            try:
+                delivery = ray.get(ref)
+                self.link.delivered(seq, delivery)
+                return delivery
+            except (RayActorError, RayTaskError) as exc:
+                self.link.raise_unless_recoverable(exc)
+                self.link.recover(seq)
+                ref = self.link.send(seq)
+        raise RuntimeError(f"the cloud kept failing: gave up after {MAX_RECOVERIES_PER_ROUND} restarts")
