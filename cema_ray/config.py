@@ -5,10 +5,13 @@ meaning, so defaults, error messages and the README's table cannot drift apart. 
 here; everything downstream receives a plain nested dict it can trust (defaults filled, data root resolved).
 Names that other modules own (methods, models, corruptions, data sources) are checked against their
 registries, imported lazily so that reading this module stays cheap.
+
+Why one module of ~560 lines: the run schema is one declarative table (every key with its type, range
+and meaning) and the cross-checks read several of its sections at once; kept together, a reader sees
+the whole configuration and every rule about it in one place. The engine is `schema.py`.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 from datetime import datetime
@@ -19,8 +22,8 @@ import yaml
 
 from cema_ray.errors import ConfigError, DataError
 from cema_ray.names import CORRUPTIONS, PROTOCOLS
-from cema_ray.schema import (REQUIRED, Field, Section, Spec, boolean, describe, fail, fmt, integer, join_key, number,
-                             string, suggest, validate_section, validate_value)
+from cema_ray.schema import (REQUIRED, Field, Section, Spec, apply_overrides, boolean, describe, fail, fmt, integer,
+                             join_key, number, string, suggest, validate_section, validate_value)
 
 
 
@@ -241,70 +244,6 @@ PRETRAIN_SCHEMA = Section({
         "work_dir": string("pretrain_work", "scratch folder for partial checkpoints and logs"),
     }),
 })
-
-
-# ---------------------------------------------------------------------------------------- overrides
-def parse_override(item: str) -> tuple[str, Any]:
-    """'stream.severity=3' -> ('stream.severity', 3); the value is read as a YAML scalar or list."""
-    if "=" not in item or not item.split("=", 1)[0].strip():
-        raise ConfigError(f"override {item!r}: must be key=value with a dotted key, e.g. stream.severity=3")
-    key, text = item.split("=", 1)
-    try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{key.strip()} = {text!r}: not a YAML value ({exc.__class__.__name__})") from None
-    if isinstance(value, dict) and not text.strip().startswith("{"):
-        value = text.strip()  # 'timm:' is a name here, not a mapping; mappings need braces
-    return key.strip(), value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], schema: Section) -> dict[str, Any]:
-    """Return a copy of `raw` with each `key=value` set; keys must exist in `schema`."""
-    raw = copy.deepcopy(raw)
-    for item in overrides:
-        key, value = parse_override(item)
-        _set_dotted(raw, schema, key, value)
-    return raw
-
-
-def _set_dotted(raw: dict[str, Any], schema: Section, key: str, value: Any) -> None:
-    parts = key.split(".")
-    node: Any = raw
-    spec: Spec | None = schema  # None = inside a free-form mapping: anything goes, validated later
-    for depth, part in enumerate(parts):
-        last = depth == len(parts) - 1
-        where = ".".join(parts[:depth])
-        if isinstance(spec, Field) and spec.kind == "list":
-            node, spec = _descend_list(node, spec, part, key, value, where), spec.item
-            if last:
-                fail(key, value, "cannot replace a whole list item; set its keys, e.g. "
-                                  f"{key}.fraction=0.5")
-            continue
-        if isinstance(spec, Section):
-            if part not in spec.fields:
-                fail(key, value, f"unknown key{suggest(part, spec.fields)}"
-                                  f"{' in ' + repr(where) if where else ''}; allowed: {', '.join(spec.fields)}")
-            spec = spec.fields[part]
-        elif isinstance(spec, Field) and spec.kind != "dict":
-            fail(key, value, f"'{where}' is {describe(spec)}, it has no key '{part}'")
-        else:
-            spec = None
-        if last:
-            node[part] = value
-        else:
-            if not isinstance(node.get(part), (dict, list)):
-                node[part] = [] if isinstance(spec, Field) and spec.kind == "list" else {}
-            node = node[part]
-
-
-def _descend_list(node: Any, spec: Field, part: str, key: str, value: Any, where: str) -> Any:
-    if not part.isdigit() or not isinstance(node, list) or int(part) >= len(node):
-        size = len(node) if isinstance(node, list) else 0
-        fail(key, value, f"'{where}' has {size} item(s); address one as {where}.<index 0..{max(size - 1, 0)}>")
-    item = node[int(part)]
-    if not isinstance(item, dict):
-        node[int(part)] = item = {}
-    return item
 
 
 # ------------------------------------------------------------------------------------ data roots

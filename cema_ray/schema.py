@@ -10,7 +10,9 @@ import copy
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import yaml
 
 from cema_ray.errors import ConfigError
 
@@ -198,6 +200,70 @@ def _in_range(spec: Field, x: float) -> bool:
     return True
 
 
+
+
+# ---------------------------------------------------------------------------------------- overrides
+def parse_override(item: str) -> tuple[str, Any]:
+    """'stream.severity=3' -> ('stream.severity', 3); the value is read as a YAML scalar or list."""
+    if "=" not in item or not item.split("=", 1)[0].strip():
+        raise ConfigError(f"override {item!r}: must be key=value with a dotted key, e.g. stream.severity=3")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key.strip()} = {text!r}: not a YAML value ({exc.__class__.__name__})") from None
+    if isinstance(value, dict) and not text.strip().startswith("{"):
+        value = text.strip()  # 'timm:' is a name here, not a mapping; mappings need braces
+    return key.strip(), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], schema: Section) -> dict[str, Any]:
+    """Return a copy of `raw` with each `key=value` set; keys must exist in `schema`."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, schema, key, value)
+    return raw
+
+
+def _set_dotted(raw: dict[str, Any], schema: Section, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node: Any = raw
+    spec: Spec | None = schema  # None = inside a free-form mapping: anything goes, validated later
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[:depth])
+        if isinstance(spec, Field) and spec.kind == "list":
+            node, spec = _descend_list(node, spec, part, key, value, where), spec.item
+            if last:
+                fail(key, value, "cannot replace a whole list item; set its keys, e.g. "
+                                  f"{key}.fraction=0.5")
+            continue
+        if isinstance(spec, Section):
+            if part not in spec.fields:
+                fail(key, value, f"unknown key{suggest(part, spec.fields)}"
+                                  f"{' in ' + repr(where) if where else ''}; allowed: {', '.join(spec.fields)}")
+            spec = spec.fields[part]
+        elif isinstance(spec, Field) and spec.kind != "dict":
+            fail(key, value, f"'{where}' is {describe(spec)}, it has no key '{part}'")
+        else:
+            spec = None
+        if last:
+            node[part] = value
+        else:
+            if not isinstance(node.get(part), (dict, list)):
+                node[part] = [] if isinstance(spec, Field) and spec.kind == "list" else {}
+            node = node[part]
+
+
+def _descend_list(node: Any, spec: Field, part: str, key: str, value: Any, where: str) -> Any:
+    if not part.isdigit() or not isinstance(node, list) or int(part) >= len(node):
+        size = len(node) if isinstance(node, list) else 0
+        fail(key, value, f"'{where}' has {size} item(s); address one as {where}.<index 0..{max(size - 1, 0)}>")
+    item = node[int(part)]
+    if not isinstance(item, dict):
+        node[int(part)] = item = {}
+    return item
 
 
 # --------------------------------------------------------------------------------- method settings

@@ -18,7 +18,8 @@ from pathlib import Path
 from statistics import mean, stdev
 from typing import Any, Sequence
 
-from cema_ray.config import load_config, parse_override
+from cema_ray.config import load_config
+from cema_ray.schema import parse_override
 from cema_ray.errors import ConfigError
 
 FIXED = ("runtime=local", "output.report=false", "output.progress=false")

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 
 import torch
 
-from cema_ray.config import RUN_SCHEMA, apply_overrides, method_registry, read_yaml, validate_run_config
+from cema_ray.config import RUN_SCHEMA, method_registry, read_yaml, validate_run_config
+from cema_ray.schema import apply_overrides
 from cema_ray.errors import ConfigError
 
 

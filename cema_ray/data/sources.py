@@ -5,6 +5,9 @@ data set. ``DATA_SOURCES`` names each supported layout with a small descriptor (
 normalisation statistics, the environment variable that may hold its root), so configs can refer to a
 source by name. Clean loaders are called ``loader(root, split=split)`` (keyword: the generic image
 folder's second positional argument is its size); pre-corrupted ones ``loader(root, corruption, severity)``.
+
+Why one module of ~465 lines: six loaders of one shape (root in, labelled uint8 images out) and their
+registry; each is short, and together they are the list of layouts a config may name.
 """
 from __future__ import annotations
 

@@ -3,6 +3,9 @@ adapts a foundation model on them and distils it into the edge model's normalisa
 
 Every formula and default follows /work/shared/docs/METHOD.md; each paper-vs-code difference is a
 setting, and the presets below pick the combinations ("cema" = the authors' code).
+
+Why one module of ~470 lines: CEMA's edge, cloud and presets follow METHOD.md step by step; the cloud's
+steps 1-6 share the lanes' state, and splitting them would scatter one algorithm over files.
 """
 from __future__ import annotations
 
