@@ -170,3 +170,11 @@ def preset_settings(base: Mapping[str, Field], overrides: Mapping[str, Any]) -> 
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
+
+
+def register_method(name: str, edge: EdgeFactory, cloud: CloudFactory, settings: Mapping[str, Field],
+                    description: str, **flags: Any) -> MethodSpec:
+    """Register `name`'s MethodSpec (its name written once); `flags`: uses_foundation, derive, needs_labels..."""
+    spec = MethodSpec(name=name, edge_factory=edge, cloud_factory=cloud, settings=settings, description=description,
+                      uses_foundation=flags.pop("uses_foundation", False), **flags)
+    return METHODS.register(name, spec)

@@ -9,11 +9,10 @@ Settings: ``alpha`` (float in [0, 1]): weight of the test batch's statistics.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, MethodSpec
-from cema_ray.methods.common import BatchStatsEdge
+from cema_ray.methods.base import EdgePolicy, register_method
+from cema_ray.methods.common import BatchStatsEdge, no_cloud
 from cema_ray.schema import Settings, setting
 
 SETTINGS = {"alpha": setting(1.0, "weight of the test batch's statistics (1: pure batch statistics)", lo=0, hi=1)}
@@ -25,19 +24,5 @@ def make_edge(model: nn.Module, settings: Settings) -> EdgePolicy:
     return BatchStatsEdge(model, norm_mode=mode, alpha=alpha, upload_all=False)
 
 
-def make_cloud(foundation: nn.Module | None, student: nn.Module, settings: Settings,
-               generator: torch.Generator) -> CloudTrainer:
-    return CloudTrainer()
-
-
-SPEC = METHODS.register(
-    "bn",
-    MethodSpec(
-        name="bn",
-        edge_factory=make_edge,
-        cloud_factory=make_cloud,
-        uses_foundation=False,
-        settings=SETTINGS,
-        description="BN adapt: edge normalises with test-batch statistics (alpha-mixed with source); 0 uploads",
-    ),
-)
+register_method("bn", edge=make_edge, cloud=no_cloud, settings=SETTINGS,
+                description="BN adapt: edge normalises with test-batch statistics (alpha-mixed with source); 0 uploads")

@@ -26,12 +26,12 @@ from cema_ray.algorithms.selection import EntropyFilter, default_d_margin
 from cema_ray.errors import ConfigError
 from cema_ray.methods import common
 from cema_ray.methods.common import model_device
-from cema_ray.methods.base import (METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState,
+from cema_ray.methods.base import (CloudTrainer, EdgePolicy, EdgeResult, NormState, register_method,
                                    check_uploads, infer_num_classes, preset_settings)
 from cema_ray.models.norm import freeze_all_but_norm_affine, load_norm_state, norm_layers, norm_state
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.tbr import convert_bn_to_tbr, set_norm_stats_mode
-from cema_ray.schema import Field, Settings, setting
+from cema_ray.schema import Field, setting
 
 EDGE_STATS = ("published", "batch", "mix")
 SCOPES = ("shared", "per_edge")
@@ -456,21 +456,12 @@ PRESETS: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
-def _make_edge(method: str, model: nn.Module, settings: Settings) -> CemaEdge:
-    return CemaEdge(model, settings, method=method)
-
-
-def _make_cloud(method: str, foundation: nn.Module | None, student_template: nn.Module, settings: Settings,
-                generator: torch.Generator) -> CemaCloud:
-    return CemaCloud(foundation, student_template, settings, generator, method=method)
-
-
 def _register() -> None:
     for name, (overrides, description) in PRESETS.items():
-        METHODS.register(name, MethodSpec(
-            name=name, edge_factory=functools.partial(_make_edge, name),
-            cloud_factory=functools.partial(_make_cloud, name), uses_foundation=True,
-            settings=preset_settings(SETTINGS, overrides), description=description, derive=derive_settings))
+        register_method(name, edge=functools.partial(CemaEdge, method=name),
+                        cloud=functools.partial(CemaCloud, method=name),
+                        settings=preset_settings(SETTINGS, overrides), description=description, uses_foundation=True,
+                        derive=derive_settings)
 
 
 _register()

@@ -246,3 +246,22 @@ class SharedModelCloud(CloudTrainer):
 
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def uploading_edge(model: nn.Module, settings: Mapping[str, Any]) -> EdgePolicy:
+    """The baselines' edge: batch-statistics BN, every sample uploaded (the cloud method does the rest)."""
+    return BatchStatsEdge(model, norm_mode="batch", upload_all=True)
+
+
+def no_cloud(foundation: nn.Module | None, student: nn.Module, settings: Mapping[str, Any],
+             generator: torch.Generator) -> CloudTrainer:
+    """For methods whose cloud does nothing (edge-only ones)."""
+    return CloudTrainer()
+
+
+def student_cloud(trainer: Callable[..., CloudTrainer]) -> Callable[..., CloudTrainer]:
+    """A cloud factory for a trainer built from the student copy, the settings and the generator."""
+    def make(foundation: nn.Module | None, student: nn.Module, settings: Mapping[str, Any],
+             generator: torch.Generator) -> CloudTrainer:
+        return trainer(student, settings, generator)
+    return make

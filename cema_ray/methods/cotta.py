@@ -34,14 +34,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, MethodSpec, NormState
+from cema_ray.methods.base import NormState, register_method
 from cema_ray.methods.common import (
     OPTIMIZER_SETTINGS,
-    BatchStatsEdge,
     SharedModelCloud,
     full_state,
     make_optimizer,
+    student_cloud,
     tensor_state,
+    uploading_edge,
     use_norm_stats,
 )
 from cema_ray.schema import Settings, setting
@@ -165,24 +166,6 @@ class CottaCloud(SharedModelCloud):
         self.augmented_steps = int(d["augmented_steps"])
 
 
-def make_edge(model: nn.Module, settings: Settings) -> EdgePolicy:
-    return BatchStatsEdge(model, norm_mode="batch", upload_all=True)
-
-
-def make_cloud(
-    foundation: nn.Module | None, student: nn.Module, settings: Settings, generator: torch.Generator
-) -> CloudTrainer:
-    return CottaCloud(student, settings, generator)
-
-
-SPEC = METHODS.register(
-    "cotta",
-    MethodSpec(
-        name="cotta",
-        edge_factory=make_edge,
-        cloud_factory=make_cloud,
-        uses_foundation=False,
-        settings=SETTINGS,
-        description="CoTTA in the cloud: every sample uploaded, EMA teacher + anchor; publishes the whole teacher",
-    ),
-)
+register_method("cotta", edge=uploading_edge, cloud=student_cloud(CottaCloud), settings=SETTINGS,
+                description="CoTTA in the cloud: every sample uploaded, EMA teacher + anchor; publishes the whole "
+                            "teacher")

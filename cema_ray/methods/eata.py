@@ -27,7 +27,7 @@ from torch import nn
 
 from cema_ray.algorithms.entropy import e0, entropy, reweight
 from cema_ray.algorithms.selection import EntropyFilter
-from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState
+from cema_ray.methods.base import CloudTrainer, EdgePolicy, EdgeResult, NormState, register_method
 from cema_ray.methods.common import (
     OPTIMIZER_SETTINGS,
     LossFn,
@@ -107,24 +107,11 @@ class EataEdge(EdgePolicy):
             self.filter.restore(snap["filter"])
 
 
-def make_edge(model: nn.Module, settings: Settings) -> EdgePolicy:
-    return EataEdge(model, settings)
-
-
-def make_cloud(
-    foundation: nn.Module | None, student: nn.Module, settings: Settings, generator: torch.Generator
-) -> CloudTrainer:
+def make_cloud(foundation: nn.Module | None, student: nn.Module, settings: Settings,
+               generator: torch.Generator) -> CloudTrainer:
     return EntropyCloud(student, settings, generator, reweighted_entropy(settings["e_max_factor"]))
 
 
-SPEC = METHODS.register(
-    "eata",
-    MethodSpec(
-        name="eata",
-        edge_factory=make_edge,
-        cloud_factory=make_cloud,
-        uses_foundation=False,
-        settings=SETTINGS,
-        description="ETA (EATA without Fisher): edge uploads reliable, non-redundant samples; cloud reweighted entropy min",
-    ),
-)
+register_method("eata", edge=EataEdge, cloud=make_cloud, settings=SETTINGS,
+                description="ETA (EATA without Fisher): edge uploads reliable, non-redundant samples; cloud reweighted "
+                            "entropy min")

@@ -44,13 +44,13 @@ from cema_ray.algorithms.entropy import entropy, reweight
 from cema_ray.algorithms.selection import EntropyFilter
 from cema_ray.errors import ConfigError
 from cema_ray.methods import common
-from cema_ray.methods.base import (METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState,
+from cema_ray.methods.base import (CloudTrainer, EdgePolicy, EdgeResult, NormState, register_method,
                                    check_uploads, infer_num_classes, preset_settings)
 from cema_ray.methods.common import load_arrays, model_device, tensor_state, use_norm_stats
 from cema_ray.models.norm import freeze_all_but_norm_affine
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.publish import SCOPES, scope_parameters, scope_state, train_only
-from cema_ray.schema import Field, Settings, setting
+from cema_ray.schema import Field, setting
 
 TEACHERS = ("foundation", "labels")
 LOSSES = ("kl", "ce", "sed")
@@ -409,22 +409,12 @@ PRESETS: dict[str, tuple[dict[str, Any], str, bool]] = {
 }
 
 
-def _make_edge(method: str, model: nn.Module, settings: Settings) -> FleetEdge:
-    return FleetEdge(model, settings, method=method)
-
-
-def _make_cloud(method: str, foundation: nn.Module | None, student_template: nn.Module, settings: Settings,
-                generator: torch.Generator) -> FleetCloud:
-    return FleetCloud(foundation, student_template, settings, generator, method=method)
-
-
 def _register() -> None:
     for name, (overrides, description, uses_foundation) in PRESETS.items():
-        METHODS.register(name, MethodSpec(
-            name=name, edge_factory=functools.partial(_make_edge, name),
-            cloud_factory=functools.partial(_make_cloud, name), uses_foundation=uses_foundation,
-            settings=preset_settings(SETTINGS, overrides), description=description,
-            needs_labels=overrides.get("teacher") == "labels"))
+        register_method(name, edge=functools.partial(FleetEdge, method=name),
+                        cloud=functools.partial(FleetCloud, method=name),
+                        settings=preset_settings(SETTINGS, overrides), description=description,
+                        uses_foundation=uses_foundation, needs_labels=overrides.get("teacher") == "labels")
 
 
 _register()

@@ -32,13 +32,14 @@ import torch
 from torch import nn
 
 from cema_ray.algorithms.entropy import e0, entropy
-from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, MethodSpec, NormState
-from cema_ray.methods.common import BatchStatsEdge, SharedModelCloud, use_norm_stats
+from cema_ray.methods.base import NormState, register_method
+from cema_ray.methods.common import SharedModelCloud, student_cloud, uploading_edge, use_norm_stats
 from cema_ray.models.norm import freeze_all_but_norm_affine, norm_affine_parameters, norm_state
 from cema_ray.schema import Settings, setting
 
 SETTINGS = {
-    "lr": setting(1e-3, "SGD learning rate (mariodoebler's CIFAR config; SAR's ImageNet R50: 2.5e-4)", lo=0, lo_open=True),
+    "lr": setting(1e-3, "SGD learning rate (mariodoebler's CIFAR config; SAR's ImageNet R50: 2.5e-4)", lo=0,
+                  lo_open=True),
     "momentum": setting(0.9, "SGD momentum", lo=0, hi=1, hi_open=True),
     "rho": setting(0.05, "SAM neighbourhood radius", lo=0, lo_open=True),
     "e_max_factor": setting(0.4, "reliable samples: entropy below E0 = factor * ln C", lo=0, lo_open=True),
@@ -177,24 +178,6 @@ class SarCloud(SharedModelCloud):
         self.model_resets = int(d["model_resets"])
 
 
-def make_edge(model: nn.Module, settings: Settings) -> EdgePolicy:
-    return BatchStatsEdge(model, norm_mode="batch", upload_all=True)
-
-
-def make_cloud(
-    foundation: nn.Module | None, student: nn.Module, settings: Settings, generator: torch.Generator
-) -> CloudTrainer:
-    return SarCloud(student, settings, generator)
-
-
-SPEC = METHODS.register(
-    "sar",
-    MethodSpec(
-        name="sar",
-        edge_factory=make_edge,
-        cloud_factory=make_cloud,
-        uses_foundation=False,
-        settings=SETTINGS,
-        description="SAR in the cloud: every sample uploaded, SAM + reliable entropy on norm affine (top block frozen)",
-    ),
-)
+register_method("sar", edge=uploading_edge, cloud=student_cloud(SarCloud), settings=SETTINGS,
+                description="SAR in the cloud: every sample uploaded, SAM + reliable entropy on norm affine (top block "
+                            "frozen)")

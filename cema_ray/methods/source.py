@@ -4,11 +4,10 @@ Eval mode with the source (running) statistics, no uploads, nothing in the cloud
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, MethodSpec
-from cema_ray.methods.common import BatchStatsEdge
+from cema_ray.methods.base import EdgePolicy, register_method
+from cema_ray.methods.common import BatchStatsEdge, no_cloud
 from cema_ray.schema import Settings
 
 
@@ -16,19 +15,5 @@ def make_edge(model: nn.Module, settings: Settings) -> EdgePolicy:
     return BatchStatsEdge(model, norm_mode="running", upload_all=False)
 
 
-def make_cloud(foundation: nn.Module | None, student: nn.Module, settings: Settings,
-               generator: torch.Generator) -> CloudTrainer:
-    return CloudTrainer()
-
-
-SPEC = METHODS.register(
-    "source",
-    MethodSpec(
-        name="source",
-        edge_factory=make_edge,
-        cloud_factory=make_cloud,
-        uses_foundation=False,
-        settings={},
-        description="no adaptation: the deployed edge model in eval mode; 0 uploads",
-    ),
-)
+register_method("source", edge=make_edge, cloud=no_cloud, settings={},
+                description="no adaptation: the deployed edge model in eval mode; 0 uploads")

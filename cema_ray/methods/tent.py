@@ -26,16 +26,17 @@ import torch
 from torch import nn
 
 from cema_ray.algorithms.entropy import entropy
-from cema_ray.methods.base import METHODS, CloudTrainer, EdgePolicy, EdgeResult, MethodSpec, NormState
+from cema_ray.methods.base import CloudTrainer, EdgePolicy, EdgeResult, NormState, register_method
 from cema_ray.methods.common import (
     OPTIMIZER_SETTINGS,
-    BatchStatsEdge,
     LossFn,
     SharedModelCloud,
     load_arrays,
     make_optimizer,
     model_device,
+    no_cloud,
     tensor_state,
+    uploading_edge,
     use_norm_stats,
 )
 from cema_ray.models.norm import freeze_all_but_norm_affine, norm_affine_parameters, norm_state
@@ -119,46 +120,14 @@ class TentEdge(EdgePolicy):
         self.optimizer = make_optimizer(self.params, self.settings)
 
 
-def make_edge(model: nn.Module, settings: Settings) -> EdgePolicy:
-    return BatchStatsEdge(model, norm_mode="batch", upload_all=True)
-
-
-def make_cloud(
-    foundation: nn.Module | None, student: nn.Module, settings: Settings, generator: torch.Generator
-) -> CloudTrainer:
+def make_cloud(foundation: nn.Module | None, student: nn.Module, settings: Settings,
+               generator: torch.Generator) -> CloudTrainer:
     return EntropyCloud(student, settings, generator, mean_entropy)
 
 
-def make_edge_local(model: nn.Module, settings: Settings) -> EdgePolicy:
-    return TentEdge(model, settings)
-
-
-def make_cloud_none(
-    foundation: nn.Module | None, student: nn.Module, settings: Settings, generator: torch.Generator
-) -> CloudTrainer:
-    return CloudTrainer()
-
-
-SPEC = METHODS.register(
-    "tent",
-    MethodSpec(
-        name="tent",
-        edge_factory=make_edge,
-        cloud_factory=make_cloud,
-        uses_foundation=False,
-        settings=SETTINGS,
-        description="Tent in the cloud: every sample uploaded, norm affine params published; edge uses batch stats",
-    ),
-)
-SPEC_EDGE = METHODS.register(
-    "tent-edge",
-    MethodSpec(
-        name="tent-edge",
-        edge_factory=make_edge_local,
-        cloud_factory=make_cloud_none,
-        uses_foundation=False,
-        settings=SETTINGS,
-        description="Tent on the edge itself (back-propagates: breaks the forward-only rule); 0 uploads, reference",
-        forward_only_edge=False,
-    ),
-)
+register_method("tent", edge=uploading_edge, cloud=make_cloud, settings=SETTINGS,
+                description="Tent in the cloud: every sample uploaded, norm affine params published; edge uses batch "
+                            "stats")
+register_method("tent-edge", edge=TentEdge, cloud=no_cloud, settings=SETTINGS, forward_only_edge=False,
+                description="Tent on the edge itself (back-propagates: breaks the forward-only rule); 0 uploads, "
+                            "reference")
