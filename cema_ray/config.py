@@ -154,7 +154,8 @@ RUN_SCHEMA = Section({
         "publish_every": integer(1, "cloud publishes norm parameters every K edge batches", lo=1),
         "student_scope": string("shared", "one student for all edges, or one per edge",
                               choices=("shared", "per_edge")),
-        "settings": Field("dict", {}, "method settings; keys must be among the method's defaults"),
+        "settings": Field("dict", {}, "method settings, checked against the method's declarations "
+                                      "(cema-ray list <method>)"),
     }),
     "cloud": Section({
         "queue_capacity": integer(8192, "uploaded samples the cloud queues before dropping", lo=1),
