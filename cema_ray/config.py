@@ -166,6 +166,11 @@ RUN_SCHEMA = Section({
                                      "deliveries (a sync round, or one host's uploads in async); 0 = off, and a "
                                      "dead cloud then ends the run", lo=0),
         "max_restarts": integer(-1, "times Ray may restart a dead cloud actor (-1: no limit)", lo=-1),
+        "device": string("cpu", "where the cloud computes: cpu, cuda, or auto (cuda when one is visible, else cpu "
+                                "with one log line); edges always run on CPU", choices=("cpu", "cuda", "auto")),
+        "num_gpus": number(0.0, "Ray runtime: GPUs reserved for the cloud actor (needed for cloud.device cuda on Ray)",
+                           lo=0),
+        "amp": boolean(False, "bfloat16 autocast of the cloud's forward and backward on CUDA (no effect on CPU)"),
         "checkpoint_dir": string(None, "folder of the cloud's checkpoints, which the node that restarts the cloud must "
                                      "read (null: <output folder>/cloud_checkpoints, the local staging folder for a "
                                      "URI); on a multi-node cluster it must be an absolute path on a shared file "
@@ -178,6 +183,8 @@ RUN_SCHEMA = Section({
         "object_store_memory_mb": integer(256, "object store of a local instance, MiB (Ray needs >= 75)",
                                        lo=75, nullable=True),
         "host_num_cpus": number(0.5, "CPUs reserved per EdgeHost actor", lo=0, lo_open=True),
+        "host_num_gpus": number(0.0, "GPUs reserved per EdgeHost actor (the edges compute on CPU; for placement)",
+                                lo=0),
         "host_memory_mb": integer(700, "memory reserved per EdgeHost actor, MiB (admission only)", lo=0),
         "max_in_flight_per_host": integer(2, "outstanding step calls per host", lo=1),
         "backlog_full": string("drop_oldest", "async mode, when the uploads waiting for the cloud reach their bound "
@@ -433,6 +440,21 @@ def _check_faults(cfg: dict[str, Any]) -> None:
         fail("faults.kill_cloud", cfg["faults"]["kill_cloud"], "cloud.max_restarts is 0: a killed cloud cannot restart")
 
 
+def _check_device(cfg: dict[str, Any]) -> None:
+    """cuda on Ray needs a GPU request (Ray hides the GPUs from an actor without one); in one process it needs a
+    visible device, checked here. On Ray the cloud checks in its own process: the driver may have no GPU."""
+    device = cfg["cloud"]["device"]
+    if device != "cuda":
+        return
+    if cfg["runtime"] == "ray" and not cfg["cloud"]["num_gpus"]:
+        fail("cloud.device", device, "on Ray the cloud sees a GPU only when it asks for one: set cloud.num_gpus >= 1 "
+                                     "(or a fraction)")
+    if cfg["runtime"] == "local":
+        from cema_ray.runtime.device import resolve_device
+
+        resolve_device(device)
+
+
 def _check_corrupted_source(cfg: dict[str, Any], raw_data: dict[str, Any], check_files: bool) -> None:
     """A source that ships its corrupted domains: no split settings, no clean domain, and (with the files
     checked) every domain file the streams need present, read before any run starts."""
@@ -493,6 +515,7 @@ def validate_run_config(raw: dict[str, Any], *, check_paths: bool = True) -> dic
     _check_distributions(cfg["edges"])
     _check_settings(cfg)
     _check_faults(cfg)
+    _check_device(cfg)
     cfg["data"]["root"] = resolve_data_root(cfg["data"]["source"], cfg["data"]["root"], check=check_paths)
     _check_corrupted_source(cfg, raw.get("data") or {}, check_paths)
     return cfg

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from cema_ray.runtime.cloud import CloudService
+from cema_ray.runtime.device import autocast, resolve_device
 from cema_ray.runtime.edge import EdgeDevice
 from cema_ray.runtime.fleet import DataContext, EdgePlan, fresh_copy, load_model, make_generator, method_settings
 
@@ -26,11 +27,17 @@ def load_foundation(cfg: dict[str, Any]) -> nn.Module | None:
 
 
 def build_cloud(cfg: dict[str, Any], edge_model: nn.Module, foundation: nn.Module | None) -> CloudService:
-    """The method's cloud trainer on a fresh copy of the edge model, seeded from the run's seed."""
+    """The method's cloud trainer on a fresh copy of the edge model, seeded from the run's seed, on the cloud's
+    device (`cloud.device`): the student copy and the foundation move there before the trainer builds its
+    optimisers, so every state the trainer creates lives there too."""
     spec, settings = method_settings(cfg)
-    trainer = spec.make_cloud(foundation, fresh_copy(edge_model), settings, make_generator(cfg["seed"], 1))
+    device = resolve_device(cfg["cloud"]["device"])
+    student = fresh_copy(edge_model).to(device)
+    foundation = foundation.to(device) if foundation is not None else None
+    trainer = spec.make_cloud(foundation, student, settings, make_generator(cfg["seed"], 1))
     return CloudService(trainer, cfg["method"]["student_scope"], cfg["method"]["publish_every"],
-                        cfg["cloud"]["queue_capacity"])
+                        cfg["cloud"]["queue_capacity"], autocast=lambda: autocast(device, cfg["cloud"]["amp"]),
+                        device=str(device))
 
 
 def load_cloud(cfg: dict[str, Any]) -> CloudService:

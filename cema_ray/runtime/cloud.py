@@ -6,9 +6,10 @@ parameters it was predicted with and how far behind the newest it was.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 
@@ -44,8 +45,11 @@ class CloudStats:
 class CloudService:
     """Receives uploads, runs the trainer, publishes versions (every `publish_every` rounds)."""
 
-    def __init__(self, trainer: CloudTrainer, student_scope: str, publish_every: int, queue_capacity: int) -> None:
+    def __init__(self, trainer: CloudTrainer, student_scope: str, publish_every: int, queue_capacity: int,
+                 autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext, device: str = "cpu") -> None:
+        """``autocast``: the context the trainer's steps run in (`cloud.amp` on CUDA); ``device``: where they run."""
         self.trainer = trainer
+        self.autocast, self.device = autocast, device
         self.per_edge = student_scope == "per_edge"
         self.publish_every = publish_every
         self.queue_capacity = queue_capacity
@@ -68,12 +72,13 @@ class CloudService:
         self.stats.dropped += self.last_refused
         self.stats.ingested += len(accepted)
         t0 = time.perf_counter()
-        if len(accepted):
-            if self.trainer.needs_labels:
-                self.trainer.ingest(edge_id, accepted, None if labels is None else labels[:room])
-            else:
-                self.trainer.ingest(edge_id, accepted)
-        steps = self.trainer.on_edge_batch(edge_id)
+        with self.autocast():
+            if len(accepted):
+                if self.trainer.needs_labels:
+                    self.trainer.ingest(edge_id, accepted, None if labels is None else labels[:room])
+                else:
+                    self.trainer.ingest(edge_id, accepted)
+            steps = self.trainer.on_edge_batch(edge_id)
         self.stats.step_seconds += time.perf_counter() - t0
         self.stats.steps += steps
         self.stats.per_edge_steps[edge_id] = self.stats.per_edge_steps.get(edge_id, 0) + steps

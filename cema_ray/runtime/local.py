@@ -71,4 +71,5 @@ def run_local(cfg: dict[str, Any], partial: PartialWriter | None = None) -> tupl
 
 def _facts(progress: RunProgress, cloud: CloudService, threads: int) -> dict[str, Any]:
     return {"wall_seconds": progress.elapsed, "dropped": cloud.stats.dropped,
-            "cloud_steps": cloud.stats.steps, "publications": cloud.stats.publications, "threads": {"local": threads}}
+            "cloud_steps": cloud.stats.steps, "publications": cloud.stats.publications, "threads": {"local": threads},
+            "cloud_device": cloud.device}

@@ -281,4 +281,5 @@ class CloudActor:
     def stats(self) -> dict[str, Any]:
         s = self.service.stats
         return {"steps": s.steps, "ingested": s.ingested, "dropped": s.dropped, "publications": s.publications,
-                "step_seconds": s.step_seconds, "deliveries": self.service.rounds}
+                "step_seconds": s.step_seconds, "deliveries": self.service.rounds, "device": self.service.device,
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}

@@ -117,12 +117,14 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
     prefix = actor_prefix(cfg["name"], run_id)
     cloud = ray.remote(CloudActor).options(
         name=f"{prefix}-cloud", namespace=NAMESPACE, num_cpus=cfg["cloud"]["num_cpus"],
+        num_gpus=cfg["cloud"]["num_gpus"] or None,
         max_restarts=cfg["cloud"]["max_restarts"] if checkpoint_dir else 0,
         max_task_retries=0,  # the driver re-delivers, in order, after a restart
     ).remote(cfg, cloud_threads(cfg["cloud"]), checkpoint_dir, run_id, prefix)
     hosts = [
         ray.remote(EdgeHost).options(
             name=f"{prefix}-edgehost-{i:03d}", namespace=NAMESPACE, num_cpus=rcfg["host_num_cpus"],
+            num_gpus=rcfg["host_num_gpus"] or None,
             memory=int(rcfg["host_memory_mb"]) * 2**20 or None, scheduling_strategy="SPREAD",
             max_restarts=-1, max_task_retries=0,  # restarted by Ray, restored by the driver
         ).remote(i, cfg, plans, None, 1, int(rcfg["host_nice"]), True, prefix)
@@ -264,7 +266,8 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                  "dropped": stats["dropped"] + dropped, "cloud_steps": stats["steps"],
                  "publications": stats["publications"], "cloud_step_seconds": stats["step_seconds"],
                  "cloud_deliveries": stats["deliveries"], "cloud_ingested": stats["ingested"], "faults": faults.report(),
-                 "threads": {"cloud": cloud_threads(cfg["cloud"]), "edge_host": 1}, **extra}
+                 "threads": {"cloud": cloud_threads(cfg["cloud"]), "edge_host": 1},
+                 "cloud_device": stats["device"], "cloud_gpu_ids": stats["gpu_ids"], **extra}
         kill_actors([cloud, *hosts])
         return progress.recorder, facts
     finally:
