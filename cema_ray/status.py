@@ -21,11 +21,10 @@ from cema_ray.errors import CemaError
 from cema_ray.runtime.metrics import METRICS
 
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (sample name, project labels) -> value
-EDGE_KEYS = {"samples": "ray_cema_edge_samples_total", "correct": "ray_cema_edge_correct_total",
-             "uploads": "ray_cema_edge_uploads_total", "bytes_up": "ray_cema_edge_bytes_up_total",
-             "bytes_down": "ray_cema_edge_bytes_down_total"}
-CLOUD_KEYS = {"steps": "ray_cema_cloud_steps_total", "ingested": "ray_cema_cloud_ingested_total",
-              "refused": "ray_cema_cloud_refused_total", "publications": "ray_cema_cloud_publications_total"}
+EDGE_KEYS = {key: METRICS[f"cema_edge_{key}"].exported for key in ("samples", "correct", "uploads", "bytes_up",
+                                                                   "bytes_down")}
+CLOUD_KEYS = {key: METRICS[f"cema_cloud_{key}"].exported for key in ("steps", "ingested", "refused", "publications")}
+LAG, BACKLOG = METRICS["cema_edge_version_lag"].exported, METRICS["cema_cloud_queue_depth"].exported
 KEPT_LABELS = ("run", "group", "host")
 GAUGES = {spec.exported for spec in METRICS.values() if spec.kind == "gauge"}
 
@@ -89,7 +88,7 @@ def rows(now: Series, before: Series | None = None, seconds: float = 0.0) -> lis
                 row.totals[key] = row.totals.get(key, 0.0) + value
                 if key == "samples" and before is not None and seconds > 0:
                     row.rate += (value - before.get((name, labels), 0.0)) / seconds
-        if name == "ray_cema_edge_version_lag":
+        if name == LAG:
             row.lag = max(row.lag, value)
     return [table[k] for k in sorted(table)]
 
@@ -97,7 +96,7 @@ def rows(now: Series, before: Series | None = None, seconds: float = 0.0) -> lis
 def cloud(now: Series, run: str) -> dict[str, float]:
     """The cloud's totals and backlog for one run."""
     out = {key: now.get((series, (("run", run),)), 0.0) for key, series in CLOUD_KEYS.items()}
-    out["backlog"] = now.get(("ray_cema_cloud_queue_depth", (("run", run),)), 0.0)
+    out["backlog"] = now.get((BACKLOG, (("run", run),)), 0.0)
     return out
 
 

@@ -18,8 +18,6 @@ from ray.util import metrics
 
 EDGE_TAGS = ("run", "group", "host")
 CLOUD_TAGS = ("run",)
-BATCH_MS_BOUNDARIES = [1, 2, 5, 10, 20, 50, 100, 200, 500]
-CALL_S_BOUNDARIES = [0.01, 0.03, 0.1, 0.3, 1, 3, 10]
 
 
 @dataclass(frozen=True)
@@ -28,6 +26,7 @@ class MetricSpec:
     kind: str  # counter | gauge | histogram
     tags: tuple[str, ...]
     help: str
+    boundaries: tuple[float, ...] = ()  # histograms only: bucket upper bounds
 
     @property
     def exported(self) -> str:
@@ -42,17 +41,20 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in [
     MetricSpec("cema_edge_bytes_up", "counter", EDGE_TAGS, "bytes uploaded (uint8 images)"),
     MetricSpec("cema_edge_bytes_down", "counter", EDGE_TAGS, "bytes of published parameters loaded by edges"),
     MetricSpec("cema_edge_rejected", "counter", EDGE_TAGS, "samples rejected as malformed input"),
-    MetricSpec("cema_edge_accuracy", "gauge", EDGE_TAGS, "accuracy so far of the host's edges in the group (correct / samples)"),
+    MetricSpec("cema_edge_accuracy", "gauge", EDGE_TAGS,
+               "accuracy so far of the host's edges in the group (correct / samples)"),
     MetricSpec("cema_edge_version_lag", "gauge", EDGE_TAGS, "versions behind the newest, last batch"),
     MetricSpec("cema_edge_e_max", "gauge", EDGE_TAGS, "entropy threshold E_max in force, last batch"),
-    MetricSpec("cema_edge_batch_ms", "histogram", EDGE_TAGS, "edge inference time per batch (ms)"),
+    MetricSpec("cema_edge_batch_ms", "histogram", EDGE_TAGS, "edge inference time per batch (ms)",
+               (1, 2, 5, 10, 20, 50, 100, 200, 500)),
     MetricSpec("cema_cloud_ingested", "counter", CLOUD_TAGS, "uploaded samples received by the cloud"),
     MetricSpec("cema_cloud_refused", "counter", CLOUD_TAGS, "uploads refused by a full cloud queue (dropped)"),
     MetricSpec("cema_cloud_steps", "counter", CLOUD_TAGS, "cloud training steps"),
     MetricSpec("cema_cloud_step_seconds", "counter", CLOUD_TAGS, "seconds spent in training steps"),
     MetricSpec("cema_cloud_publications", "counter", CLOUD_TAGS, "weight versions published"),
     MetricSpec("cema_cloud_queue_depth", "gauge", CLOUD_TAGS, "cloud backlog: uploaded samples waiting for a step"),
-    MetricSpec("cema_cloud_call_seconds", "histogram", CLOUD_TAGS, "cloud time per delivery (s)"),
+    MetricSpec("cema_cloud_call_seconds", "histogram", CLOUD_TAGS, "cloud time per delivery (s)",
+               (0.01, 0.03, 0.1, 0.3, 1, 3, 10)),
 ]}
 
 
@@ -62,8 +64,7 @@ def _make(name: str) -> Any:
         return metrics.Counter(name, spec.help, spec.tags)
     if spec.kind == "gauge":
         return metrics.Gauge(name, spec.help, spec.tags)
-    bounds = BATCH_MS_BOUNDARIES if name == "cema_edge_batch_ms" else CALL_S_BOUNDARIES
-    return metrics.Histogram(name, spec.help, boundaries=bounds, tag_keys=spec.tags)
+    return metrics.Histogram(name, spec.help, boundaries=list(spec.boundaries), tag_keys=spec.tags)
 
 
 class HostMetrics:
