@@ -148,6 +148,8 @@ RUN_SCHEMA = Section({
                                "only); keys: the group stream keys, frame_rate, uplink_samples_per_s, "
                                "uplink_bytes_per_s; a group's own keys win"),
         "heterogeneity_seed": integer(None, "seed of per-edge variation (null: the run seed)", nullable=True),
+        "fuse": boolean(True, "a host runs the batches of its edges that hold the same published weights and "
+                              "batch size as one forward (same predictions; false: one forward per edge)"),
     }),
     "method": Section({
         "name": string("cema", "method or preset (see `cema-ray list`)", check=_check_method),
@@ -187,6 +189,9 @@ RUN_SCHEMA = Section({
                                 lo=0),
         "host_memory_mb": integer(700, "memory reserved per EdgeHost actor, MiB (admission only)", lo=0),
         "max_in_flight_per_host": integer(2, "outstanding step calls per host", lo=1),
+        "host_step_edges": integer(512, "async mode: at most this many of a host's due edges predict in one step "
+                                        "call, the least advanced first, so that publications reach big hosts' "
+                                        "edges between steps (null: all of them)", lo=1, nullable=True),
         "backlog_full": string("drop_oldest", "async mode, when the uploads waiting for the cloud reach their bound "
                              "(2 x hosts deliveries): drop the oldest (edges never wait; counted in dropped) or "
                              "wait (hosts pause until the cloud catches up: nothing dropped)",

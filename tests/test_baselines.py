@@ -292,7 +292,7 @@ def test_eata_edge_snapshot_restores_its_filter():
     edge.restore(snap)
     np.testing.assert_array_equal(edge.process(to_input(images[1])).upload, first)
     edge.reset()
-    assert edge.filter is None and edge.snapshot() == {}
+    assert edge.filter is None and edge.snapshot() == {"state": None}
 
 
 # --- CoTTA ----------------------------------------------------------------------------------------

@@ -257,7 +257,8 @@ def test_default_plan_is_every_method_on_one_local_edge(tmp_path: Path) -> None:
 def test_scale_measures_ray_and_local_side_by_side(run_yaml: Path, tmp_path: Path, ray_session) -> None:
     out = tmp_path / "scale"
     code = bench.main(["scale", str(run_yaml), "--edges", "2", "--hosts", "2", "--modes", "sync",
-                       "--local-up-to", "2", "--override", "stream.samples_per_domain=32", "--out", str(out)])
+                       "--local-up-to", "2", "--override", "stream.samples_per_domain=32", "--limit-seconds", "0.05",
+                       "--out", str(out)])
     assert code == 0
     rows = json.loads((out / "scale.json").read_text())
     assert [(r["runtime"], r["edges"]) for r in rows] == [("ray", 2), ("local", 2)]
@@ -267,6 +268,12 @@ def test_scale_measures_ray_and_local_side_by_side(run_yaml: Path, tmp_path: Pat
     assert ray_row["workers"] >= 3 and ray_row["worker_uss_mb"] > 0  # 2 hosts + the cloud were measured
     assert "Ray/local" in (out / "scale.md").read_text()
     assert all(r["edge_samples_per_s"] is None or r["edge_samples_per_s"] > 0 for r in rows)
+    for r in rows:  # the forward limit, measured on the cores the run had, bounds the edges' pace
+        assert r["forward_limit_samples_per_s"] >= r["forward_one_thread"]["samples_per_s"] > 0
+        assert r["limit_ratio"] == pytest.approx(r["edge_samples_per_s"] / r["forward_limit_samples_per_s"])
+        assert 0 <= r["published_fraction"] <= 1
+    assert ray_row["forward_cores"] == 2 and ray_row["published_fraction"] > 0  # upload-all publishes every round
+    assert [json.loads(line)["runtime"] for line in (out / "scale.jsonl").read_text().splitlines()] == ["ray", "local"]
 
 
 def test_scale_summary_quotes_medians_of_paired_ratios() -> None:
@@ -281,12 +288,20 @@ def test_scale_summary_quotes_medians_of_paired_ratios() -> None:
             for rep, pair in enumerate(rates) for rt, rate in zip(("ray", "local"), pair)]
     summary = summary_markdown(rows)
     ray_line = next(line for line in summary.splitlines() if line.startswith("| ray |"))
-    assert cells(ray_line)[3:8] == ["3", "90", "50 - 100", "1.00", "0.83"]
+    assert cells(ray_line)[3:9] == ["3", "90", "50 - 100", "", "1.00", "0.83"]
     local_line = next(line for line in summary.splitlines() if line.startswith("| local |"))
     assert cells(local_line)[4] == "100"  # median of 200, 60, 100
     page = markdown(rows, "cmd")
     assert page.index("(median of paired ratios)") < page.index("Every run:")
     assert "| 1 | ray | sync | 4 |" in page and page.count("| 0.83 |") == 2  # the summary and repeat 1's row
+
+
+def test_scale_bytes_per_edge_compare_fleets_with_as_many_hosts() -> None:
+    from cema_ray.bench.scale import bytes_per_edge
+
+    rows = [dict(runtime="ray", mode="async", repeat=0, hosts=h, edges=e, worker_uss_mb=m)
+            for h, e, m in [(1, 1, 300.0), (2, 64, 600.0), (2, 1088, 601.0)]]
+    assert bytes_per_edge(rows) == {0: None, 1: None, 2: pytest.approx(2**20 / 1024)}
 
 
 # ------------------------------------------------------------------------------------ bench cloud

@@ -243,10 +243,10 @@ def test_cema_and_cema_paper_numbers_do_not_move(method: str) -> None:
 
 def test_edge_snapshot_holds_only_the_scope_and_restores_it() -> None:
     a = METHODS.get("cema-fleet").make_edge(tiny(4, 2), {})
-    snap = a.snapshot()
-    assert set(snap["weights"]) == {n for n, _ in scope_parameters(a.model, "norm")}  # a few KB, not the model
-    trained = {k: v + 1.0 for k, v in snap["weights"].items()}
+    assert a.snapshot()["state"] is None  # the deployed weights: nothing of the model in the snapshot
+    trained = {n: p.detach().numpy() + 1.0 for n, p in scope_parameters(a.model, "norm")}
     a.apply_update(trained)
+    assert set(a.snapshot()["state"]) == set(trained)  # the published scope: a few KB, not the model
     x = to_input(images(16, seed=4))
     expect = a.process(x).predictions
     b = METHODS.get("cema-fleet").make_edge(tiny(4, 2), {})

@@ -239,11 +239,11 @@ def test_ctrl_c_writes_what_was_predicted_and_exits_130(make_run_config, tmp_pat
 
     real, rounds = local.run_round, []
 
-    def two_then_stop(edges, cloud):
+    def two_then_stop(edges, cloud, fuse):
         if len(rounds) == 2:
             raise KeyboardInterrupt
         rounds.append(1)
-        return real(edges, cloud)
+        return real(edges, cloud, fuse)
 
     monkeypatch.setattr(local, "run_round", two_then_stop)
     cfg = make_run_config("runtime=local", "edges.count=2")

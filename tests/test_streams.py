@@ -181,3 +181,12 @@ def test_stream_argument_errors():
     with pytest.raises(IndexError, match="9 batches"):
         s.batch(9)
     assert StreamSpec(corruptions=["fog"]).corruptions == ("fog",)
+
+
+@pytest.mark.parametrize("protocol", ["continual", "reset", "mixed", "gradual", "label_shift"])
+@pytest.mark.parametrize("per,bs", [(7, 3), (12, 4), (5, 10)])
+def test_stream_length_counts_the_batches_without_building_the_stream(protocol, per, bs):
+    from cema_ray.data.streams import stream_length
+
+    s = spec(protocol=protocol, corruptions=("fog", "clean"), samples_per_domain=per, batch_size=bs)
+    assert stream_length(s) == len(EdgeStream(source(), s, edge_id=3))

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch threads of the local runner (default: torch's, one per core)")
     sca.add_argument("--repeat", type=int, default=1,
                      help="run the whole sequence N times, runtimes interleaved; tables quote medians (default 1)")
+    sca.add_argument("--limit-seconds", type=float, default=1.5,
+                     help="seconds of forwards per batch size when measuring the edge model's forward limit")
     sca.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench-scale-<time>)")
     sca.set_defaults(func=cmd_scale)
     clo = sub.add_parser("cloud", help="the cloud's step in this process, in concurrent processes and in a Ray task")
@@ -148,7 +150,10 @@ def cmd_scale(args: argparse.Namespace) -> int:
         raise ConfigError(f"--local-threads = {args.local_threads}: must be >= 1")
     if args.repeat < 1:
         raise ConfigError(f"--repeat = {args.repeat}: must be >= 1")
-    rows = run_scale(cfg, counts, out, args.hosts, modes, args.local_up_to, args.local_threads, args.repeat)
+    if not args.limit_seconds > 0:
+        raise ConfigError(f"--limit-seconds = {args.limit_seconds}: must be > 0")
+    rows = run_scale(cfg, counts, out, args.hosts, modes, args.local_up_to, args.local_threads, args.repeat,
+                     args.limit_seconds)
     return _write_table(out, "scale", "Ray runtime scaling", rows, markdown(rows, args.command_line),
                         args.command_line, t0)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ import psutil
 import pyarrow.parquet as pq
 import torch
 
+from cema_ray.bench.forward_limit import forward_limit
 from cema_ray.runtime import run_experiment
 
 
@@ -82,8 +84,10 @@ def measure(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         summary = run_experiment(cfg, out)
         total = time.perf_counter() - t0
     wall = summary["wall_seconds"]
-    predicted = pq.read_table(Path(out) / "batches.parquet", columns=["predicted_at"]).column(0).to_numpy()
+    table = pq.read_table(Path(out) / "batches.parquet", columns=["predicted_at", "weight_version", "samples"])
+    predicted = table.column("predicted_at").to_numpy()
     span = float(predicted.max() - predicted.min()) if len(predicted) > 1 else 0.0
+    published = table.column("weight_version").to_numpy() > 0
     return {
         "runtime": cfg["runtime"], "mode": cfg["mode"], "edges": cfg["edges"]["count"],
         "hosts": summary.get("num_hosts", 0), "samples": summary["samples"], "wall_s": wall,
@@ -94,13 +98,15 @@ def measure(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         "total_s": total, "worker_uss_mb": mem.peak_bytes / 2**20, "workers": mem.peak_workers,
         "version_lag_median": (summary.get("version_lag") or {}).get("median"),
         "accuracy": summary["accuracy"], "upload_fraction": summary["upload_fraction"],
-        "dropped": summary["dropped"],
+        "dropped": summary["dropped"], "bytes_down": summary.get("bytes_down", 0),
+        # batches predicted with a version the cloud published: a fleet that never adapts measures the wrong work
+        "published_fraction": float(published.mean()) if len(published) else 0.0,
     }
 
 
 def run_scale(base: dict[str, Any], edge_counts: list[int], out: Path, max_hosts: int | None,
               modes: list[str], local_up_to: int, local_threads: int | None = None,
-              repeats: int = 1) -> list[dict[str, Any]]:
+              repeats: int = 1, limit_seconds: float = 1.5) -> list[dict[str, Any]]:
     """Measure every (edges, mode) on Ray, and the local runner for fleets up to `local_up_to` edges.
 
     ``local_threads``: torch threads of the local runner (None: torch's default, one per core). On a
@@ -108,26 +114,59 @@ def run_scale(base: dict[str, Any], edge_counts: list[int], out: Path, max_hosts
     for a descheduled thread: measure the local runner with the threads the Ray actors get, too.
     ``repeats``: the whole sequence runs this many times, the runtimes interleaved, so that a shared
     machine's slow minutes hit both sides of a ratio alike (`summary_markdown` quotes medians).
+    Each row is appended to ``out/scale.jsonl`` as it is measured, with the edge model's forward limit on
+    the cores the run's hosts had (measured in the same repeat, `bench.forward_limit`).
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
+    out.mkdir(parents=True, exist_ok=True)
     for rep in range(repeats):
         suffix = f"-r{rep}" if repeats > 1 else ""
+        limits: dict[int, dict[str, Any]] = {}
         for edges in edge_counts:
             for mode in modes:
                 cfg = scale_config(base, edges, max_hosts, mode, "ray")
-                rows.append(dict(measure(cfg, out / f"ray-{mode}-{edges}{suffix}"), repeat=rep))
-                print(json.dumps(rows[-1]), flush=True)
+                _add(rows, dict(measure(cfg, out / f"ray-{mode}-{edges}{suffix}"), repeat=rep), base, limits, out,
+                     limit_seconds)
             if edges <= local_up_to:
                 cfg = scale_config(base, edges, max_hosts, "sync", "local")
                 threads = torch.get_num_threads()
                 torch.set_num_threads(local_threads or threads)
                 try:
-                    rows.append(dict(measure(cfg, out / f"local-{edges}{suffix}"), repeat=rep))
+                    row = dict(measure(cfg, out / f"local-{edges}{suffix}"), repeat=rep)
                 finally:
                     torch.set_num_threads(threads)
-                rows[-1]["threads"] = local_threads or threads
-                print(json.dumps(rows[-1]), flush=True)
+                row["threads"] = local_threads or threads
+                _add(rows, row, base, limits, out, limit_seconds)
     return rows
+
+
+def _add(rows: list[dict[str, Any]], row: dict[str, Any], base: dict[str, Any], limits: dict[int, dict[str, Any]],
+         out: Path, limit_seconds: float) -> None:
+    """The row with its forward limit and limit ratio, kept, printed and appended to scale.jsonl."""
+    cores = max(1, min(row["hosts"] or 1, os.cpu_count() or 1)) if row["runtime"] == "ray" else row.get("threads", 1)
+    if cores not in limits:
+        limits[cores] = forward_limit(base, cores, limit_seconds)
+    row.update(limits[cores])
+    edge_rate = row.get("edge_samples_per_s")
+    row["limit_ratio"] = edge_rate / row["forward_limit_samples_per_s"] if edge_rate else None
+    rows.append(row)
+    line = json.dumps(row)
+    print(line, flush=True)
+    with open(out / "scale.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+def bytes_per_edge(rows: list[dict[str, Any]]) -> dict[int, float | None]:
+    """Per row (by index): worker memory added per virtual edge against the smallest fleet run with as many
+    hosts, in the same mode and repeat (the hosts' own cost, model and data, cancels out)."""
+    out: dict[int, float | None] = {}
+    for i, r in enumerate(rows):
+        peers = [p for p in rows if (p["runtime"], p["mode"], p["hosts"], p.get("repeat", 0))
+                 == (r["runtime"], r["mode"], r["hosts"], r.get("repeat", 0))]
+        small = min(peers, key=lambda p: p["edges"])
+        out[i] = (None if small["edges"] == r["edges"] else
+                  (r["worker_uss_mb"] - small["worker_uss_mb"]) * 2**20 / (r["edges"] - small["edges"]))
+    return out
 
 
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
@@ -135,15 +174,17 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
     made in the same repeat (side by side), not a ratio of medians."""
     keys = list(dict.fromkeys((r["runtime"], r["mode"], r["edges"]) for r in rows))
     local = {(r["repeat"], r["edges"]): r["samples_per_s"] for r in rows if r["runtime"] == "local"}
-    head = ("| runtime | mode | edges | runs | samples/s (median) | min - max | cloud steps/s (median) | "
-            "Ray/local (median of paired ratios) |\n" + "|---" * 8 + "|\n")
+    head = ("| runtime | mode | edges | runs | samples/s (median) | min - max | limit ratio (median) | "
+            "cloud steps/s (median) | Ray/local (median of paired ratios) |\n" + "|---" * 9 + "|\n")
     lines = []
     for runtime, mode, edges in keys:
         runs = [r for r in rows if (r["runtime"], r["mode"], r["edges"]) == (runtime, mode, edges)]
         rates = [r["samples_per_s"] for r in runs]
         ratios = [r["samples_per_s"] / local[r["repeat"], edges] for r in runs
                   if runtime == "ray" and (r["repeat"], edges) in local]
+        limit_ratios = [r["limit_ratio"] for r in runs if r.get("limit_ratio") is not None]
         cells = [runtime, mode, edges, len(runs), f"{median(rates):.0f}", f"{min(rates):.0f} - {max(rates):.0f}",
+                 _fmt(median(limit_ratios) if limit_ratios else None, ".2f"),
                  f"{median([r['cloud_steps_per_s'] for r in runs]):.2f}",
                  f"{median(ratios):.2f}" if ratios else ""]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -151,18 +192,22 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
-    head = ("| run | runtime | mode | edges | hosts | samples | samples/s | edge samples/s | cloud steps/s | start-up s | "
-            "worker USS MB (workers) | lag median | accuracy | uploads | dropped | Ray/local |\n" + "|---" * 16 + "|\n")
+    head = ("| run | runtime | mode | edges | hosts | samples | samples/s | edge samples/s | forward limit | limit ratio | "
+            "cloud steps/s | start-up s | worker USS MB (workers) | bytes/edge | on a published version | "
+            "lag median | accuracy | uploads | dropped | Ray/local |\n" + "|---" * 20 + "|\n")
     local = {(r.get("repeat", 0), r["edges"]): r["samples_per_s"] for r in rows if r["runtime"] == "local"}
+    per_edge = bytes_per_edge(rows)
     lines = []
-    for r in rows:
+    for i, r in enumerate(rows):
         key = (r.get("repeat", 0), r["edges"])
         ratio = r["samples_per_s"] / local[key] if r["runtime"] == "ray" and key in local else None
         cells = [
             r.get("repeat", 0), r["runtime"], r["mode"], r["edges"], r["hosts"], r["samples"], f"{r['samples_per_s']:.0f}",
-            _fmt(r.get("edge_samples_per_s"), ".0f"),
-            f"{r['cloud_steps_per_s']:.2f}", _fmt(r["startup_s"], ".1f"),
-            f"{r['worker_uss_mb']:.0f} ({r['workers']})", _fmt(r["version_lag_median"], ".0f"),
+            _fmt(r.get("edge_samples_per_s"), ".0f"), _fmt(r.get("forward_limit_samples_per_s"), ".0f"),
+            _fmt(r.get("limit_ratio"), ".2f"), f"{r['cloud_steps_per_s']:.2f}", _fmt(r["startup_s"], ".1f"),
+            f"{r['worker_uss_mb']:.0f} ({r['workers']})", _fmt(per_edge[i], ".0f"),
+            _fmt(None if r.get("published_fraction") is None else 100 * r["published_fraction"], ".1f") + "%",
+            _fmt(r["version_lag_median"], ".0f"),
             f"{100 * r['accuracy']:.1f}%", f"{100 * r['upload_fraction']:.1f}%", r["dropped"], _fmt(ratio, ".2f"),
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")

@@ -113,6 +113,15 @@ def plan_domains(spec: StreamSpec) -> list[Domain]:
     return [Domain(c, spec.severity) for c in spec.corruptions]
 
 
+def stream_length(spec: StreamSpec) -> int:
+    """Batches in a stream of this spec, which is `len(EdgeStream)` without drawing its sample plan (a driver
+    counts a fleet's work without building every edge's stream a second time)."""
+    domains, per, bs = len(plan_domains(spec)), spec.samples_per_domain, spec.batch_size
+    if spec.protocol == MIXED:
+        return -(-domains * per // bs)
+    return domains * -(-per // bs)
+
+
 class EdgeStream:
     """Random-access stream of one edge: ``len(stream)`` batches, ``stream.batch(k)`` for any k.
 

@@ -54,6 +54,15 @@ class EdgePolicy:
     def restore(self, snap: dict[str, Any]) -> None:
         pass
 
+    def fork(self) -> "EdgePolicy":
+        """Another edge's policy, as this one was built: a private copy of everything (a policy that trains on
+        the edge owns its weights). Forward-only policies share their process's model instead (`ForwardEdge`)."""
+        return copy.deepcopy(self)
+
+    def fuse_key(self) -> Any:
+        """Edges whose policies return one key may run their batches as one forward; None: never."""
+        return None
+
 
 def check_uploads(edge_id: int, images: Any) -> np.ndarray:
     """What every trainer's `ingest` accepts: uint8 (N, H, W, C) pixels, as the edges send them."""

@@ -24,9 +24,9 @@ from cema_ray.algorithms.entropy import entropy, reweight
 from cema_ray.algorithms.replay import ReplayBuffer
 from cema_ray.algorithms.selection import EntropyFilter, default_d_margin
 from cema_ray.errors import ConfigError
-from cema_ray.methods import common
 from cema_ray.methods.common import model_device
-from cema_ray.methods.base import (CloudTrainer, EdgePolicy, EdgeResult, NormState, register_method,
+from cema_ray.methods.host_model import ForwardEdge, HostModel
+from cema_ray.methods.base import (CloudTrainer, EdgeResult, NormState, register_method,
                                    check_uploads, infer_num_classes, preset_settings)
 from cema_ray.models.norm import freeze_all_but_norm_affine, load_norm_state, norm_layers, norm_state
 from cema_ray.models.preprocess import to_input
@@ -135,7 +135,7 @@ def make_filter(s: Mapping[str, Any], num_classes: int) -> EntropyFilter:
 
 # --- edge ----------------------------------------------------------------------------------
 
-class CemaEdge(EdgePolicy):
+class CemaEdge(ForwardEdge):
     """Forward-only edge: predict, filter, and mark the samples worth uploading.
 
     With ``edge_stats`` "published" the edge normalises with the statistics the cloud last sent
@@ -145,18 +145,15 @@ class CemaEdge(EdgePolicy):
 
     def __init__(self, model: nn.Module, settings: Mapping[str, Any], method: str = "cema") -> None:
         self.settings = s = settings
-        self.model = prepare_model(model, s, trainable=False)
+        model = prepare_model(model, s, trainable=False)
         if s["edge_stats"] != "published":
-            set_norm_stats_mode(self.model, "batch" if s["edge_stats"] == "batch" else "mix", alpha=s["edge_stats_alpha"])
-        self.num_classes = infer_num_classes(self.model, s["num_classes"])
-        self.device = model_device(self.model)
-        self._deployed = capture_norm_modules(self.model)
+            set_norm_stats_mode(model, "batch" if s["edge_stats"] == "batch" else "mix", alpha=s["edge_stats_alpha"])
+        super().__init__(HostModel(model, load_norm_state))
+        self.num_classes = infer_num_classes(model, s["num_classes"])
         self.filter = make_filter(s, self.num_classes)
 
-    def process(self, x: torch.Tensor) -> EdgeResult:
-        common.check_edge_input(x)
+    def decide(self, logits: torch.Tensor) -> EdgeResult:
         with torch.inference_mode():
-            logits = self.model(x.to(self.device))
             ent = entropy(logits)
             if self.settings["select"]:
                 upload = self.filter.select(logits.softmax(dim=1), ent)
@@ -167,22 +164,16 @@ class CemaEdge(EdgePolicy):
                           upload=upload.cpu().numpy().astype(bool),
                           entropy=ent.float().cpu().numpy(), e_max=float(e_max), skipped=skipped)
 
-    def apply_update(self, state: NormState | None) -> None:
-        if state:
-            load_norm_state(self.model, state)
-
-    def reset(self) -> None:
-        restore_norm_modules(self.model, self._deployed)
+    def fresh_state(self) -> None:
         self.filter = make_filter(self.settings, self.num_classes)
 
     def snapshot(self) -> dict[str, Any]:
         """Filter state plus the few KB of norm state the edge runs with (the cloud re-sends only changes)."""
-        norm = {k: v.numpy().copy() for k, v in capture_norm_modules(self.model).items()}
-        return {"filter": self.filter.snapshot(), "norm": norm}
+        return {**super().snapshot(), "filter": self.filter.snapshot()}
 
     def restore(self, snap: dict[str, Any]) -> None:
+        super().restore(snap)
         self.filter.restore(snap["filter"])
-        restore_norm_modules(self.model, snap["norm"])
 
 
 # --- cloud ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch import nn
 from cema_ray.algorithms.entropy import entropy
 from cema_ray.errors import BatchRejected, CheckpointError
 from cema_ray.methods.base import CloudTrainer, EdgePolicy, EdgeResult, NormState, check_uploads
+from cema_ray.methods.host_model import ForwardEdge, HostModel
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.tbr import set_norm_stats_mode
 from cema_ray.schema import Field, setting
@@ -95,15 +96,7 @@ def tensor_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def predict(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Forward under inference mode: (logits, int64 predictions, float32 entropies)."""
-    with torch.inference_mode():
-        logits = model(x.to(model_device(model)))
-        ent = entropy(logits)
-    return logits, logits.argmax(1).cpu().numpy().astype(np.int64), ent.float().cpu().numpy()
-
-
-class BatchStatsEdge(EdgePolicy):
+class BatchStatsEdge(ForwardEdge):
     """An edge that normalises with its test batch's statistics and loads what the cloud publishes.
 
     ``norm_mode`` is "running" for the source model, "batch" for Tent-like methods (the model
@@ -112,24 +105,17 @@ class BatchStatsEdge(EdgePolicy):
     """
 
     def __init__(self, model: nn.Module, norm_mode: str = "batch", alpha: float = 1.0, upload_all: bool = False) -> None:
-        self.model = model
-        self.model.eval()
+        model.eval()
         if norm_mode != "running":
-            use_norm_stats(self.model, norm_mode, alpha=alpha)
+            use_norm_stats(model, norm_mode, alpha=alpha)
+        super().__init__(HostModel(model, load_arrays))
         self.upload_all = upload_all
-        self._deployed = tensor_state(self.model)
 
-    def process(self, x: torch.Tensor) -> EdgeResult:
-        _, preds, ent = predict(self.model, x)
-        upload = np.full(len(preds), self.upload_all, dtype=bool)
-        return EdgeResult(predictions=preds, upload=upload, entropy=ent)
-
-    def apply_update(self, state: NormState | None) -> None:
-        if state:
-            load_arrays(self.model, state)
-
-    def reset(self) -> None:
-        self.model.load_state_dict(self._deployed)
+    def decide(self, logits: torch.Tensor) -> EdgeResult:
+        with torch.inference_mode():
+            ent = entropy(logits).float().cpu().numpy()
+        preds = logits.argmax(1).cpu().numpy().astype(np.int64)
+        return EdgeResult(predictions=preds, upload=np.full(len(preds), self.upload_all, dtype=bool), entropy=ent)
 
 
 class UploadQueues:

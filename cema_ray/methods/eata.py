@@ -27,15 +27,9 @@ from torch import nn
 
 from cema_ray.algorithms.entropy import e0, entropy, reweight
 from cema_ray.algorithms.selection import EntropyFilter
-from cema_ray.methods.base import CloudTrainer, EdgePolicy, EdgeResult, NormState, register_method
-from cema_ray.methods.common import (
-    OPTIMIZER_SETTINGS,
-    LossFn,
-    load_arrays,
-    predict,
-    tensor_state,
-    use_norm_stats,
-)
+from cema_ray.methods.base import CloudTrainer, EdgeResult, register_method
+from cema_ray.methods.common import OPTIMIZER_SETTINGS, LossFn, load_arrays, use_norm_stats
+from cema_ray.methods.host_model import ForwardEdge, HostModel
 from cema_ray.methods.tent import EntropyCloud
 from cema_ray.schema import Settings, setting
 
@@ -55,14 +49,14 @@ def reweighted_entropy(e_max_factor: float) -> LossFn:
     return loss
 
 
-class EataEdge(EdgePolicy):
+class EataEdge(ForwardEdge):
     """Forward-only edge: batch-statistics predictions and EATA's two filters decide the uploads."""
 
     def __init__(self, model: nn.Module, settings: Settings) -> None:
-        self.model = model.eval()
-        use_norm_stats(self.model, "batch")
+        model.eval()
+        use_norm_stats(model, "batch")
+        super().__init__(HostModel(model, load_arrays))
         self.settings = settings
-        self._deployed = tensor_state(self.model)
         self.filter: EntropyFilter | None = None  # built on the first batch, when C is known
         self._num_classes = 0
 
@@ -77,32 +71,30 @@ class EataEdge(EdgePolicy):
             entropy_floor=None,
         )
 
-    def process(self, x: torch.Tensor) -> EdgeResult:
-        logits, preds, ent = predict(self.model, x)
+    def decide(self, logits: torch.Tensor) -> EdgeResult:
         if self.filter is None:
             self.filter = self._make_filter(logits.shape[1])
         with torch.inference_mode():
-            mask = self.filter.select(logits.softmax(1), torch.as_tensor(ent))
+            ent = entropy(logits)
+            mask = self.filter.select(logits.softmax(1), ent)
         upload = np.asarray(torch.as_tensor(mask).cpu(), dtype=bool)
-        return EdgeResult(predictions=preds, upload=upload, entropy=ent, e_max=float(self.filter.e_max),
+        return EdgeResult(predictions=logits.argmax(1).cpu().numpy().astype(np.int64), upload=upload,
+                          entropy=ent.float().cpu().numpy(), e_max=float(self.filter.e_max),
                           skipped=dict(self.filter.last_skipped))
 
-    def apply_update(self, state: NormState | None) -> None:
-        if state:
-            load_arrays(self.model, state)
-
-    def reset(self) -> None:
-        self.model.load_state_dict(self._deployed)
+    def fresh_state(self) -> None:
         self.filter = None
 
     def snapshot(self) -> dict[str, Any]:
-        if self.filter is None:
-            return {}
-        return {"num_classes": self._num_classes, "filter": self.filter.snapshot()}
+        snap = super().snapshot()
+        if self.filter is not None:
+            snap.update(num_classes=self._num_classes, filter=self.filter.snapshot())
+        return snap
 
     def restore(self, snap: dict[str, Any]) -> None:
+        super().restore(snap)
         self.filter = None
-        if snap:
+        if "filter" in snap:
             self.filter = self._make_filter(int(snap["num_classes"]))
             self.filter.restore(snap["filter"])
 

@@ -43,10 +43,10 @@ from cema_ray.algorithms.entropy import e0 as e0_of
 from cema_ray.algorithms.entropy import entropy, reweight
 from cema_ray.algorithms.selection import EntropyFilter
 from cema_ray.errors import ConfigError
-from cema_ray.methods import common
-from cema_ray.methods.base import (CloudTrainer, EdgePolicy, EdgeResult, NormState, register_method,
+from cema_ray.methods.base import (CloudTrainer, EdgeResult, NormState, register_method,
                                    check_uploads, infer_num_classes, preset_settings)
 from cema_ray.methods.common import load_arrays, model_device, tensor_state, use_norm_stats
+from cema_ray.methods.host_model import ForwardEdge, HostModel
 from cema_ray.models.norm import freeze_all_but_norm_affine
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.publish import SCOPES, scope_parameters, scope_state, train_only
@@ -99,16 +99,15 @@ SETTINGS: dict[str, Field] = {
 
 # --- edge ----------------------------------------------------------------------------------
 
-class FleetEdge(EdgePolicy):
+class FleetEdge(ForwardEdge):
     """Forward-only: BN adapt with the published weights, CEMA's filters, then the upload budget."""
 
     def __init__(self, model: nn.Module, settings: Mapping[str, Any], method: str = "cema-fleet") -> None:
+        model.eval().requires_grad_(False)
+        use_norm_stats(model, "batch")
+        super().__init__(HostModel(model, load_arrays))
         self.settings = s = settings
-        self.model = model.eval().requires_grad_(False)
-        use_norm_stats(self.model, "batch")
-        self.num_classes = infer_num_classes(self.model, s["num_classes"])
-        self.device = model_device(self.model)
-        self._deployed = tensor_state(self.model)
+        self.num_classes = infer_num_classes(model, s["num_classes"])
         self.filter = self._make_filter()
 
     def _make_filter(self) -> EntropyFilter:
@@ -116,10 +115,8 @@ class FleetEdge(EdgePolicy):
         return EntropyFilter(self.num_classes, e_max_factor=s["e_max_factor"], d_margin=s["d_margin"],
                              redundancy=s["redundancy"])
 
-    def process(self, x: torch.Tensor) -> EdgeResult:
-        common.check_edge_input(x)
+    def decide(self, logits: torch.Tensor) -> EdgeResult:
         with torch.inference_mode():
-            logits = self.model(x.to(self.device))
             ent = entropy(logits)
             passed = self.filter.select(logits.softmax(dim=1), ent).cpu().numpy()
         preds = logits.argmax(dim=1).cpu().numpy().astype(np.int64)
@@ -131,22 +128,18 @@ class FleetEdge(EdgePolicy):
         return EdgeResult(predictions=preds, upload=upload, entropy=ent_np, e_max=float(self.filter.e_max),
                           skipped=skipped)
 
-    def apply_update(self, state: NormState | None) -> None:
-        if state:
-            load_arrays(self.model, state)
-
-    def reset(self) -> None:
-        self.model.load_state_dict(self._deployed)
+    def fresh_state(self) -> None:
         self.filter = self._make_filter()
 
     def snapshot(self) -> dict[str, Any]:
-        """The filter's state and the publish scope's weights (a few KB for ``norm``): the device reloads its
-        last publication on restore, but a reset since may have brought back the deployed weights."""
-        return {"filter": self.filter.snapshot(), "weights": scope_state(self.model, self.settings["train_scope"])}
+        """The filter's state and the weights it runs with (the publication it holds, shared with the host's
+        other edges on that version; the device reloads its last publication on restore, but a reset since
+        may have brought back the deployed weights)."""
+        return {**super().snapshot(), "filter": self.filter.snapshot()}
 
     def restore(self, snap: dict[str, Any]) -> None:
+        super().restore(snap)
         self.filter.restore(snap["filter"])
-        load_arrays(self.model, snap["weights"])
 
 
 # --- cloud ---------------------------------------------------------------------------------

@@ -7,8 +7,16 @@ running TBR in eval mode changes its behaviour only when the cloud publishes new
 
 The same layer offers two forward-only edge alternatives ("batch": the test batch's own statistics,
 as BN adapt; "mix": alpha * batch + (1 - alpha) * running), chosen per layer with ``set_norm_stats_mode``.
+
+``grouped_norm(model, G)`` makes every TBR layer treat its input as G stacked batches of equal size and
+normalise each with its own statistics: G virtual edges run one forward and get, bit for bit, what G
+forwards would give them (the channels of the G batches sit side by side, so each channel's reduction
+is the very one a single batch's forward computes, in the memory layout the single batch has).
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +45,7 @@ class TBRBatchNorm2d(nn.BatchNorm2d):
         self.register_buffer("stats_ready", torch.ones((), dtype=torch.bool, device=device))
         self.stats_mode = "running"
         self.mix_alpha = 1.0
+        self.groups = 1  # stacked batches in the input, each normalised by itself (`grouped_norm`)
 
     def discard_running_stats(self) -> None:
         """Forget the source statistics; the next batch's statistics replace them."""
@@ -51,16 +60,45 @@ class TBRBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
             raise ValueError(f"TBRBatchNorm2d expects (N, C, H, W) input, got shape {tuple(x.shape)}")
-        if self.stats_mode == "batch":
-            return self._forward_batch(x)
-        if self.stats_mode == "mix":
-            return self._forward_mix(x)
-        return self._forward_tbr(x)
+        if self.groups == 1:
+            return self._forward_mode(x, _Params(self.weight, self.bias, self.running_mean, self.running_var))
+        return self._forward_grouped(x, self.groups)
 
-    def _affine(self, x_hat: torch.Tensor) -> torch.Tensor:
-        if self.weight is None:
+    def _forward_mode(self, x: torch.Tensor, p: "_Params") -> torch.Tensor:
+        if self.stats_mode == "batch":
+            return self._forward_batch(x, p)
+        if self.stats_mode == "mix":
+            return self._forward_mix(x, p)
+        return self._forward_tbr(x, p)
+
+    def _forward_grouped(self, x: torch.Tensor, g: int) -> torch.Tensor:
+        """(g * n, C, H, W) as g batches: regrouped to (n, g * C, H, W), normalised with g copies of this
+        layer's parameters and statistics side by side, and put back in order."""
+        if self.training or not bool(self.stats_ready):
+            raise ValueError("grouped TBR is for inference with statistics present (an edge whose next batch "
+                             "adopts its statistics runs alone)")
+        total, c, h, w = x.shape
+        if total % g:
+            raise ValueError(f"grouped TBR: {total} samples do not split into {g} equal batches")
+        n = total // g
+
+        def wide(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().repeat(g)
+
+        p = _Params(wide(self.weight), wide(self.bias), wide(self.running_mean), wide(self.running_var))
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # Channels-last input (what oneDNN's convolutions often return) goes through batch norm's
+            # channels-last kernel, whose rounding differs from the NCHW one: regroup in that layout.
+            rows = x.permute(0, 2, 3, 1).reshape(g, n, h, w, c).permute(1, 2, 3, 0, 4).reshape(n, h, w, g * c)
+            out = self._forward_mode(rows.permute(0, 3, 1, 2), p).permute(0, 2, 3, 1)
+            return out.reshape(n, h, w, g, c).permute(3, 0, 1, 2, 4).reshape(total, h, w, c).permute(0, 3, 1, 2)
+        out = self._forward_mode(x.reshape(g, n, c, h, w).transpose(0, 1).reshape(n, g * c, h, w), p)
+        return out.view(n, g, c, h, w).transpose(0, 1).reshape(total, c, h, w)
+
+    def _affine(self, x_hat: torch.Tensor, p: "_Params") -> torch.Tensor:
+        if p.weight is None:
             return x_hat
-        return _chan(self.weight) * x_hat + _chan(self.bias)
+        return _chan(p.weight) * x_hat + _chan(p.bias)
 
     def _adopt_if_missing(self, mean: torch.Tensor, var: torch.Tensor) -> None:
         if not bool(self.stats_ready):
@@ -69,45 +107,54 @@ class TBRBatchNorm2d(nn.BatchNorm2d):
                 self.running_var.copy_(var.detach())
                 self.stats_ready.fill_(True)
 
-    def _forward_tbr(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_tbr(self, x: torch.Tensor, p: "_Params") -> torch.Tensor:
         n_per_channel = x.numel() // max(x.shape[1], 1)
         if n_per_channel < 2:
-            return self._forward_single(x)
+            return self._forward_single(x, p)
         var_b, mu_b = torch.var_mean(x, dim=(0, 2, 3), correction=1)
         sigma_b = torch.sqrt(var_b + self.eps)
         self._adopt_if_missing(mu_b, var_b)
-        sigma_run = torch.sqrt(self.running_var + self.eps)
+        sigma_run = torch.sqrt(p.var + self.eps)
         r = (sigma_b / sigma_run).detach()
-        d = ((mu_b - self.running_mean) / sigma_run).detach()
+        d = ((mu_b - p.mean) / sigma_run).detach()
         x_hat = (x - _chan(mu_b)) / _chan(sigma_b) * _chan(r) + _chan(d)
         if self.training:
             with torch.no_grad():
                 self.running_mean.add_(self.momentum * (mu_b.detach() - self.running_mean))
                 self.running_var.add_(self.momentum * (var_b.detach() - self.running_var))
-        return self._affine(x_hat)
+        return self._affine(x_hat, p)
 
-    def _forward_single(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_single(self, x: torch.Tensor, p: "_Params") -> torch.Tensor:
         """One value per channel has no unbiased variance; in eval mode the TBR formula reduces to
         normalising with the running statistics, which is what this computes."""
         if self.training or not bool(self.stats_ready):
             raise ValueError("TBRBatchNorm2d needs more than one value per channel (N*H*W >= 2) "
                              f"to compute batch statistics, got input shape {tuple(x.shape)}")
-        x_hat = (x - _chan(self.running_mean)) / _chan(torch.sqrt(self.running_var + self.eps))
-        return self._affine(x_hat)
+        x_hat = (x - _chan(p.mean)) / _chan(torch.sqrt(p.var + self.eps))
+        return self._affine(x_hat, p)
 
-    def _forward_batch(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_batch(self, x: torch.Tensor, p: "_Params") -> torch.Tensor:
         """BN adapt: the batch's mean and biased variance, exactly as BatchNorm2d in training mode,
         but the running statistics are left alone (forward-only edge mode)."""
-        return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        return F.batch_norm(x, None, None, p.weight, p.bias, True, 0.0, self.eps)
 
-    def _forward_mix(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_mix(self, x: torch.Tensor, p: "_Params") -> torch.Tensor:
         var_b, mu_b = torch.var_mean(x, dim=(0, 2, 3), correction=0)
         self._adopt_if_missing(mu_b, var_b)
         a = self.mix_alpha
-        mean = a * mu_b + (1.0 - a) * self.running_mean
-        var = a * var_b + (1.0 - a) * self.running_var
+        mean = a * mu_b + (1.0 - a) * p.mean
+        var = a * var_b + (1.0 - a) * p.var
         x_hat = (x - _chan(mean)) / _chan(torch.sqrt(var + self.eps))
-        return self._affine(x_hat)
+        return self._affine(x_hat, p)
+
+
+class _Params(NamedTuple):
+    """What a TBR forward normalises with: the layer's own tensors, or g copies of them side by side."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    mean: torch.Tensor
+    var: torch.Tensor
 
 
 def _to_tbr(bn: nn.BatchNorm2d, discard: bool, momentum: float) -> TBRBatchNorm2d:
@@ -174,3 +221,16 @@ def set_norm_stats_mode(model: nn.Module, mode: str, alpha: float = 1.0) -> int:
         layer.mix_alpha = float(alpha)
     return len(layers)
 
+
+
+@contextlib.contextmanager
+def grouped_norm(model: nn.Module, groups: int) -> Iterator[nn.Module]:
+    """Within the block, every TBR layer of ``model`` normalises ``groups`` equal stacked batches separately."""
+    layers = [m for _, m in tbr_layers(model)]
+    for layer in layers:
+        layer.groups = int(groups)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.groups = 1

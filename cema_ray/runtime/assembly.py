@@ -47,9 +47,14 @@ def load_cloud(cfg: dict[str, Any]) -> CloudService:
 
 def build_edges(cfg: dict[str, Any], data: DataContext, edge_model: nn.Module, plans: list[EdgePlan]
                 ) -> list[EdgeDevice]:
-    """One EdgeDevice per plan, each with its own copy of the edge model and the method's edge policy."""
+    """One EdgeDevice per plan. The method's edge policy is built once, on one copy of the edge model, and
+    forked for the other edges: forward-only policies borrow that one model (each edge keeps only its
+    published state and filters: `methods.host_model`), policies that train on the edge get their own copy."""
+    if not plans:
+        return []
     spec, settings = method_settings(cfg)
+    first = spec.make_edge(fresh_copy(edge_model), settings)
+    policies = [first] + [first.fork() for _ in plans[1:]]
     shape = data.image_shape
-    return [EdgeDevice(p.edge_id, data.stream(p), spec.make_edge(fresh_copy(edge_model), settings), p.profile,
-                       shape, data.num_classes, p.bad_batches)
-            for p in plans]
+    return [EdgeDevice(p.edge_id, data.stream(p), policy, p.profile, shape, data.num_classes, p.bad_batches)
+            for p, policy in zip(plans, policies)]

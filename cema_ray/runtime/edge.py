@@ -16,7 +16,7 @@ import torch
 from cema_ray.algorithms.budget import SKIP_REASONS
 from cema_ray.data.streams import Batch, EdgeStream
 from cema_ray.errors import BatchRejected
-from cema_ray.methods.base import EdgePolicy, NormState
+from cema_ray.methods.base import EdgePolicy, EdgeResult, NormState
 from cema_ray.models.norm import state_nbytes
 from cema_ray.models.preprocess import to_input
 from cema_ray.runtime.faults import malform
@@ -41,6 +41,15 @@ class EdgeStep:
     upload_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     upload_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # for reference methods only
     reset: bool = False  # the batch opened a new domain under the reset-per-domain protocol
+
+
+@dataclass
+class OpenBatch:
+    """A batch an edge has taken but not yet predicted: its record so far and its model input."""
+
+    batch: Batch
+    record: dict[str, Any]
+    x: torch.Tensor | None  # float NCHW; None: the batch was rejected (its record is complete)
 
 
 def validate_batch(batch: Batch, image_shape: tuple[int, ...], num_classes: int) -> None:
@@ -103,14 +112,32 @@ class EdgeDevice:
         return self.cursor >= len(self.stream)
 
     def step(self, newest_version: int) -> EdgeStep:
-        """Predict the next batch of the stream and decide its uploads."""
+        """Predict the next batch of the stream and decide its uploads (one forward of its own)."""
+        return self._run(self.open(newest_version))
+
+    def process(self, batch: Batch, newest_version: int) -> EdgeStep:
+        """`step` on a given batch (the cursor does not move)."""
+        return self._run(self._open(batch, newest_version))
+
+    def _run(self, opened: "OpenBatch") -> EdgeStep:
+        if opened.x is None:
+            return self.close(opened, None, 0.0)
+        t0 = time.perf_counter()
+        result = self.policy.process(opened.x)
+        return self.close(opened, result, (time.perf_counter() - t0) * 1000)
+
+    def open(self, newest_version: int) -> "OpenBatch":
+        """Take the next batch: its record so far and its model input (None when the batch is rejected).
+
+        `open`, the policy's forward and `close` are `step` in three parts, so that a host can run many edges'
+        forwards as one (`runtime.edge_round`)."""
         batch = self.stream.batch(self.cursor)
         if self.cursor in self.bad_batches:
             batch = malform(batch, self.bad_batches[self.cursor], self.num_classes)
         self.cursor += 1
-        return self.process(batch, newest_version)
+        return self._open(batch, newest_version)
 
-    def process(self, batch: Batch, newest_version: int) -> EdgeStep:
+    def _open(self, batch: Batch, newest_version: int) -> "OpenBatch":
         record = {
             "edge_id": self.edge_id, "group": self.profile.group, "domain": batch.domain,
             "batch_index": batch.index, "samples": len(batch.ids), "weight_version": self.version,
@@ -119,26 +146,29 @@ class EdgeDevice:
             "predicted_at": time.time(),  # wall clock: async lag is measured against publication times
         }
         self.pending_bytes_down = 0
-        empty = np.zeros((0, *self.image_shape), np.uint8)
         try:
             validate_batch(batch, self.image_shape, self.num_classes)
         except BatchRejected as exc:
             record.update(correct=0, uploaded=0, bytes_up=0, latency_ms=0.0, e_max=float("nan"),
                           mean_entropy=float("nan"), rejected=len(batch.ids), error=str(exc), throttled=0,
                           **skip_columns(None))
-            return EdgeStep(record, empty, reset=batch.reset)
+            return OpenBatch(batch, record, None)
         if batch.reset:
             self.policy.reset()
-        t0 = time.perf_counter()
-        result = self.policy.process(to_input(batch.images))
-        latency = (time.perf_counter() - t0) * 1000
+        return OpenBatch(batch, record, to_input(batch.images))
+
+    def close(self, opened: "OpenBatch", result: EdgeResult | None, latency_ms: float) -> EdgeStep:
+        """The batch's record and uploads from the policy's result (None: the batch was rejected)."""
+        batch, record = opened.batch, opened.record
+        if result is None:
+            return EdgeStep(record, np.zeros((0, *self.image_shape), np.uint8), reset=batch.reset)
         selected = np.flatnonzero(result.upload)
         allowed = self._uplink_allowance(len(selected))
         kept = selected[:allowed]
         images = batch.images[kept]
         record.update(
             correct=int((result.predictions == batch.labels).sum()), uploaded=int(len(kept)),
-            bytes_up=int(images.nbytes), latency_ms=latency, e_max=float(result.e_max),
+            bytes_up=int(images.nbytes), latency_ms=latency_ms, e_max=float(result.e_max),
             mean_entropy=float(np.mean(result.entropy)), rejected=0, error="",
             throttled=int(len(selected) - len(kept)), **skip_columns(result.skipped),
         )

@@ -14,6 +14,7 @@ import torch
 from cema_ray.errors import RunInterrupted
 from cema_ray.runtime.cloud import CloudService, Publication
 from cema_ray.runtime.edge import EdgeDevice, EdgeStep
+from cema_ray.runtime.edge_round import step_edges
 from cema_ray.runtime.assembly import build_cloud, build_edges, load_edge_model, load_foundation
 from cema_ray.runtime.fleet import DataContext, edge_plans
 from cema_ray.results import RunRecorder
@@ -22,10 +23,10 @@ from cema_ray.runtime.journal import PartialWriter
 from cema_ray.threads import apply_threads
 
 
-def run_round(edges: list[EdgeDevice], cloud: CloudService) -> list[EdgeStep]:
+def run_round(edges: list[EdgeDevice], cloud: CloudService, fuse: bool = True) -> list[EdgeStep]:
     """One synchronous round over the edges that still have data (the reference order)."""
     active = [e for e in edges if not e.done]
-    steps = [e.step(cloud.newest_version(e.edge_id)) for e in active]
+    steps = step_edges(active, lambda e: cloud.newest_version(e.edge_id), fuse)
     for edge, out in zip(active, steps):
         if out.reset:
             cloud.reset(edge.edge_id)
@@ -56,7 +57,7 @@ def run_local(cfg: dict[str, Any], partial: PartialWriter | None = None) -> tupl
     progress = RunProgress(f"{cfg['name']} [local]", sum(len(e.stream) for e in edges), cfg["output"]["progress"])
     try:
         while any(not e.done for e in edges):
-            for out in run_round(edges, cloud):
+            for out in run_round(edges, cloud, cfg["edges"]["fuse"]):
                 out.record["host_id"] = 0
                 progress.add(out.record)
             progress.refresh()

@@ -22,6 +22,7 @@ from cema_ray.errors import CemaError
 from cema_ray.runtime.cloud import SHARED, CloudService, Publication
 from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore
 from cema_ray.runtime.edge import EdgeDevice
+from cema_ray.runtime.edge_round import step_edges
 from cema_ray.runtime.malloc import keep_freed_memory
 from cema_ray.runtime.metrics import CloudMetrics, HostMetrics
 from cema_ray.runtime.assembly import build_edges, load_cloud, load_edge_model
@@ -95,21 +96,23 @@ class EdgeHost:
         """Every edge with data predicts its next batch; returns records and (edge, reset, uploads).
 
         ``paced``: edges with a frame rate wait for their next frame time (async mode runs in real
-        time); sync rounds ignore frame rates, as the single-process runner does.
+        time), and at most `ray.host_step_edges` edges run (publications arrive between steps); sync rounds
+        ignore both and run every edge, as the single-process runner does.
         """
         if self.needs_restore:
             raise HostNeedsRestore(f"{self!r} was restarted and has not been restored")
         if paced:
             self._wait_for_frames()
         records, uploads = [], []
-        for edge in self.edges:
-            if edge.done or (paced and not self._due(edge)):
-                continue
-            out = edge.step(newest.get(edge.edge_id, newest.get(SHARED, 0)))
+        due = [e for e in self.edges if not e.done and (not paced or self._due(e))]
+        limit = self.cfg["ray"]["host_step_edges"]
+        if paced and limit is not None and len(due) > limit:  # async: the least advanced edges go first
+            due = sorted(sorted(due, key=lambda e: (e.cursor, e.edge_id))[:limit], key=lambda e: e.edge_id)
+        for out in step_edges(due, lambda e: newest.get(e.edge_id, newest.get(SHARED, 0)), self.cfg["edges"]["fuse"]):
             out.record["host_id"] = self.host_id
             self.metrics.record(out.record)
             records.append(out.record)
-            uploads.append((edge.edge_id, out.reset, out.upload_images))
+            uploads.append((out.record["edge_id"], out.reset, out.upload_images))
         return records, uploads
 
     def _due(self, edge: EdgeDevice) -> bool:

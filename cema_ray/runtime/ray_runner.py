@@ -19,6 +19,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from cema_ray.data.streams import stream_length
 from cema_ray.errors import ConfigError, RunInterrupted
 from cema_ray.results import RunRecorder
 from cema_ray.results.storage import is_uri
@@ -226,7 +227,7 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
         cloud, hosts = start_actors(cfg, groups, clean_ref, ckpt_dir, run_id)
         startup = time.perf_counter() - t_start
         host_nodes = len({wait_for_actor(h.node_id, where=f"edge host {i}") for i, h in enumerate(hosts)})
-        lengths = {p.edge_id: len(data.stream(p)) for p in plans}
+        lengths = {p.edge_id: stream_length(p.spec) for p in plans}
         total = sum(lengths.values())
         progress = RunProgress(f"{cfg['name']} [ray {cfg['mode']}]", total, cfg["output"]["progress"],
                                count_predictions=cfg["mode"] == "async")
