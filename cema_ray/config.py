@@ -148,8 +148,9 @@ RUN_SCHEMA = Section({
                                "only); keys: the group stream keys, frame_rate, uplink_samples_per_s, "
                                "uplink_bytes_per_s; a group's own keys win"),
         "heterogeneity_seed": integer(None, "seed of per-edge variation (null: the run seed)", nullable=True),
-        "fuse": boolean(True, "a host runs the batches of its edges that hold the same published weights and "
-                              "batch size as one forward (same predictions; false: one forward per edge)"),
+        "fuse_samples": integer(128, "a host stacks the batches of its edges that hold the same published weights "
+                                     "and batch size into forwards of up to this many samples (same predictions; "
+                                     "0: one forward per edge)", lo=0),
     }),
     "method": Section({
         "name": string("cema", "method or preset (see `cema-ray list`)", check=_check_method),

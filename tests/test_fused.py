@@ -77,16 +77,17 @@ def test_fused_rounds_equal_one_forward_per_edge(make_run_config, tmp_path, monk
 
     monkeypatch.setattr(HostModel, "infer", counting)
     common = (f"method.name={method}", *MIXED_SIZES, *extra)
-    run_experiment(make_run_config("edges.fuse=false", *common), tmp_path / "one")
+    run_experiment(make_run_config("edges.fuse_samples=0", *common), tmp_path / "one")
     alone = list(stacked)
     stacked.clear()
-    run_experiment(make_run_config("edges.fuse=true", *common), tmp_path / "fused")
+    run_experiment(make_run_config("edges.fuse_samples=64", *common), tmp_path / "fused")
     a, b = batch_table(tmp_path / "one"), batch_table(tmp_path / "fused")
     for col in (*COMPARED, "e_max", "mean_entropy"):
         assert np.array_equal(np.asarray(a[col]), np.asarray(b[col]), equal_nan=col in ("e_max", "mean_entropy")), col
     assert set(alone) == {1} and len(alone) == len(a["edge_id"])
-    if fuses:
-        assert max(stacked) >= 3 and len(stacked) < len(alone)  # edges of one batch size ran together
+    if fuses:  # edges of one batch size ran together, in stacks of at most 64 samples
+        assert max(stacked) >= 3 and len(stacked) < len(alone)
+        assert 4 in stacked and max(stacked) <= 4  # 4 x 16 samples; 24-sample batches go 2 at a time
     else:
         assert set(stacked) == {1}
 

@@ -10,8 +10,9 @@ as BN adapt; "mix": alpha * batch + (1 - alpha) * running), chosen per layer wit
 
 ``grouped_norm(model, G)`` makes every TBR layer treat its input as G stacked batches of equal size and
 normalise each with its own statistics: G virtual edges run one forward and get, bit for bit, what G
-forwards would give them (the channels of the G batches sit side by side, so each channel's reduction
-is the very one a single batch's forward computes, in the memory layout the single batch has).
+forwards would give them. Each batch is normalised on its own slice of the input (a view: same kernel,
+same memory layout as its own forward, so the same rounding); the convolutions, where the time goes,
+run on the whole stack.
 """
 from __future__ import annotations
 
@@ -72,28 +73,15 @@ class TBRBatchNorm2d(nn.BatchNorm2d):
         return self._forward_tbr(x, p)
 
     def _forward_grouped(self, x: torch.Tensor, g: int) -> torch.Tensor:
-        """(g * n, C, H, W) as g batches: regrouped to (n, g * C, H, W), normalised with g copies of this
-        layer's parameters and statistics side by side, and put back in order."""
+        """(g * n, C, H, W) as g batches of n: each slice (a view, in the input's memory layout) normalised with
+        the layer's own parameters, exactly as its own forward would; only the convolutions run stacked."""
         if self.training or not bool(self.stats_ready):
             raise ValueError("grouped TBR is for inference with statistics present (an edge whose next batch "
                              "adopts its statistics runs alone)")
-        total, c, h, w = x.shape
-        if total % g:
-            raise ValueError(f"grouped TBR: {total} samples do not split into {g} equal batches")
-        n = total // g
-
-        def wide(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.detach().repeat(g)
-
-        p = _Params(wide(self.weight), wide(self.bias), wide(self.running_mean), wide(self.running_var))
-        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            # Channels-last input (what oneDNN's convolutions often return) goes through batch norm's
-            # channels-last kernel, whose rounding differs from the NCHW one: regroup in that layout.
-            rows = x.permute(0, 2, 3, 1).reshape(g, n, h, w, c).permute(1, 2, 3, 0, 4).reshape(n, h, w, g * c)
-            out = self._forward_mode(rows.permute(0, 3, 1, 2), p).permute(0, 2, 3, 1)
-            return out.reshape(n, h, w, g, c).permute(3, 0, 1, 2, 4).reshape(total, h, w, c).permute(0, 3, 1, 2)
-        out = self._forward_mode(x.reshape(g, n, c, h, w).transpose(0, 1).reshape(n, g * c, h, w), p)
-        return out.view(n, g, c, h, w).transpose(0, 1).reshape(total, c, h, w)
+        if x.shape[0] % g:
+            raise ValueError(f"grouped TBR: {x.shape[0]} samples do not split into {g} equal batches")
+        p = _Params(self.weight, self.bias, self.running_mean, self.running_var)
+        return torch.cat([self._forward_mode(part, p) for part in x.split(x.shape[0] // g)])
 
     def _affine(self, x_hat: torch.Tensor, p: "_Params") -> torch.Tensor:
         if p.weight is None:

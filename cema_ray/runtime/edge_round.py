@@ -23,13 +23,14 @@ from cema_ray.methods.common import check_edge_input
 from cema_ray.runtime.edge import EdgeDevice, EdgeStep, OpenBatch
 
 
-def step_edges(edges: Sequence[EdgeDevice], newest: Callable[[EdgeDevice], int], fuse: bool = True
+def step_edges(edges: Sequence[EdgeDevice], newest: Callable[[EdgeDevice], int], fuse_samples: int = 0
                ) -> list[EdgeStep]:
-    """Each edge (in the given order) predicts its next batch; ``fuse``: stacked forwards where possible."""
+    """Each edge (in the given order) predicts its next batch; ``fuse_samples`` > 0: stacked forwards of up to
+    that many samples where the edges allow (0: one forward per edge)."""
     opened = [edge.open(newest(edge)) for edge in edges]
     results: list[tuple[EdgeResult, float] | None] = [None] * len(edges)
-    if fuse:
-        for members in fusable_groups(edges, opened):
+    if fuse_samples:
+        for members in fusable_groups(edges, opened, fuse_samples):
             for i, out in zip(members, forward_group([edges[i] for i in members], [opened[i] for i in members])):
                 results[i] = out
     steps = []
@@ -45,14 +46,19 @@ def step_edges(edges: Sequence[EdgeDevice], newest: Callable[[EdgeDevice], int],
     return steps
 
 
-def fusable_groups(edges: Sequence[EdgeDevice], opened: Sequence[OpenBatch]) -> list[list[int]]:
-    """Indices of edges that can share a forward, two or more per group, each group in edge order."""
+def fusable_groups(edges: Sequence[EdgeDevice], opened: Sequence[OpenBatch], max_samples: int) -> list[list[int]]:
+    """Indices of edges that can share a forward, two or more per group and at most ``max_samples`` samples
+    (past the batch that runs fastest, a bigger stack only spills the caches), each group in edge order."""
     groups: dict[tuple, list[int]] = {}
     for i, (edge, batch) in enumerate(zip(edges, opened)):
         key = edge.policy.fuse_key()
         if key is not None and batch.x is not None:
             groups.setdefault((key, tuple(batch.x.shape)), []).append(i)
-    return [members for members in groups.values() if len(members) > 1]
+    chunks = []
+    for (_, shape), members in groups.items():
+        per = max(1, max_samples // shape[0])
+        chunks += [members[a:a + per] for a in range(0, len(members), per)]
+    return [c for c in chunks if len(c) > 1]
 
 
 def forward_group(edges: Sequence[EdgeDevice], opened: Sequence[OpenBatch]) -> list[tuple[EdgeResult, float] | None]:

@@ -23,10 +23,10 @@ from cema_ray.runtime.journal import PartialWriter
 from cema_ray.threads import apply_threads
 
 
-def run_round(edges: list[EdgeDevice], cloud: CloudService, fuse: bool = True) -> list[EdgeStep]:
+def run_round(edges: list[EdgeDevice], cloud: CloudService, fuse_samples: int = 0) -> list[EdgeStep]:
     """One synchronous round over the edges that still have data (the reference order)."""
     active = [e for e in edges if not e.done]
-    steps = step_edges(active, lambda e: cloud.newest_version(e.edge_id), fuse)
+    steps = step_edges(active, lambda e: cloud.newest_version(e.edge_id), fuse_samples)
     for edge, out in zip(active, steps):
         if out.reset:
             cloud.reset(edge.edge_id)
@@ -57,7 +57,7 @@ def run_local(cfg: dict[str, Any], partial: PartialWriter | None = None) -> tupl
     progress = RunProgress(f"{cfg['name']} [local]", sum(len(e.stream) for e in edges), cfg["output"]["progress"])
     try:
         while any(not e.done for e in edges):
-            for out in run_round(edges, cloud, cfg["edges"]["fuse"]):
+            for out in run_round(edges, cloud, cfg["edges"]["fuse_samples"]):
                 out.record["host_id"] = 0
                 progress.add(out.record)
             progress.refresh()

@@ -108,7 +108,7 @@ class EdgeHost:
         limit = self.cfg["ray"]["host_step_edges"]
         if paced and limit is not None and len(due) > limit:  # async: the least advanced edges go first
             due = sorted(sorted(due, key=lambda e: (e.cursor, e.edge_id))[:limit], key=lambda e: e.edge_id)
-        for out in step_edges(due, lambda e: newest.get(e.edge_id, newest.get(SHARED, 0)), self.cfg["edges"]["fuse"]):
+        for out in step_edges(due, lambda e: newest.get(e.edge_id, newest.get(SHARED, 0)), self.cfg["edges"]["fuse_samples"]):
             out.record["host_id"] = self.host_id
             self.metrics.record(out.record)
             records.append(out.record)
