@@ -174,6 +174,10 @@ RUN_SCHEMA = Section({
         "num_gpus": number(0.0, "Ray runtime: GPUs reserved for the cloud actor (needed for cloud.device cuda on Ray)",
                            lo=0),
         "amp": boolean(False, "bfloat16 autocast of the cloud's forward and backward on CUDA (no effect on CPU)"),
+        "shards": integer(1, "cloud services, each serving the edges with edge id % shards == its index, with its own "
+                             "queue, replay, students and checkpoints (Ray: one actor each; sync mode)", lo=1),
+        "sync_every": integer(1, "with shards > 1: average the shards' foundations (norm layers) every N rounds",
+                              lo=1),
         "checkpoint_dir": string(None, "folder of the cloud's checkpoints, which the node that restarts the cloud must "
                                      "read (null: <output folder>/cloud_checkpoints, the local staging folder for a "
                                      "URI); on a multi-node cluster it must be an absolute path on a shared file "
@@ -446,6 +450,13 @@ def _check_faults(cfg: dict[str, Any]) -> None:
         fail("faults.kill_cloud", cfg["faults"]["kill_cloud"], "cloud.max_restarts is 0: a killed cloud cannot restart")
 
 
+def _check_shards(cfg: dict[str, Any]) -> None:
+    """Sharded clouds average their foundations through numbered sync rounds: async mode has none yet."""
+    if cfg["cloud"]["shards"] > 1 and cfg["runtime"] == "ray" and cfg["mode"] == "async":
+        fail("cloud.shards", cfg["cloud"]["shards"], "more than one cloud shard runs in mode: sync (async shards "
+                                                     "are not built yet)")
+
+
 def _check_device(cfg: dict[str, Any]) -> None:
     """cuda on Ray needs a GPU request (Ray hides the GPUs from an actor without one); in one process it needs a
     visible device, checked here. On Ray the cloud checks in its own process: the driver may have no GPU."""
@@ -522,6 +533,7 @@ def validate_run_config(raw: dict[str, Any], *, check_paths: bool = True) -> dic
     _check_settings(cfg)
     _check_faults(cfg)
     _check_device(cfg)
+    _check_shards(cfg)
     cfg["data"]["root"] = resolve_data_root(cfg["data"]["source"], cfg["data"]["root"], check=check_paths)
     _check_corrupted_source(cfg, raw.get("data") or {}, check_paths)
     return cfg

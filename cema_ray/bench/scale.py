@@ -115,18 +115,17 @@ def run_scale(base: dict[str, Any], edge_counts: list[int], out: Path, max_hosts
     ``repeats``: the whole sequence runs this many times, the runtimes interleaved, so that a shared
     machine's slow minutes hit both sides of a ratio alike (`summary_markdown` quotes medians).
     Each row is appended to ``out/scale.jsonl`` as it is measured, with the edge model's forward limit on
-    the cores the run's hosts had (measured in the same repeat, `bench.forward_limit`).
+    the cores the run's hosts had, measured right after the run (`bench.forward_limit`).
     """
     rows: list[dict[str, Any]] = []
     out.mkdir(parents=True, exist_ok=True)
     for rep in range(repeats):
         suffix = f"-r{rep}" if repeats > 1 else ""
-        limits: dict[int, dict[str, Any]] = {}
         for edges in edge_counts:
             for mode in modes:
                 cfg = scale_config(base, edges, max_hosts, mode, "ray")
-                _add(rows, dict(measure(cfg, out / f"ray-{mode}-{edges}{suffix}"), repeat=rep), base, limits, out,
-                     limit_seconds)
+                row = dict(measure(cfg, out / f"ray-{mode}-{edges}{suffix}"), repeat=rep)
+                _add(rows, row, base, out, limit_seconds)
             if edges <= local_up_to:
                 cfg = scale_config(base, edges, max_hosts, "sync", "local")
                 threads = torch.get_num_threads()
@@ -136,17 +135,15 @@ def run_scale(base: dict[str, Any], edge_counts: list[int], out: Path, max_hosts
                 finally:
                     torch.set_num_threads(threads)
                 row["threads"] = local_threads or threads
-                _add(rows, row, base, limits, out, limit_seconds)
+                _add(rows, row, base, out, limit_seconds)
     return rows
 
 
-def _add(rows: list[dict[str, Any]], row: dict[str, Any], base: dict[str, Any], limits: dict[int, dict[str, Any]],
-         out: Path, limit_seconds: float) -> None:
+def _add(rows: list[dict[str, Any]], row: dict[str, Any], base: dict[str, Any], out: Path,
+         limit_seconds: float) -> None:
     """The row with its forward limit and limit ratio, kept, printed and appended to scale.jsonl."""
     cores = max(1, min(row["hosts"] or 1, os.cpu_count() or 1)) if row["runtime"] == "ray" else row.get("threads", 1)
-    if cores not in limits:
-        limits[cores] = forward_limit(base, cores, limit_seconds)
-    row.update(limits[cores])
+    row.update(forward_limit(base, cores, limit_seconds))  # right after the run: a shared machine's speed drifts
     edge_rate = row.get("edge_samples_per_s")
     row["limit_ratio"] = edge_rate / row["forward_limit_samples_per_s"] if edge_rate else None
     rows.append(row)

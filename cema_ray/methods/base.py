@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from cema_ray.errors import ConfigError
+from cema_ray.models.norm import load_norm_state, norm_state
 from cema_ray.registry import Registry
 from cema_ray.schema import Field, Section, Settings, fail, join_key, suggest, validate_section
 
@@ -94,6 +95,15 @@ class CloudTrainer:
     def queued(self) -> int:
         """Uploaded samples waiting for a step (the cloud's queue depth)."""
         return 0
+
+    def shared_state(self) -> NormState | None:
+        """What the shards of a sharded cloud average to stay one model: the foundation's norm layers (the part
+        it adapts); None for a trainer without a foundation (each shard's model is its own)."""
+        foundation = getattr(self, "foundation", None)
+        return None if foundation is None else norm_state(foundation)
+
+    def load_shared_state(self, state: NormState) -> None:
+        load_norm_state(self.foundation, state)
 
     def state_dict(self) -> dict[str, Any]:
         return {}

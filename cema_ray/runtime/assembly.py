@@ -13,6 +13,7 @@ from torch import nn
 from cema_ray.runtime.cloud import CloudService
 from cema_ray.runtime.device import autocast, resolve_device
 from cema_ray.runtime.edge import EdgeDevice
+from cema_ray.runtime.shards import CloudShards
 from cema_ray.runtime.fleet import DataContext, EdgePlan, fresh_copy, load_model, make_generator, method_settings
 
 
@@ -26,23 +27,30 @@ def load_foundation(cfg: dict[str, Any]) -> nn.Module | None:
     return load_model(cfg["models"]["foundation"], cfg["data"], "foundation") if spec.uses_foundation else None
 
 
-def build_cloud(cfg: dict[str, Any], edge_model: nn.Module, foundation: nn.Module | None) -> CloudService:
-    """The method's cloud trainer on a fresh copy of the edge model, seeded from the run's seed, on the cloud's
-    device (`cloud.device`): the student copy and the foundation move there before the trainer builds its
-    optimisers, so every state the trainer creates lives there too."""
+def build_cloud(cfg: dict[str, Any], edge_model: nn.Module, foundation: nn.Module | None, shard: int = 0
+                ) -> CloudService:
+    """The method's cloud trainer on a fresh copy of the edge model, seeded from the run's seed (and its shard
+    index past the first), on the cloud's device (`cloud.device`): the student copy and the foundation move
+    there before the trainer builds its optimisers, so every state the trainer creates lives there too."""
     spec, settings = method_settings(cfg)
     device = resolve_device(cfg["cloud"]["device"])
     student = fresh_copy(edge_model).to(device)
-    foundation = foundation.to(device) if foundation is not None else None
-    trainer = spec.make_cloud(foundation, student, settings, make_generator(cfg["seed"], 1))
+    foundation = fresh_copy(foundation).to(device) if foundation is not None else None
+    trainer = spec.make_cloud(foundation, student, settings, make_generator(cfg["seed"], 1, *([shard] if shard else [])))
     return CloudService(trainer, cfg["method"]["student_scope"], cfg["method"]["publish_every"],
                         cfg["cloud"]["queue_capacity"], autocast=lambda: autocast(device, cfg["cloud"]["amp"]),
-                        device=str(device))
+                        device=str(device), shard=shard)
 
 
-def load_cloud(cfg: dict[str, Any]) -> CloudService:
+def load_cloud(cfg: dict[str, Any], shard: int = 0) -> CloudService:
     """`build_cloud` with the models read from the config's checkpoints (the cloud actor, `bench cloud`)."""
-    return build_cloud(cfg, load_edge_model(cfg), load_foundation(cfg))
+    return build_cloud(cfg, load_edge_model(cfg), load_foundation(cfg), shard)
+
+
+def build_shards(cfg: dict[str, Any], edge_model: nn.Module, foundation: nn.Module | None) -> CloudShards:
+    """`cloud.shards` clouds of one run, in one process (the local runner)."""
+    return CloudShards([build_cloud(cfg, edge_model, foundation, k) for k in range(cfg["cloud"]["shards"])],
+                       cfg["cloud"]["sync_every"])
 
 
 def build_edges(cfg: dict[str, Any], data: DataContext, edge_model: nn.Module, plans: list[EdgePlan]

@@ -144,8 +144,8 @@ class AsyncDriver:
         self.link.delivered(seq, delivery)
         if delivery.pubs:
             track_newest(self.newest, delivery.pubs)
-            self.latest_pubs.update({SHARED if p.edge_id is None else p.edge_id: p for p in delivery.pubs})
-            self.pub_log += [(delivery.published_at, SHARED if p.edge_id is None else p.edge_id, p.version)
+            self.latest_pubs.update({p.key: p for p in delivery.pubs})
+            self.pub_log += [(delivery.published_at, p.key, p.version)
                              for p in delivery.pubs]
             self.pool.broadcast(ray.put(delivery.pubs))  # put once; every host gets the same reference
         for rec in records:

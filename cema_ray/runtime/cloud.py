@@ -16,20 +16,34 @@ import numpy as np
 from cema_ray.methods.base import CloudTrainer, NormState
 from cema_ray.models.norm import state_nbytes
 
-SHARED = -1  # the student key when every edge shares one student
+SHARED = -1  # the student key when every edge shares one student (shard k's shared student: SHARED - k)
+
+
+def student_key(edge_id: int | None, shard: int = 0) -> int:
+    """Whose versions a publication counts: its edge's (a student per edge) or its shard's shared student."""
+    return SHARED - int(shard) if edge_id is None else int(edge_id)
 
 
 @dataclass
 class Publication:
-    """Parameters to load, the version they are, and which edges they are for (None = every edge)."""
+    """Parameters to load, the version they are, and which edges they are for (None = every edge of the shard)."""
 
     state: NormState
     version: int
     edge_id: int | None
+    shard: int = 0  # the cloud shard that published it (`cloud.shards`; edge e belongs to shard e % shards)
 
     @property
     def nbytes(self) -> int:
         return state_nbytes(self.state)
+
+    @property
+    def key(self) -> int:
+        return student_key(self.edge_id, self.shard)
+
+    def reaches(self, edge_id: int, shards: int) -> bool:
+        """Whether edge ``edge_id`` loads it."""
+        return edge_id == self.edge_id if self.edge_id is not None else int(edge_id) % int(shards) == self.shard
 
 
 @dataclass
@@ -46,8 +60,11 @@ class CloudService:
     """Receives uploads, runs the trainer, publishes versions (every `publish_every` rounds)."""
 
     def __init__(self, trainer: CloudTrainer, student_scope: str, publish_every: int, queue_capacity: int,
-                 autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext, device: str = "cpu") -> None:
-        """``autocast``: the context the trainer's steps run in (`cloud.amp` on CUDA); ``device``: where they run."""
+                 autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext, device: str = "cpu",
+                 shard: int = 0) -> None:
+        """``autocast``: the context the trainer's steps run in (`cloud.amp` on CUDA); ``device``: where they run;
+        ``shard``: which shard of the cloud this is (its publications say so)."""
+        self.shard = shard
         self.trainer = trainer
         self.autocast, self.device = autocast, device
         self.per_edge = student_scope == "per_edge"
@@ -100,7 +117,7 @@ class CloudService:
                 continue
             key = edge_id if self.per_edge else SHARED
             self.versions[key] = self.versions.get(key, 0) + 1
-            pubs.append(Publication(state, self.versions[key], edge_id if self.per_edge else None))
+            pubs.append(Publication(state, self.versions[key], edge_id if self.per_edge else None, self.shard))
         self.stats.publications += len(pubs)
         return pubs
 
@@ -118,5 +135,4 @@ class CloudService:
 def track_newest(newest: dict[int, int], pubs: list[Publication]) -> None:
     """Raise each student key's newest version to what these publications carry."""
     for pub in pubs:
-        key = SHARED if pub.edge_id is None else pub.edge_id
-        newest[key] = max(newest.get(key, 0), pub.version)
+        newest[pub.key] = max(newest.get(pub.key, 0), pub.version)

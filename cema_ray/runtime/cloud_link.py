@@ -20,22 +20,27 @@ class CloudLink:
     those replays produce were broadcast the first time and are dropped.
     """
 
-    def __init__(self, cloud: Any, faults: FaultSchedule, checkpointing: bool) -> None:
-        self.cloud, self.faults, self.checkpointing = cloud, faults, checkpointing
-        self.log: dict[int, tuple[list[int] | None, list[Any]]] = {}  # seq -> (edge ids, upload refs)
+    def __init__(self, cloud: Any, faults: FaultSchedule, checkpointing: bool, kills: bool = True) -> None:
+        """``kills``: this link's cloud is the one `faults.kill_cloud` kills (the first shard's)."""
+        self.cloud, self.faults, self.checkpointing, self.kills = cloud, faults, checkpointing, kills
+        # seq -> (edge ids, upload refs, the shards' averaged foundation to load first or None)
+        self.log: dict[int, tuple[list[int] | None, list[Any], Any]] = {}
         self.next_seq = 0
         self.kills_done: set[int] = set()
 
-    def submit(self, edge_ids: list[int] | None, uploads: list[Any]) -> tuple[int, Any]:
+    def submit(self, edge_ids: list[int] | None, uploads: list[Any], merge: Any = None) -> tuple[int, Any]:
         """Send the next delivery; returns its number and the reference of its result."""
         seq, self.next_seq = self.next_seq, self.next_seq + 1
-        self.log[seq] = (edge_ids, uploads)
+        self.log[seq] = (edge_ids, uploads, merge)
         return seq, self.send(seq)
 
+    def _call(self, seq: int) -> Any:
+        edge_ids, uploads, merge = self.log[seq]
+        return self.cloud.deliver.remote(seq, edge_ids, *uploads, merge=merge)
+
     def send(self, seq: int) -> Any:
-        edge_ids, uploads = self.log[seq]
-        ref = self.cloud.deliver.remote(seq, edge_ids, *uploads)
-        if self.faults.kill_cloud_at(seq) and seq not in self.kills_done:
+        ref = self._call(seq)
+        if self.kills and self.faults.kill_cloud_at(seq) and seq not in self.kills_done:
             self.kills_done.add(seq)
             ray.kill(self.cloud, no_restart=False)  # injected crash, mid-delivery
         return ref
@@ -91,9 +96,8 @@ class CloudLink:
         if position < first_undone and position not in self.log:
             raise RuntimeError(f"the restarted cloud resumed at delivery {position}, which the driver no longer holds")
         for seq in range(position, first_undone):
-            edge_ids, uploads = self.log[seq]
             self.before_replay(seq)
-            ray.get(self.cloud.deliver.remote(seq, edge_ids, *uploads))  # its publications went out already
+            ray.get(self._call(seq))  # its publications went out already
             self.faults.replayed += 1
         return restored
 

@@ -92,8 +92,8 @@ def _check_architecture(card: dict[str, Any], model_cfg: dict[str, Any], role: s
 UPLINK_KEYS = ("uplink_samples_per_s", "uplink_bytes_per_s")
 
 
-def edge_plans(cfg: dict[str, Any]) -> list[EdgePlan]:
-    """Every edge's stream and profile, deterministically.
+def edge_plans(cfg: dict[str, Any], ids: range | None = None) -> list[EdgePlan]:
+    """Every edge's stream and profile (or those of the edges in ``ids``), deterministically.
 
     Precedence, lowest first: the top-level `stream`, then the edge's draws from `edges.distributions`, then its
     group's keys (the group's `stream` keys; its `frame_rate` and uplink budget where they are not null; a group
@@ -115,7 +115,7 @@ def edge_plans(cfg: dict[str, Any]) -> list[EdgePlan]:
     faults = cfg.get("faults") or {}
     bad = plan_bad_batches(faults.get("bad_batches", 0), count, faults.get("seed", 0))
     plans = []
-    for e in range(count):
+    for e in range(count) if ids is None else ids:
         drawn = draw_edge_values(distributions, seed, e)
         stream = {**cfg["stream"], **{k: v for k, v in drawn.items() if k not in PROFILE_KEYS}}
         profile = {k: drawn.get(k) for k in PROFILE_KEYS}

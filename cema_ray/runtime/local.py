@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 from cema_ray.errors import RunInterrupted
-from cema_ray.runtime.cloud import CloudService, Publication
+from cema_ray.runtime.cloud import Publication
+from cema_ray.runtime.shards import CloudShards
 from cema_ray.runtime.edge import EdgeDevice, EdgeStep
 from cema_ray.runtime.edge_round import step_edges
-from cema_ray.runtime.assembly import build_cloud, build_edges, load_edge_model, load_foundation
+from cema_ray.runtime.assembly import build_edges, build_shards, load_edge_model, load_foundation
 from cema_ray.runtime.fleet import DataContext, edge_plans
 from cema_ray.results import RunRecorder
 from cema_ray.runtime.progress import RunProgress
@@ -23,7 +24,7 @@ from cema_ray.runtime.journal import PartialWriter
 from cema_ray.threads import apply_threads
 
 
-def run_round(edges: list[EdgeDevice], cloud: CloudService, fuse_samples: int = 0) -> list[EdgeStep]:
+def run_round(edges: list[EdgeDevice], cloud: CloudShards, fuse_samples: int = 0) -> list[EdgeStep]:
     """One synchronous round over the edges that still have data (the reference order)."""
     active = [e for e in edges if not e.done]
     steps = step_edges(active, lambda e: cloud.newest_version(e.edge_id), fuse_samples)
@@ -32,14 +33,14 @@ def run_round(edges: list[EdgeDevice], cloud: CloudService, fuse_samples: int = 
             cloud.reset(edge.edge_id)
         out.record["cloud_steps"] = cloud.receive(edge.edge_id, out.upload_images, out.upload_labels)
         out.record["dropped"] = cloud.last_refused
-    deliver(cloud.end_round([e.edge_id for e in active]), edges)
+    deliver(cloud.end_round([e.edge_id for e in active]), edges, len(cloud.services))
     return steps
 
 
-def deliver(pubs: list[Publication], edges: list[EdgeDevice]) -> None:
+def deliver(pubs: list[Publication], edges: list[EdgeDevice], shards: int = 1) -> None:
     by_id = {e.edge_id: e for e in edges}
     for pub in pubs:
-        targets = edges if pub.edge_id is None else [by_id[pub.edge_id]]
+        targets = [e for e in edges if pub.reaches(e.edge_id, shards)] if pub.edge_id is None else [by_id[pub.edge_id]]
         for edge in targets:
             edge.apply_update(pub.state, pub.version)
 
@@ -53,7 +54,7 @@ def run_local(cfg: dict[str, Any], partial: PartialWriter | None = None) -> tupl
     data = DataContext(cfg["data"])
     edge_model = load_edge_model(cfg)
     edges = build_edges(cfg, data, edge_model, edge_plans(cfg))
-    cloud = build_cloud(cfg, edge_model, load_foundation(cfg))
+    cloud = build_shards(cfg, edge_model, load_foundation(cfg))
     progress = RunProgress(f"{cfg['name']} [local]", sum(len(e.stream) for e in edges), cfg["output"]["progress"])
     try:
         while any(not e.done for e in edges):
@@ -70,7 +71,7 @@ def run_local(cfg: dict[str, Any], partial: PartialWriter | None = None) -> tupl
     return progress.recorder, _facts(progress, cloud, threads)
 
 
-def _facts(progress: RunProgress, cloud: CloudService, threads: int) -> dict[str, Any]:
+def _facts(progress: RunProgress, cloud: CloudShards, threads: int) -> dict[str, Any]:
     return {"wall_seconds": progress.elapsed, "dropped": cloud.stats.dropped,
             "cloud_steps": cloud.stats.steps, "publications": cloud.stats.publications, "threads": {"local": threads},
             "cloud_device": cloud.device}

@@ -19,23 +19,29 @@ import torch
 
 from cema_ray.data.catalog import LabeledImagesLike
 from cema_ray.errors import CemaError
-from cema_ray.runtime.cloud import SHARED, CloudService, Publication
+from cema_ray.methods.base import NormState
+from cema_ray.runtime.cloud import CloudService, Publication, student_key
 from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore
 from cema_ray.runtime.edge import EdgeDevice
 from cema_ray.runtime.edge_round import step_edges
 from cema_ray.runtime.malloc import keep_freed_memory
 from cema_ray.runtime.metrics import CloudMetrics, HostMetrics
 from cema_ray.runtime.assembly import build_edges, load_cloud, load_edge_model
-from cema_ray.runtime.fleet import DataContext, EdgePlan
+from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans
+from cema_ray.runtime.shards import shard_of
 
 
 class EdgeHost:
     """Hosts a contiguous range of virtual edges sharing one process and one torch runtime."""
 
-    def __init__(self, host_id: int, cfg: dict[str, Any], plans: list[EdgePlan],
+    def __init__(self, host_id: int, cfg: dict[str, Any], plans: list[EdgePlan] | range,
                  clean: LabeledImagesLike | None = None, threads: int = 1, nice: int = 0,
                  clean_in_restore: bool = False, run_label: str = "") -> None:
-        """``nice``: added to this process's niceness, so that a cloud on the same node gets the CPU first
+        """``plans``: the edges' plans, or the range of edge ids whose plans the host derives from ``cfg`` itself
+        (what the runner passes: a few thousand plans as a constructor argument would travel through the object
+        store, and Ray prints an error-level line for such restartable actors, ray#53727).
+
+        ``nice``: added to this process's niceness, so that a cloud on the same node gets the CPU first
         when both are busy (async mode): a starved cloud falls behind and its backlog drops uploads.
 
         ``clean_in_restore``: the edges are built by the first `restore`, which brings the clean images (the
@@ -47,7 +53,8 @@ class EdgeHost:
         by `restore`: raised while constructing, Ray would report a dead actor and bury the message; raised
         by a call, it reaches the driver as itself and ends the run in one line."""
         self.host_id = host_id
-        self.cfg, self.plans = cfg, plans
+        self.cfg = cfg
+        self.plans = edge_plans(cfg, plans) if isinstance(plans, range) else plans
         self.edges: list[EdgeDevice] = []
         self.by_id: dict[int, EdgeDevice] = {}
         self.built = False
@@ -108,7 +115,12 @@ class EdgeHost:
         limit = self.cfg["ray"]["host_step_edges"]
         if paced and limit is not None and len(due) > limit:  # async: the least advanced edges go first
             due = sorted(sorted(due, key=lambda e: (e.cursor, e.edge_id))[:limit], key=lambda e: e.edge_id)
-        for out in step_edges(due, lambda e: newest.get(e.edge_id, newest.get(SHARED, 0)), self.cfg["edges"]["fuse_samples"]):
+        shards = self.cfg["cloud"]["shards"]
+
+        def newest_of(e: EdgeDevice) -> int:
+            return newest.get(e.edge_id, newest.get(student_key(None, shard_of(e.edge_id, shards)), 0))
+
+        for out in step_edges(due, newest_of, self.cfg["edges"]["fuse_samples"]):
             out.record["host_id"] = self.host_id
             self.metrics.record(out.record)
             records.append(out.record)
@@ -135,10 +147,12 @@ class EdgeHost:
             time.sleep(min(waits))
 
     def apply(self, pubs: list[Publication]) -> int:
-        """Load published versions (shared ones into every edge); returns how many edges updated."""
-        updated = 0
+        """Load published versions (a shard's shared one into every edge of that shard); returns how many edges
+        updated."""
+        updated, shards = 0, self.cfg["cloud"]["shards"]
         for pub in pubs:
-            targets = self.edges if pub.edge_id is None else [self.by_id[pub.edge_id]] if pub.edge_id in self.by_id else []
+            targets = ([e for e in self.edges if pub.reaches(e.edge_id, shards)] if pub.edge_id is None else
+                       [self.by_id[pub.edge_id]] if pub.edge_id in self.by_id else [])
             for edge in targets:
                 before = edge.version
                 edge.apply_update(pub.state, pub.version)
@@ -197,6 +211,7 @@ class Delivery:
     checkpoint: int  # deliveries the newest checkpoint on disk covers: the driver may forget older ones
     published_at: float  # wall clock (time.time) when the publications were made
     refused: dict[int, int] = field(default_factory=dict)  # uploads the full queue refused, per edge (one batch each)
+    shared: NormState | None = None  # a shard's foundation state at a `cloud.sync_every` round, for the average
 
 
 class OutOfOrderDelivery(RuntimeError):
@@ -214,19 +229,22 @@ class CloudActor:
     """
 
     def __init__(self, cfg: dict[str, Any], threads: int = 1, checkpoint_dir: str | None = None,
-                 run_id: str = "", run_label: str = "") -> None:
+                 run_id: str = "", run_label: str = "", shard: int = 0) -> None:
         """A project error while building (a bad checkpoint) is kept and raised by `ping` and `position`,
-        the driver's first calls after a start or a restart, as EdgeHost does."""
+        the driver's first calls after a start or a restart, as EdgeHost does. ``shard``: which of the
+        `cloud.shards` clouds this is; it takes only its own edges' uploads from every delivery."""
         keep_freed_memory(int(cfg["ray"]["malloc_keep_mb"]))
         torch.set_num_threads(threads)
         self.init_error: CemaError | None = None
+        self.shard, self.shards = shard, int(cfg["cloud"]["shards"])
+        self.sync_every = int(cfg["cloud"]["sync_every"])
         try:
             self._build(cfg, checkpoint_dir, run_id, run_label)
         except CemaError as exc:
             self.init_error = exc
 
     def _build(self, cfg: dict[str, Any], checkpoint_dir: str | None, run_id: str, run_label: str) -> None:
-        self.service: CloudService = load_cloud(cfg)
+        self.service: CloudService = load_cloud(cfg, self.shard)
         self.metrics = CloudMetrics(run_label)
         self.every = int(cfg["cloud"]["checkpoint_every"])
         self.delay_s = float(cfg["faults"]["slow_cloud_s"])
@@ -240,7 +258,7 @@ class CloudActor:
             self.checkpointed = self.restored_from = position
 
     def __repr__(self) -> str:
-        return "CloudActor"
+        return "CloudActor" if self.shards == 1 else f"CloudActor{self.shard}"
 
     def ping(self) -> int:
         if self.init_error is not None:
@@ -253,12 +271,13 @@ class CloudActor:
             raise self.init_error
         return self.service.rounds, self.restored_from
 
-    def deliver(self, seq: int, edge_ids: list[int] | None, *host_uploads: list[tuple[int, bool, np.ndarray]]
-                ) -> Delivery:
-        """Ingest uploads in ascending edge id (the reference order), then publish what falls due.
+    def deliver(self, seq: int, edge_ids: list[int] | None, *host_uploads: list[tuple[int, bool, np.ndarray]],
+                merge: NormState | None = None) -> Delivery:
+        """Ingest this shard's uploads in ascending edge id (the reference order), then publish what falls due.
 
         ``edge_ids``: the edges taking part (sync: the whole round's, uploads or not); None means the
-        edges in the uploads (async: one host's call).
+        edges in the uploads (async: one host's call). ``merge``: the shards' averaged foundation, loaded
+        first (the driver averaged what the last sync round returned in `Delivery.shared`).
         """
         if seq != self.service.rounds:
             raise OutOfOrderDelivery(f"cloud expects delivery {self.service.rounds}, got {seq}")
@@ -267,7 +286,10 @@ class CloudActor:
             self.checkpointed = seq
         if self.delay_s:
             time.sleep(self.delay_s)
-        items = sorted((item for uploads in host_uploads for item in uploads), key=lambda it: it[0])
+        if merge is not None:
+            self.service.trainer.load_shared_state(merge)
+        items = sorted((item for uploads in host_uploads for item in uploads
+                        if shard_of(item[0], self.shards) == self.shard), key=lambda it: it[0])
         t0, trained = time.perf_counter(), self.service.stats.step_seconds
         steps, refused = {}, {}
         for edge_id, reset, images in items:
@@ -275,11 +297,14 @@ class CloudActor:
                 self.service.reset(edge_id)
             steps[edge_id] = self.service.receive(edge_id, images)
             refused[edge_id] = self.service.last_refused
-        pubs = self.service.end_round(sorted(steps if edge_ids is None else edge_ids))
+        mine = steps if edge_ids is None else [e for e in edge_ids if shard_of(e, self.shards) == self.shard]
+        pubs = self.service.end_round(sorted(mine))
         self.metrics.record(sum(len(it[2]) for it in items), sum(refused.values()), sum(steps.values()),
                             self.service.stats.step_seconds - trained, len(pubs), self.service.trainer.queued(),
                             time.perf_counter() - t0)
-        return Delivery(steps, pubs, self.checkpointed, time.time(), refused)
+        shared = (self.service.trainer.shared_state()
+                  if self.shards > 1 and self.service.rounds % self.sync_every == 0 else None)
+        return Delivery(steps, pubs, self.checkpointed, time.time(), refused, shared)
 
     def stats(self) -> dict[str, Any]:
         s = self.service.stats

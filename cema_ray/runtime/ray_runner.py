@@ -109,31 +109,36 @@ def actor_prefix(name: str, run_id: str) -> str:
 
 def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: Any, checkpoint_dir: str | None,
                  run_id: str) -> tuple[Any, list[Any]]:
-    """The cloud `<prefix>-cloud` and the hosts `<prefix>-edgehost-NNN` (`actor_prefix`).
+    """The cloud `<prefix>-cloud` (the shards `<prefix>-cloud-<k>`) and the hosts `<prefix>-edgehost-NNN`.
 
     The hosts get the clean images with their first `restore` (every start and restart is followed by one),
     not as a constructor argument: an object-store reference there makes Ray print an error-level line for
     every restartable actor (ray#53727). The driver holds the reference for the whole run."""
     rcfg = cfg["ray"]
     prefix = actor_prefix(cfg["name"], run_id)
-    cloud = ray.remote(CloudActor).options(
-        name=f"{prefix}-cloud", namespace=NAMESPACE, num_cpus=cfg["cloud"]["num_cpus"],
-        num_gpus=cfg["cloud"]["num_gpus"] or None,
-        max_restarts=cfg["cloud"]["max_restarts"] if checkpoint_dir else 0,
-        max_task_retries=0,  # the driver re-delivers, in order, after a restart
-    ).remote(cfg, cloud_threads(cfg["cloud"]), checkpoint_dir, run_id, prefix)
+    shards = cfg["cloud"]["shards"]
+    clouds = [
+        ray.remote(CloudActor).options(
+            name=cloud_name(prefix, k, shards), namespace=NAMESPACE, num_cpus=cfg["cloud"]["num_cpus"],
+            num_gpus=cfg["cloud"]["num_gpus"] or None,
+            max_restarts=cfg["cloud"]["max_restarts"] if checkpoint_dir else 0,
+            max_task_retries=0,  # the driver re-delivers, in order, after a restart
+        ).remote(cfg, cloud_threads(cfg["cloud"]), shard_folder(checkpoint_dir, k, shards), run_id, prefix, k)
+        for k in range(shards)
+    ]
     hosts = [
         ray.remote(EdgeHost).options(
             name=f"{prefix}-edgehost-{i:03d}", namespace=NAMESPACE, num_cpus=rcfg["host_num_cpus"],
             num_gpus=rcfg["host_num_gpus"] or None,
             memory=int(rcfg["host_memory_mb"]) * 2**20 or None, scheduling_strategy="SPREAD",
             max_restarts=-1, max_task_retries=0,  # restarted by Ray, restored by the driver
-        ).remote(i, cfg, plans, None, 1, int(rcfg["host_nice"]), True, prefix)
+        ).remote(i, cfg, range(plans[0].edge_id, plans[-1].edge_id + 1), None, 1, int(rcfg["host_nice"]), True, prefix)
         for i, plans in enumerate(groups)
     ]
     try:  # arms every host; an actor killed meanwhile is waited for (faults do not wait for the start-up)
         refs = [h.restore.remote({}, [], clean_ref) for h in hosts]  # all at once: the hosts build in parallel
-        wait_for_actor(cloud.ping, where="the cloud")
+        for k, cloud in enumerate(clouds):
+            wait_for_actor(cloud.ping, where=cloud_name("the", k, shards).replace("-", " "))
         for i, (h, ref) in enumerate(zip(hosts, refs)):
             try:
                 ray.get(ref)
@@ -145,9 +150,43 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
                     raise err from None
                 raise
     except BaseException:  # a project error while an actor was built ends the run in its own line
-        kill_actors([cloud, *hosts])
+        kill_actors([*clouds, *hosts])
         raise
-    return cloud, hosts
+    return clouds, hosts
+
+
+def free_cpus(cfg: dict[str, Any]) -> float:
+    """The cluster's CPUs left for hosts after the cloud shards' reservations. On a local instance (no
+    `ray.address`: its CPUs are all there will be) too few for one host is a config error, where the host would
+    wait for a CPU forever; a joined cluster may still be scaling up, and its hosts wait for their nodes."""
+    cloud = cfg["cloud"]["shards"] * cfg["cloud"]["num_cpus"]
+    free = cluster_cpus() - cloud
+    if free < cfg["ray"]["host_num_cpus"] and not cfg["ray"].get("address"):
+        raise ConfigError(f"cloud.shards x cloud.num_cpus = {cloud:g} CPUs leave {max(free, 0):g} of the cluster's "
+                          f"{cluster_cpus():g} for edge hosts, which need ray.host_num_cpus = "
+                          f"{cfg['ray']['host_num_cpus']:g} each: lower cloud.num_cpus or use more CPUs")
+    return free
+
+
+def shard_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cloud shards' counters added up (deliveries, device and GPUs are the first shard's)."""
+    total = dict(stats[0])
+    for other in stats[1:]:
+        for key in ("steps", "ingested", "dropped", "publications", "step_seconds"):
+            total[key] += other[key]
+    return total
+
+
+def cloud_name(prefix: str, shard: int, shards: int) -> str:
+    """`<prefix>-cloud`, or `<prefix>-cloud-<k>` for the shards of a sharded cloud."""
+    return f"{prefix}-cloud" if shards == 1 else f"{prefix}-cloud-{shard}"
+
+
+def shard_folder(checkpoint_dir: str | None, shard: int, shards: int) -> str | None:
+    """Each shard checkpoints into its own folder (`shard-<k>` below the run's) when there are several."""
+    if checkpoint_dir is None or shards == 1:
+        return checkpoint_dir
+    return str(Path(checkpoint_dir) / f"shard-{shard}")
 
 
 def checkpoint_folder(cfg: dict[str, Any], out: str | Path) -> str:
@@ -207,7 +246,7 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
         clean_ref = ray.put(data.clean) if data.clean is not None else None
         plans = edge_plans(cfg)
         count = host_count(len(plans), cfg["edges"]["per_host"], cfg["edges"].get("hosts"),
-                           cluster_cpus() - cfg["cloud"]["num_cpus"], cfg["ray"]["host_num_cpus"])
+                           free_cpus(cfg), cfg["ray"]["host_num_cpus"])
         groups = split_hosts(plans, count)
         checkpointing = cfg["cloud"]["checkpoint_every"] > 0
         if out_dir is None and checkpointing:
@@ -221,10 +260,13 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                 journal.start(cfg)
         if resume and journal is None:
             raise ConfigError("--resume continues sync-mode Ray runs with cloud.checkpoint_every > 0")
+        if resume and cfg["cloud"]["shards"] > 1:
+            raise ConfigError("--resume continues runs of one cloud; this run has cloud.shards > 1")
         if cfg["output"]["progress"]:
             print(f"ray: actors {actor_prefix(cfg['name'], run_id)}-cloud and -edgehost-000..{len(groups) - 1:03d} "
                   f"in namespace '{NAMESPACE}' (dashboard: Actors page)", file=sys.stderr, flush=True)
-        cloud, hosts = start_actors(cfg, groups, clean_ref, ckpt_dir, run_id)
+        clouds, hosts = start_actors(cfg, groups, clean_ref, ckpt_dir, run_id)
+        cloud = clouds[0]
         startup = time.perf_counter() - t_start
         host_nodes = len({wait_for_actor(h.node_id, where=f"edge host {i}") for i, h in enumerate(hosts)})
         lengths = {p.edge_id: stream_length(p.spec) for p in plans}
@@ -236,11 +278,12 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                                     fcfg["kill_cloud"], fcfg["raise_in_hosts"])
         extra: dict[str, Any] = {}
         try:
-            link, pool = CloudLink(cloud, faults, checkpointing), HostPool(hosts, faults, clean_ref)
+            links = [CloudLink(c, faults, checkpointing, kills=k == 0) for k, c in enumerate(clouds)]
+            link, pool = links[0], HostPool(hosts, faults, clean_ref)
             if cfg["mode"] == "sync":
                 start = (resume_hosts(cloud, hosts, groups, journal, Path(out_dir), lengths, progress, clean_ref)
                          if resume else None)
-                SyncDriver(link, pool, progress, lengths, journal, cfg["cloud"]["checkpoint_every"], partial,
+                SyncDriver(links, pool, progress, lengths, journal, cfg["cloud"]["checkpoint_every"], partial,
                            start).run()
                 dropped = 0
                 if journal is not None:
@@ -253,15 +296,15 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                 extra = {"max_backlog": driver.max_backlog, "backlog_bound": driver.backlog_bound}
         except KeyboardInterrupt:  # the records the driver has are whole batches: write them, then stop
             progress.close()
-            kill_actors([cloud, *hosts])
+            kill_actors([*clouds, *hosts])
             raise RunInterrupted(progress.recorder, {"wall_seconds": progress.elapsed, "num_hosts": len(hosts),
                                                      "faults": faults.report()}) from None
         except BaseException:
             progress.close()
-            kill_actors([cloud, *hosts])  # on a shared cluster nobody else would stop them
+            kill_actors([*clouds, *hosts])  # on a shared cluster nobody else would stop them
             raise
         progress.close()
-        stats = wait_for_actor(cloud.stats)
+        stats = shard_stats([wait_for_actor(c.stats) for c in clouds])
         facts = {"wall_seconds": progress.elapsed, "startup_seconds": startup, "num_hosts": len(hosts),
                  "host_nodes": host_nodes, "ray_run": actor_prefix(cfg["name"], run_id),
                  "dropped": stats["dropped"] + dropped, "cloud_steps": stats["steps"],
@@ -269,7 +312,7 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                  "cloud_deliveries": stats["deliveries"], "cloud_ingested": stats["ingested"], "faults": faults.report(),
                  "threads": {"cloud": cloud_threads(cfg["cloud"]), "edge_host": 1},
                  "cloud_device": stats["device"], "cloud_gpu_ids": stats["gpu_ids"], **extra}
-        kill_actors([cloud, *hosts])
+        kill_actors([*clouds, *hosts])
         return progress.recorder, facts
     finally:
         if started:

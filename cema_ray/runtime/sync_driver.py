@@ -20,6 +20,7 @@ from cema_ray.runtime.host_pool import HostPool
 from cema_ray.runtime.journal import PartialWriter, ResumeJournal
 from cema_ray.runtime.progress import RunProgress
 from cema_ray.runtime.ray_actors import Delivery
+from cema_ray.runtime.shards import average_states
 
 
 @dataclass
@@ -42,10 +43,12 @@ class SyncDriver:
     records an undisturbed run gives.
     """
 
-    def __init__(self, link: CloudLink, pool: HostPool, progress: RunProgress, lengths: dict[int, int],
+    def __init__(self, links: list[CloudLink], pool: HostPool, progress: RunProgress, lengths: dict[int, int],
                  journal: ResumeJournal | None = None, every: int = 0, partial: PartialWriter | None = None,
                  start: ResumePoint | None = None) -> None:
-        self.link, self.pool, self.progress = link, pool, progress
+        """``links``: one per cloud shard (`cloud.shards`); every round goes to each, which takes its own edges."""
+        self.links, self.pool, self.progress = links, pool, progress
+        self.merge: Any = None  # the shards' averaged foundation, loaded with the next delivery
         self.lengths = lengths  # batches per edge: edge e takes part in rounds 0 .. lengths[e] - 1
         self.journal, self.every, self.partial = journal, every, partial
         self.latest_pubs: list[Publication] = []
@@ -53,7 +56,7 @@ class SyncDriver:
         self.newest: dict[int, int] = {}
         self.first_round = 0
         if start is not None:  # a resumed run: the hosts hold round `start.position`'s state already
-            self.first_round = self.link.next_seq = start.position
+            self.first_round = self.links[0].next_seq = start.position
             self.latest_pubs, self.newest = start.pubs, dict(start.newest)
 
     def run(self) -> None:
@@ -91,14 +94,28 @@ class SyncDriver:
             self.partial.maybe(self.progress.recorder, force=True)
 
     def _deliver(self, edge_ids: list[int], uploads: list[Any]) -> Delivery:
-        seq, ref = self.link.submit(edge_ids, uploads)
+        """The round to every shard at once; their deliveries settled one by one (each recovers by itself), then
+        joined, and at a sync round the shards' foundations averaged for the next delivery."""
+        sent = [link.submit(edge_ids, uploads, self.merge) for link in self.links]
+        deliveries = [self._settle(link, seq, ref) for link, (seq, ref) in zip(self.links, sent)]
+        if len(deliveries) == 1:
+            return deliveries[0]
+        shared = [d.shared for d in deliveries]
+        self.merge = average_states(shared) if shared[0] is not None else None
+        return Delivery(steps={e: n for d in deliveries for e, n in d.steps.items()},
+                        pubs=[p for d in deliveries for p in d.pubs],
+                        checkpoint=min(d.checkpoint for d in deliveries),
+                        published_at=max(d.published_at for d in deliveries),
+                        refused={e: n for d in deliveries for e, n in d.refused.items()})
+
+    def _settle(self, link: CloudLink, seq: int, ref: Any) -> Delivery:
         for _ in range(MAX_RECOVERIES_PER_ROUND):
             try:
                 delivery = ray.get(ref)
-                self.link.delivered(seq, delivery)
+                link.delivered(seq, delivery)
                 return delivery
             except (RayActorError, RayTaskError) as exc:
-                self.link.raise_unless_recoverable(exc)
-                self.link.recover(seq)
-                ref = self.link.send(seq)
+                link.raise_unless_recoverable(exc)
+                link.recover(seq)
+                ref = link.send(seq)
         raise RuntimeError(f"the cloud kept failing: gave up after {MAX_RECOVERIES_PER_ROUND} restarts")
