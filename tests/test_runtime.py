@@ -272,7 +272,7 @@ def test_driver_forgets_deliveries_no_recovery_can_need(checkpointing, kept):
     from cema_ray.runtime.ray_actors import Delivery
     from cema_ray.runtime.cloud_link import CloudLink
 
-    cloud = SimpleNamespace(deliver=SimpleNamespace(remote=lambda *a: object()))
+    cloud = SimpleNamespace(deliver=SimpleNamespace(remote=lambda *a, **kw: object()))
     link = CloudLink(cloud, FaultSchedule.plan(0, 10, 1, 0, 0, 0), checkpointing)
     for _ in range(5):
         seq, _ref = link.submit([0], [object()])
