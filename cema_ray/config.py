@@ -175,8 +175,9 @@ RUN_SCHEMA = Section({
                            lo=0),
         "amp": boolean(False, "bfloat16 autocast of the cloud's forward and backward on CUDA (no effect on CPU)"),
         "shards": integer(1, "cloud services, each serving the edges with edge id % shards == its index, with its own "
-                             "queue, replay, students and checkpoints (Ray: one actor each; sync mode)", lo=1),
-        "sync_every": integer(1, "with shards > 1: average the shards' foundations (norm layers) every N rounds",
+                             "queue, replay, students and checkpoints (Ray: one actor each)", lo=1),
+        "sync_every": integer(1, "with shards > 1: average the shards' foundations (norm layers) every N rounds "
+                                 "(async: a shard shares every N of its deliveries, one share in flight)",
                               lo=1),
         "checkpoint_dir": string(None, "folder of the cloud's checkpoints, which the node that restarts the cloud must "
                                      "read (null: <output folder>/cloud_checkpoints, the local staging folder for a "
@@ -450,13 +451,6 @@ def _check_faults(cfg: dict[str, Any]) -> None:
         fail("faults.kill_cloud", cfg["faults"]["kill_cloud"], "cloud.max_restarts is 0: a killed cloud cannot restart")
 
 
-def _check_shards(cfg: dict[str, Any]) -> None:
-    """Sharded clouds average their foundations through numbered sync rounds: async mode has none yet."""
-    if cfg["cloud"]["shards"] > 1 and cfg["runtime"] == "ray" and cfg["mode"] == "async":
-        fail("cloud.shards", cfg["cloud"]["shards"], "more than one cloud shard runs in mode: sync (async shards "
-                                                     "are not built yet)")
-
-
 def _check_device(cfg: dict[str, Any]) -> None:
     """cuda on Ray needs a GPU request (Ray hides the GPUs from an actor without one); in one process it needs a
     visible device, checked here. On Ray the cloud checks in its own process: the driver may have no GPU."""
@@ -533,7 +527,6 @@ def validate_run_config(raw: dict[str, Any], *, check_paths: bool = True) -> dic
     _check_settings(cfg)
     _check_faults(cfg)
     _check_device(cfg)
-    _check_shards(cfg)
     cfg["data"]["root"] = resolve_data_root(cfg["data"]["source"], cfg["data"]["root"], check=check_paths)
     _check_corrupted_source(cfg, raw.get("data") or {}, check_paths)
     return cfg

@@ -274,6 +274,10 @@ def test_scale_measures_ray_and_local_side_by_side(run_yaml: Path, tmp_path: Pat
         assert r["limit_ratio"] == pytest.approx(r["edge_samples_per_s"] / r["forward_limit_samples_per_s"])
         assert 0 <= r["published_fraction"] <= 1
     assert ray_row["forward_cores"] == 2 and ray_row["published_fraction"] > 0  # upload-all publishes every round
+    # the cloud's load: ms per step, the share of the wall time it stepped, its sync phase's own step rate
+    assert ray_row["shards"] == 1 and ray_row["cloud_ms_per_step"] > 0 and 0 < ray_row["cloud_busy"] <= 1
+    assert ray_row["cloud_phase_steps_per_s"] > ray_row["cloud_steps_per_s"]  # the phase is part of the wall time
+    assert local_row["cloud_busy"] is None  # the local runner does not time its cloud apart
     assert [json.loads(line)["runtime"] for line in (out / "scale.jsonl").read_text().splitlines()] == ["ray", "local"]
 
 
@@ -289,9 +293,9 @@ def test_scale_summary_quotes_medians_of_paired_ratios() -> None:
             for rep, pair in enumerate(rates) for rt, rate in zip(("ray", "local"), pair)]
     summary = summary_markdown(rows)
     ray_line = next(line for line in summary.splitlines() if line.startswith("| ray |"))
-    assert cells(ray_line)[3:9] == ["3", "90", "50 - 100", "", "1.00", "0.83"]
+    assert cells(ray_line)[3:10] == ["1", "3", "90", "50 - 100", "", "1.00", "0.83"]  # 1 shard: rows without one
     local_line = next(line for line in summary.splitlines() if line.startswith("| local |"))
-    assert cells(local_line)[4] == "100"  # median of 200, 60, 100
+    assert cells(local_line)[5] == "100"  # median of 200, 60, 100
     page = markdown(rows, "cmd")
     assert page.index("(median of paired ratios)") < page.index("Every run:")
     assert "| 1 | ray | sync | 4 |" in page and page.count("| 0.83 |") == 2  # the summary and repeat 1's row

@@ -99,17 +99,20 @@ def test_ray_async_accounts_every_sample_and_records_staleness(ray_session, make
 def test_async_version_lag_counts_the_versions_published_before_the_batch():
     """`fix_lags`: a batch's lag is the newest version its student key had when the batch was predicted, minus
     the version the edge used; publications after the prediction do not count, per-edge keys win over shared."""
+    from cema_ray.runtime.async_driver import fix_lags
     from cema_ray.runtime.cloud import SHARED
-    from cema_ray.runtime.async_driver import AsyncDriver
 
-    driver = object.__new__(AsyncDriver)  # only the publication log matters here
-    driver.pub_log = [(1.0, SHARED, 1), (2.0, SHARED, 2), (3.0, SHARED, 3), (2.5, 7, 5)]
+    pub_log = [(1.0, SHARED, 1), (2.0, SHARED, 2), (3.0, SHARED, 3), (2.5, 7, 5)]
     records = [{"edge_id": 0, "predicted_at": 2.2, "weight_version": 1},
                {"edge_id": 0, "predicted_at": 0.5, "weight_version": 0},
                {"edge_id": 0, "predicted_at": 9.0, "weight_version": 3},
                {"edge_id": 7, "predicted_at": 2.6, "weight_version": 2}]
-    driver.fix_lags(records)
+    fix_lags(records, pub_log, 1)
     assert [r["version_lag"] for r in records] == [1, 0, 0, 3]
+    sharded = [{"edge_id": 1, "predicted_at": 2.0, "weight_version": 1},  # shard 1's shared student
+               {"edge_id": 2, "predicted_at": 2.0, "weight_version": 1}]  # shard 0's
+    fix_lags(sharded, [*pub_log, (1.0, SHARED - 1, 4)], 2)
+    assert [r["version_lag"] for r in sharded] == [3, 1]
 
 
 @pytest.mark.ray

@@ -67,9 +67,7 @@ def test_local_shards_account_for_every_sample_and_version_per_shard(make_run_co
     assert max(t["weight_version"]) >= 1
 
 
-def test_async_shards_and_a_cloud_without_room_for_hosts_are_refused(make_run_config, monkeypatch):
-    with pytest.raises(ConfigError, match="cloud.shards.*mode: sync"):
-        make_run_config("runtime=ray", "mode=async", "cloud.shards=2")
+def test_a_cloud_without_room_for_hosts_is_refused(make_run_config, monkeypatch):
     from cema_ray.runtime import ray_runner
 
     monkeypatch.setattr(ray_runner, "cluster_cpus", lambda: 2.0)
@@ -77,6 +75,45 @@ def test_async_shards_and_a_cloud_without_room_for_hosts_are_refused(make_run_co
     with pytest.raises(ConfigError, match="leave 0 of the cluster's 2 for edge hosts"):
         ray_runner.free_cpus(cfg)
     assert ray_runner.free_cpus(make_run_config("runtime=ray", "cloud.shards=2", "cloud.num_cpus=0.75")) == 0.5
+
+
+def test_a_late_mean_is_applied_as_a_correction_not_a_rollback(make_run_config):
+    """`CloudService.share`/`merge`: one share in flight per shard; a mean arriving before any further delivery
+    is loaded as is (sync rounds), one arriving after more deliveries moves the state by mean - sent (async)."""
+    from cema_ray.runtime.assembly import build_shards, load_edge_model, load_foundation
+
+    torch.set_num_threads(1)
+    cfg = make_run_config(*CEMA, "cloud.shards=2", "edges.count=2")
+    service = build_shards(cfg, load_edge_model(cfg), load_foundation(cfg)).services[0]
+    rng = np.random.default_rng(0)
+
+    def deliver() -> None:
+        service.receive(0, rng.integers(0, 256, (32, 28, 28, 1), np.uint8))
+        service.end_round([0])
+
+    deliver()
+    sent = service.share()
+    assert sent is not None and service.share() is None  # the first share waits for its mean
+    mean = {k: np.asarray(v, np.float32) + np.float32(0.5) for k, v in sent.items()}
+    service.merge(mean)
+    state = service.trainer.shared_state()
+    assert all(np.array_equal(np.asarray(state[k], np.float32), mean[k]) for k in mean)  # loaded as is
+
+    sent = service.share()
+    deliver()
+    deliver()
+    moved = service.trainer.shared_state()
+    changed = [k for k in sent if not np.array_equal(sent[k], moved[k])]
+    assert changed  # the two deliveries adapted the foundation after the share
+    mean = {k: np.asarray(v, np.float32) + np.float32(0.25) for k, v in sent.items()}
+    snapshot = service.state_dict()["shared_sent"]
+    assert snapshot is not None and snapshot[0] == service.rounds - 2  # a checkpoint keeps the share
+    service.merge(mean)
+    after = service.trainer.shared_state()
+    for k in changed:
+        expected = np.asarray(moved[k], np.float32) + np.float32(0.25)
+        assert np.allclose(np.asarray(after[k], np.float32), expected, atol=1e-6), k
+    assert service.share() is not None  # merged: the shard shares again
 
 
 @pytest.mark.ray
@@ -109,3 +146,37 @@ def test_a_killed_shard_recovers_and_changes_nothing(ray_session, make_run_confi
         assert a[col] == b[col], col
     assert (tmp_path / "hit" / "cloud_checkpoints" / "shard-0" / "LATEST").is_file()
     assert (tmp_path / "hit" / "cloud_checkpoints" / "shard-1" / "LATEST").is_file()
+
+
+@pytest.mark.ray
+def test_async_shards_account_for_every_sample_and_average_their_foundations(ray_session, make_run_config,
+                                                                              tmp_path):
+    """Async, 2 shards, backpressure: every sample predicted once, every upload taken, both shards publish
+    their own versions, and the foundations are averaged while the edges run."""
+    torch.set_num_threads(1)
+    cfg = make_run_config("runtime=ray", "mode=async", *CEMA, "edges.count=4", "edges.per_host=2",
+                          "stream.samples_per_domain=128", "cloud.shards=2", "ray.backlog_full=wait")
+    summary = run_experiment(cfg, tmp_path / "a")
+    t = batch_table(tmp_path / "a")
+    ids = [i for a, b in zip(t["first_id"], t["last_id"]) for i in range(a, b + 1)]
+    assert len(ids) == len(set(ids)) == summary["samples"] == 4 * 256
+    assert summary["dropped"] == 0 and summary["uploaded"] == summary["cloud_ingested"] > 0
+    assert summary["shard_merges"] >= 1
+    assert summary["cloud_steps"] == sum(t["cloud_steps"]) > 0
+    for shard in (0, 1):  # each shard's edges ran on its own published versions
+        versions = [v for e, v in zip(t["edge_id"], t["weight_version"]) if e % 2 == shard]
+        assert max(versions) >= 1, shard
+
+
+@pytest.mark.ray
+def test_a_killed_shard_in_async_mode_loses_no_sample(ray_session, make_run_config, tmp_path):
+    torch.set_num_threads(1)
+    cfg = make_run_config("runtime=ray", "mode=async", "method.name=upload-all", "edges.count=4",
+                          "edges.per_host=2", "stream.samples_per_domain=128", "cloud.checkpoint_every=2",
+                          "cloud.shards=2", "faults.kill_cloud=1", "ray.backlog_full=wait")
+    summary = run_experiment(cfg, tmp_path / "k")
+    t = batch_table(tmp_path / "k")
+    ids = [i for a, b in zip(t["first_id"], t["last_id"]) for i in range(a, b + 1)]
+    assert len(ids) == len(set(ids)) == summary["samples"] == 4 * 256
+    assert summary["faults"]["cloud_recoveries"] >= 1
+    assert summary["dropped"] == 0 and summary["uploaded"] == summary["cloud_ingested"] == summary["samples"]

@@ -101,7 +101,20 @@ def measure(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         "dropped": summary["dropped"], "bytes_down": summary.get("bytes_down", 0),
         # batches predicted with a version the cloud published: a fleet that never adapts measures the wrong work
         "published_fraction": float(published.mean()) if len(published) else 0.0,
+        **cloud_load(cfg, summary),
     }
+
+
+def cloud_load(cfg: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """What the cloud's shards spent: ms per step (it rises when the shards contend for memory and caches),
+    the fraction of the wall time they were stepping (near 1: the run is cloud-bound), and, in sync mode,
+    the wall time of the rounds' cloud phase (the hosts wait meanwhile; a faster cloud shortens only that)."""
+    shards, steps = cfg["cloud"]["shards"], summary.get("cloud_steps", 0)
+    busy = summary.get("cloud_step_seconds")
+    phase = (summary.get("phase_seconds") or {}).get("cloud")
+    return {"shards": shards, "cloud_ms_per_step": 1000 * busy / steps if busy and steps else None,
+            "cloud_busy": busy / (summary["wall_seconds"] * shards) if busy else None,
+            "cloud_phase_steps_per_s": steps / phase if phase else None}
 
 
 def run_scale(base: dict[str, Any], edge_counts: list[int], out: Path, max_hosts: int | None,
@@ -169,18 +182,19 @@ def bytes_per_edge(rows: list[dict[str, Any]]) -> dict[int, float | None]:
 def summary_markdown(rows: list[dict[str, Any]]) -> str:
     """Medians over repeats per (runtime, mode, edges); Ray/local is the median of the ratios of runs
     made in the same repeat (side by side), not a ratio of medians."""
-    keys = list(dict.fromkeys((r["runtime"], r["mode"], r["edges"]) for r in rows))
+    keys = list(dict.fromkeys((r["runtime"], r["mode"], r["edges"], r.get("shards", 1)) for r in rows))
     local = {(r["repeat"], r["edges"]): r["samples_per_s"] for r in rows if r["runtime"] == "local"}
-    head = ("| runtime | mode | edges | runs | samples/s (median) | min - max | limit ratio (median) | "
-            "cloud steps/s (median) | Ray/local (median of paired ratios) |\n" + "|---" * 9 + "|\n")
+    head = ("| runtime | mode | edges | shards | runs | samples/s (median) | min - max | limit ratio (median) | "
+            "cloud steps/s (median) | Ray/local (median of paired ratios) |\n" + "|---" * 10 + "|\n")
     lines = []
-    for runtime, mode, edges in keys:
-        runs = [r for r in rows if (r["runtime"], r["mode"], r["edges"]) == (runtime, mode, edges)]
+    for runtime, mode, edges, shards in keys:
+        runs = [r for r in rows if (r["runtime"], r["mode"], r["edges"], r.get("shards", 1)) == (runtime, mode, edges,
+                                                                                                  shards)]
         rates = [r["samples_per_s"] for r in runs]
         ratios = [r["samples_per_s"] / local[r["repeat"], edges] for r in runs
                   if runtime == "ray" and (r["repeat"], edges) in local]
         limit_ratios = [r["limit_ratio"] for r in runs if r.get("limit_ratio") is not None]
-        cells = [runtime, mode, edges, len(runs), f"{median(rates):.0f}", f"{min(rates):.0f} - {max(rates):.0f}",
+        cells = [runtime, mode, edges, shards, len(runs), f"{median(rates):.0f}", f"{min(rates):.0f} - {max(rates):.0f}",
                  _fmt(median(limit_ratios) if limit_ratios else None, ".2f"),
                  f"{median([r['cloud_steps_per_s'] for r in runs]):.2f}",
                  f"{median(ratios):.2f}" if ratios else ""]
@@ -189,9 +203,10 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], command: str) -> str:
-    head = ("| run | runtime | mode | edges | hosts | samples | samples/s | edge samples/s | forward limit | limit ratio | "
-            "cloud steps/s | start-up s | worker USS MB (workers) | bytes/edge | on a published version | "
-            "lag median | accuracy | uploads | dropped | Ray/local |\n" + "|---" * 20 + "|\n")
+    head = ("| run | runtime | mode | edges | hosts | shards | samples | samples/s | edge samples/s | forward limit | "
+            "limit ratio | cloud steps/s | cloud ms/step | cloud busy | start-up s | worker USS MB (workers) | "
+            "bytes/edge | on a published version | lag median | accuracy | uploads | dropped | Ray/local |\n"
+            + "|---" * 23 + "|\n")
     local = {(r.get("repeat", 0), r["edges"]): r["samples_per_s"] for r in rows if r["runtime"] == "local"}
     per_edge = bytes_per_edge(rows)
     lines = []
@@ -199,11 +214,13 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         key = (r.get("repeat", 0), r["edges"])
         ratio = r["samples_per_s"] / local[key] if r["runtime"] == "ray" and key in local else None
         cells = [
-            r.get("repeat", 0), r["runtime"], r["mode"], r["edges"], r["hosts"], r["samples"], f"{r['samples_per_s']:.0f}",
-            _fmt(r.get("edge_samples_per_s"), ".0f"), _fmt(r.get("forward_limit_samples_per_s"), ".0f"),
-            _fmt(r.get("limit_ratio"), ".2f"), f"{r['cloud_steps_per_s']:.2f}", _fmt(r["startup_s"], ".1f"),
+            r.get("repeat", 0), r["runtime"], r["mode"], r["edges"], r["hosts"], r.get("shards", 1), r["samples"],
+            f"{r['samples_per_s']:.0f}", _fmt(r.get("edge_samples_per_s"), ".0f"),
+            _fmt(r.get("forward_limit_samples_per_s"), ".0f"), _fmt(r.get("limit_ratio"), ".2f"),
+            f"{r['cloud_steps_per_s']:.2f}", _fmt(r.get("cloud_ms_per_step"), ".0f"),
+            _pct(r.get("cloud_busy"), ".0f"), _fmt(r["startup_s"], ".1f"),
             f"{r['worker_uss_mb']:.0f} ({r['workers']})", _fmt(per_edge[i], ".0f"),
-            _fmt(None if r.get("published_fraction") is None else 100 * r["published_fraction"], ".1f") + "%",
+            _pct(r.get("published_fraction"), ".1f"),
             _fmt(r["version_lag_median"], ".0f"),
             f"{100 * r['accuracy']:.1f}%", f"{100 * r['upload_fraction']:.1f}%", r["dropped"], _fmt(ratio, ".2f"),
         ]
@@ -216,3 +233,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
 
 def _fmt(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
+
+
+def _pct(fraction: float | None, spec: str) -> str:
+    return "" if fraction is None else format(100 * fraction, spec) + "%"

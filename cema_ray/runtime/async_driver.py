@@ -1,18 +1,38 @@
-"""Async mode on Ray: edges run ahead of the cloud, uploads stream through a bounded backlog."""
+"""Async mode on Ray: edges run ahead of the cloud, uploads stream through a bounded backlog per cloud shard."""
 from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from cema_ray.runtime.cloud import SHARED, Publication, track_newest
+from cema_ray.runtime.cloud import Publication, student_key, track_newest
 from cema_ray.runtime.cloud_link import CloudLink
 from cema_ray.runtime.host_pool import HostPool
 from cema_ray.runtime.journal import PartialWriter
 from cema_ray.runtime.progress import RunProgress
+from cema_ray.runtime.shards import average_states, shard_of
+
+Records = list[dict[str, Any]]
+
+
+@dataclass
+class Lane:
+    """One cloud shard as the async driver sees it: its link, the deliveries waiting for it, its calls."""
+
+    link: CloudLink
+    backlog: deque[tuple[Any, Records]] = field(default_factory=deque)  # (a host step's uploads, its records here)
+    calls: dict[Any, tuple[int, Records]] = field(default_factory=dict)  # ref -> (seq, records)
+    redo: dict[int, Records] = field(default_factory=dict)  # failed deliveries to resend, by seq
+    ping: Any = None  # outstanding `position` call while this shard is down
+    merge: Any = None  # the shards' averaged foundation, sent with this shard's next delivery
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.calls or self.backlog or self.redo)
 
 
 class AsyncDriver:
@@ -27,24 +47,30 @@ class AsyncDriver:
     A dead cloud is restarted from its checkpoint in the background: the driver keeps the hosts stepping
     with the weights they have, and when the cloud answers again it replays the deliveries the checkpoint
     misses, then resends the ones that failed.
+
+    With `cloud.shards` N > 1 every shard is a `Lane` with its own backlog, calls and recovery: a host
+    step's records are split by shard (edge e is shard e % N's) and each shard takes its own edges' uploads
+    from the step's one upload object. A shard shares its foundation's norm state at most once in flight;
+    when every shard has shared, the driver averages the states and sends the mean with each shard's next
+    delivery, which applies it as a correction (`CloudService.merge`), so no shard rolls back what it
+    learnt meanwhile.
     """
 
     CLOUD_IN_FLIGHT = 2
 
-    def __init__(self, link: CloudLink, pool: HostPool, progress: RunProgress, max_in_flight: int,
+    def __init__(self, links: list[CloudLink], pool: HostPool, progress: RunProgress, max_in_flight: int,
                  wait_when_full: bool, partial: PartialWriter | None = None) -> None:
-        self.link, self.pool, self.progress, self.partial = link, pool, progress, partial
+        self.lanes = [Lane(link) for link in links]
+        self.pool, self.progress, self.partial = pool, progress, partial
         self.max_in_flight = max_in_flight  # steps queued per host
-        self.backlog_bound = max(2, 2 * len(pool))
+        self.backlog_bound = max(2, 2 * len(pool))  # per shard
         self.wait_when_full = wait_when_full  # ray.backlog_full: wait (backpressure) instead of drop
         self.paused: deque[int] = deque()  # hosts whose next step waits for room in the backlog (wait mode)
         self.newest: dict[int, int] = {}
         self.latest_pubs: dict[int, Publication] = {}  # per student key: what a restored host must load
         self.pub_log: list[tuple[float, int, int]] = []  # (published at, student key, version)
-        self.cloud_calls: dict[Any, tuple[int, list[dict[str, Any]]]] = {}  # ref -> (seq, records)
-        self.backlog: deque[tuple[Any, list[dict[str, Any]]]] = deque()
-        self.redo: dict[int, list[dict[str, Any]]] = {}  # failed deliveries to resend, by seq
-        self.ping: Any = None  # outstanding `position` call while the cloud is down
+        self.shares: dict[int, Any] = {}  # shard -> the foundation state it shared, until all have shared
+        self.merges = 0
         self.dropped = 0
         self.max_backlog = 0
 
@@ -58,19 +84,24 @@ class AsyncDriver:
             for _ in range(self.max_in_flight):
                 self.submit(i)
         owner = self.pool.owner
-        while owner or self.cloud_calls or self.backlog or self.redo or self.paused:
-            waiting = [*owner, *self.cloud_calls, *([self.ping] if self.ping else [])]
+        while owner or self.paused or any(lane.busy for lane in self.lanes):
+            waiting = [*owner, *(ref for lane in self.lanes for ref in lane.calls),
+                       *(lane.ping for lane in self.lanes if lane.ping)]
             ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
             for ref in ready:
                 if ref in owner:
                     self._drain_host(owner[ref], ref)
-                elif ref in self.cloud_calls:
-                    self._cloud_done(ref)
-                elif ref == self.ping:
-                    self._cloud_back()
+                    continue
+                for lane in self.lanes:
+                    if ref in lane.calls:
+                        self._cloud_done(lane, ref)
+                    elif ref == lane.ping:
+                        self._cloud_back(lane)
             self._dispatch()
-            self.progress.refresh(version=max(self.newest.values(), default=0), backlog=len(self.backlog),
-                                  **({"cloud": "down"} if self.ping else {}))
+            down = sum(1 for lane in self.lanes if lane.ping)
+            self.progress.refresh(version=max(self.newest.values(), default=0),
+                                  backlog=sum(len(lane.backlog) for lane in self.lanes),
+                                  **({"cloud": "down" if len(self.lanes) == 1 else f"{down} down"} if down else {}))
             if self.partial is not None:
                 self.partial.maybe(self.progress.recorder)
         return self.dropped
@@ -99,49 +130,61 @@ class AsyncDriver:
         for _ in range(self.max_in_flight):
             self.submit(i)
 
-    def _host_records(self, i: int, records: list[dict[str, Any]], uploads_ref: Any) -> None:
+    def _host_records(self, i: int, records: Records, uploads_ref: Any) -> None:
         if not records:
             return  # the host's edges are done: no more calls to it
-        self.backlog.append((uploads_ref, records))
+        n = len(self.lanes)
+        for k, lane in enumerate(self.lanes):
+            mine = records if n == 1 else [r for r in records if shard_of(r["edge_id"], n) == k]
+            if mine:
+                lane.backlog.append((uploads_ref, mine))
         if self.wait_when_full and self._pending() >= self.backlog_bound:
             self.paused.append(i)  # backpressure: this host's next step waits for the cloud
-            self.max_backlog = max(self.max_backlog, len(self.backlog))
+            self._note_backlog()
             return
-        while len(self.backlog) > self.backlog_bound:
-            _, old = self.backlog.popleft()  # oldest first: the freshest uploads matter most
-            for rec in old:
-                self.dropped += rec["uploaded"]
-                self.progress.add(dict(rec, cloud_steps=0, dropped=rec["uploaded"]))
-        self.max_backlog = max(self.max_backlog, len(self.backlog))
+        for lane in self.lanes:
+            while len(lane.backlog) > self.backlog_bound:
+                _, old = lane.backlog.popleft()  # oldest first: the freshest uploads matter most
+                for rec in old:
+                    self.dropped += rec["uploaded"]
+                    self.progress.add(dict(rec, cloud_steps=0, dropped=rec["uploaded"]))
+        self._note_backlog()
         self.submit(i)
 
+    def _note_backlog(self) -> None:
+        self.max_backlog = max(self.max_backlog, *(len(lane.backlog) for lane in self.lanes))
+
     def _dispatch(self) -> None:
-        if self.ping:
-            return  # the cloud is down: uploads wait in the backlog
-        for seq in sorted(self.redo):
-            self.cloud_calls[self.link.send(seq)] = (seq, self.redo.pop(seq))
-        while self.backlog and len(self.cloud_calls) < self.CLOUD_IN_FLIGHT:
-            uploads_ref, records = self.backlog.popleft()
-            seq, ref = self.link.submit(None, [uploads_ref])
-            self.cloud_calls[ref] = (seq, records)
+        for lane in self.lanes:
+            if lane.ping:
+                continue  # this shard is down: its uploads wait in its backlog
+            for seq in sorted(lane.redo):
+                lane.calls[lane.link.send(seq)] = (seq, lane.redo.pop(seq))
+            while lane.backlog and len(lane.calls) < self.CLOUD_IN_FLIGHT:
+                uploads_ref, records = lane.backlog.popleft()
+                seq, ref = lane.link.submit(None, [uploads_ref], lane.merge)
+                lane.merge = None
+                lane.calls[ref] = (seq, records)
         while self.paused and self._pending() < self.backlog_bound:
             self.submit(self.paused.popleft())
 
     def _pending(self) -> int:
-        """Deliveries the cloud has not taken: waiting in the backlog, or still being stepped by a host."""
-        return len(self.backlog) + len(self.pool.owner)
+        """Deliveries the slowest shard has not taken: waiting in its backlog, or still being stepped by a host."""
+        return max(len(lane.backlog) for lane in self.lanes) + len(self.pool.owner)
 
-    def _cloud_done(self, ref: Any) -> None:
-        seq, records = self.cloud_calls.pop(ref)
+    def _cloud_done(self, lane: Lane, ref: Any) -> None:
+        seq, records = lane.calls.pop(ref)
         try:
             delivery = ray.get(ref)
         except (RayActorError, RayTaskError) as exc:
-            self.link.raise_unless_recoverable(exc)
-            self.redo[seq] = records
-            if self.ping is None:
-                self.ping = self.link.cloud.position.remote()
+            lane.link.raise_unless_recoverable(exc)
+            lane.redo[seq] = records
+            if lane.ping is None:
+                lane.ping = lane.link.cloud.position.remote()
             return
-        self.link.delivered(seq, delivery)
+        lane.link.delivered(seq, delivery)
+        if delivery.shared is not None:
+            self._share(self.lanes.index(lane), delivery.shared)
         if delivery.pubs:
             track_newest(self.newest, delivery.pubs)
             self.latest_pubs.update({p.key: p for p in delivery.pubs})
@@ -152,29 +195,43 @@ class AsyncDriver:
             self.progress.add(dict(rec, cloud_steps=delivery.steps.get(rec["edge_id"], 0),
                                    dropped=delivery.refused.get(rec["edge_id"], 0)))
 
-    def _cloud_back(self) -> None:
+    def _share(self, shard: int, state: Any) -> None:
+        """Keep a shard's shared foundation state; once every shard has shared, average them for the next round."""
+        self.shares[shard] = state
+        if len(self.shares) < len(self.lanes):
+            return
+        mean = ray.put(average_states([self.shares[k] for k in range(len(self.lanes))]))
+        for lane in self.lanes:
+            lane.merge = mean
+        self.shares.clear()
+        self.merges += 1
+
+    def _cloud_back(self, lane: Lane) -> None:
         """The ping answered or failed: once every outstanding delivery has settled, replay and resend."""
         try:
-            ray.get(self.ping)
+            ray.get(lane.ping)
         except (RayActorError, GetTimeoutError):
             time.sleep(0.2)
-            self.ping = self.link.cloud.position.remote()  # still restarting
+            lane.ping = lane.link.cloud.position.remote()  # still restarting
             return
-        self.ping = None
-        if self.cloud_calls:  # deliveries sent before the crash: each failed or was applied
-            ray.wait(list(self.cloud_calls), num_returns=len(self.cloud_calls), timeout=60)
-            for ref in list(self.cloud_calls):
-                self._cloud_done(ref)
-        if self.ping is None and self.redo:
-            self.link.recover(min(self.redo))
+        lane.ping = None
+        if lane.calls:  # deliveries sent before the crash: each failed or was applied
+            ray.wait(list(lane.calls), num_returns=len(lane.calls), timeout=60)
+            for ref in list(lane.calls):
+                self._cloud_done(lane, ref)
+        if lane.ping is None and lane.redo:
+            lane.link.recover(min(lane.redo))
 
-    def fix_lags(self, records: list[dict[str, Any]]) -> None:
-        """Version lag measured after the fact: versions published before the batch was predicted,
-        minus the version it used (the driver's view at submission time would undercount)."""
-        by_key: dict[int, list[tuple[float, int]]] = {}
-        for t, key, version in sorted(self.pub_log):
-            by_key.setdefault(key, []).append((t, version))
-        for rec in records:
-            pubs = by_key.get(rec["edge_id"], by_key.get(SHARED, []))
-            newest = max((v for t, v in pubs if t <= rec["predicted_at"]), default=0)
-            rec["version_lag"] = max(0, newest - rec["weight_version"])
+
+def fix_lags(records: Records, pub_log: list[tuple[float, int, int]], shards: int) -> None:
+    """Version lag measured after the fact: versions of the batch's student key published before the batch
+    was predicted, minus the version it used (the driver's view at submission time would undercount).
+    ``pub_log``: (published at, student key, version); a per-edge key wins over its shard's shared one."""
+    by_key: dict[int, list[tuple[float, int]]] = {}
+    for t, key, version in sorted(pub_log):
+        by_key.setdefault(key, []).append((t, version))
+    for rec in records:
+        edge = rec["edge_id"]
+        pubs = by_key.get(edge, by_key.get(student_key(None, shard_of(edge, shards)), []))
+        newest = max((v for t, v in pubs if t <= rec["predicted_at"]), default=0)
+        rec["version_lag"] = max(0, newest - rec["weight_version"])

@@ -74,6 +74,7 @@ class CloudService:
         self.stats = CloudStats()
         self.last_refused = 0  # samples of the last receive() the full queue refused
         self.rounds = 0
+        self.shared_sent: tuple[int, NormState] | None = None  # (round, state) of a share not merged yet
 
     def newest_version(self, edge_id: int) -> int:
         return self.versions.get(edge_id if self.per_edge else SHARED, 0)
@@ -121,15 +122,39 @@ class CloudService:
         self.stats.publications += len(pubs)
         return pubs
 
+    def share(self) -> NormState | None:
+        """The foundation's shared state, for the shards' average (`cloud.shards`), or None while an earlier
+        share waits for its mean (one share in flight per shard) or for a trainer without a foundation."""
+        if self.shared_sent is not None:
+            return None
+        state = self.trainer.shared_state()
+        if state is not None:
+            self.shared_sent = (self.rounds, {k: np.array(v, copy=True) for k, v in state.items()})
+        return state
+
+    def merge(self, mean: NormState) -> None:
+        """Take the shards' mean of the states they shared. Arriving before any further delivery (sync rounds,
+        the local runner) it is loaded as is; arriving later (async mode) it is applied as a correction,
+        current + (mean - what this shard sent), so the deliveries made meanwhile are not rolled back."""
+        if self.shared_sent is None or self.shared_sent[0] == self.rounds:
+            self.trainer.load_shared_state(mean)
+        else:
+            sent, current = self.shared_sent[1], self.trainer.shared_state()
+            self.trainer.load_shared_state({k: np.asarray(current[k], np.float32)
+                                            + (np.asarray(mean[k], np.float32) - np.asarray(sent[k], np.float32))
+                                            for k in mean})
+        self.shared_sent = None
+
     def state_dict(self) -> dict[str, Any]:
         return {"trainer": self.trainer.state_dict(), "versions": dict(self.versions), "rounds": self.rounds,
-                "stats": self.stats.__dict__.copy()}
+                "stats": self.stats.__dict__.copy(), "shared_sent": self.shared_sent}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.trainer.load_state_dict(state["trainer"])
         self.versions = dict(state["versions"])
         self.rounds = state["rounds"]
         self.stats = CloudStats(**state["stats"])
+        self.shared_sent = state.get("shared_sent")
 
 
 def track_newest(newest: dict[int, int], pubs: list[Publication]) -> None:

@@ -287,7 +287,7 @@ class CloudActor:
         if self.delay_s:
             time.sleep(self.delay_s)
         if merge is not None:
-            self.service.trainer.load_shared_state(merge)
+            self.service.merge(merge)
         items = sorted((item for uploads in host_uploads for item in uploads
                         if shard_of(item[0], self.shards) == self.shard), key=lambda it: it[0])
         t0, trained = time.perf_counter(), self.service.stats.step_seconds
@@ -302,8 +302,7 @@ class CloudActor:
         self.metrics.record(sum(len(it[2]) for it in items), sum(refused.values()), sum(steps.values()),
                             self.service.stats.step_seconds - trained, len(pubs), self.service.trainer.queued(),
                             time.perf_counter() - t0)
-        shared = (self.service.trainer.shared_state()
-                  if self.shards > 1 and self.service.rounds % self.sync_every == 0 else None)
+        shared = self.service.share() if self.shards > 1 and self.service.rounds % self.sync_every == 0 else None
         return Delivery(steps, pubs, self.checkpointed, time.time(), refused, shared)
 
     def stats(self) -> dict[str, Any]:

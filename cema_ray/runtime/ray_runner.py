@@ -24,7 +24,7 @@ from cema_ray.errors import ConfigError, RunInterrupted
 from cema_ray.results import RunRecorder
 from cema_ray.results.storage import is_uri
 from cema_ray.runtime.actor_calls import kill_actors, project_error, wait_for_actor
-from cema_ray.runtime.async_driver import AsyncDriver
+from cema_ray.runtime.async_driver import AsyncDriver, fix_lags
 from cema_ray.runtime.cloud_link import CloudLink
 from cema_ray.runtime.faults import FaultSchedule
 from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans, verify_models
@@ -279,21 +279,24 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
         extra: dict[str, Any] = {}
         try:
             links = [CloudLink(c, faults, checkpointing, kills=k == 0) for k, c in enumerate(clouds)]
-            link, pool = links[0], HostPool(hosts, faults, clean_ref)
+            pool = HostPool(hosts, faults, clean_ref)
             if cfg["mode"] == "sync":
                 start = (resume_hosts(cloud, hosts, groups, journal, Path(out_dir), lengths, progress, clean_ref)
                          if resume else None)
-                SyncDriver(links, pool, progress, lengths, journal, cfg["cloud"]["checkpoint_every"], partial,
-                           start).run()
+                sync = SyncDriver(links, pool, progress, lengths, journal, cfg["cloud"]["checkpoint_every"], partial,
+                                  start)
+                sync.run()
+                extra = {"phase_seconds": sync.phase_seconds}
                 dropped = 0
                 if journal is not None:
                     journal.finish()
             else:
-                driver = AsyncDriver(link, pool, progress, cfg["ray"]["max_in_flight_per_host"],
+                driver = AsyncDriver(links, pool, progress, cfg["ray"]["max_in_flight_per_host"],
                                      cfg["ray"]["backlog_full"] == "wait", partial)
                 dropped = driver.run()
-                driver.fix_lags(progress.recorder.rows)
-                extra = {"max_backlog": driver.max_backlog, "backlog_bound": driver.backlog_bound}
+                fix_lags(progress.recorder.rows, driver.pub_log, len(links))
+                extra = {"max_backlog": driver.max_backlog, "backlog_bound": driver.backlog_bound,
+                         **({"shard_merges": driver.merges} if len(links) > 1 else {})}
         except KeyboardInterrupt:  # the records the driver has are whole batches: write them, then stop
             progress.close()
             kill_actors([*clouds, *hosts])

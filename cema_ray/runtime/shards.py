@@ -69,11 +69,11 @@ class CloudShards:
         n = len(self.services)
         pubs = [p for k, s in enumerate(self.services) for p in s.end_round([e for e in edge_ids if e % n == k])]
         if n > 1 and self.services[0].rounds % self.sync_every == 0:
-            states = [s.trainer.shared_state() for s in self.services]
+            states = [s.share() for s in self.services]
             if states[0] is not None:
                 merged = average_states(states)
                 for s in self.services:
-                    s.trainer.load_shared_state(merged)
+                    s.merge(merged)
         return pubs
 
     @property

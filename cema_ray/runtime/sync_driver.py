@@ -7,6 +7,7 @@ The driver owns those objects, so they outlive a cloud actor's failure.
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,9 @@ class SyncDriver:
         self.pubs_ref: Any = None  # the last round's publications, sent with the next round's steps
         self.newest: dict[int, int] = {}
         self.first_round = 0
+        # wall seconds of the rounds' two phases: the hosts predicting, the cloud (every shard) ingesting; a
+        # sync round runs them one after the other, so a faster cloud speeds up only its own phase
+        self.phase_seconds = {"edges": 0.0, "cloud": 0.0}
         if start is not None:  # a resumed run: the hosts hold round `start.position`'s state already
             self.first_round = self.links[0].next_seq = start.position
             self.latest_pubs, self.newest = start.pubs, dict(start.newest)
@@ -66,10 +70,14 @@ class SyncDriver:
             newest, pubs_ref = dict(self.newest), self.pubs_ref
             steps = [functools.partial(self.pool.submit, i, newest, False, round_index, pubs_ref)
                      for i in range(len(self.pool))]  # each host's step, again after a revival
+            t0 = time.perf_counter()
             calls = [step() for step in steps]
             self.pool.inject_crashes(round_index)  # mid-step
             outs = [self.pool.result(i, call, self.latest_pubs, steps[i]) for i, call in enumerate(calls)]
+            t1 = time.perf_counter()
             delivery = self._deliver(edge_ids, [o[1] for o in outs])
+            self.phase_seconds["edges"] += t1 - t0
+            self.phase_seconds["cloud"] += time.perf_counter() - t1
             self.pubs_ref = None
             if delivery.pubs:
                 self.latest_pubs = delivery.pubs
