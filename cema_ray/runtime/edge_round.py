@@ -67,7 +67,7 @@ def forward_group(edges: Sequence[EdgeDevice], opened: Sequence[OpenBatch]) -> l
     the forward (the edges then run alone)."""
     policy = edges[0].policy
     host, state = policy.host, policy.state
-    host.use(state)
+    host.use(state)  # loaded first, so that `host.adopts` describes this state
     if host.adopts:
         return [None] * len(edges)
     xs = [b.x for b in opened]
