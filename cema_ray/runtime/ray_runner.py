@@ -263,8 +263,11 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
         if resume and cfg["cloud"]["shards"] > 1:
             raise ConfigError("--resume continues runs of one cloud; this run has cloud.shards > 1")
         if cfg["output"]["progress"]:
-            print(f"ray: actors {actor_prefix(cfg['name'], run_id)}-cloud and -edgehost-000..{len(groups) - 1:03d} "
-                  f"in namespace '{NAMESPACE}' (dashboard: Actors page)", file=sys.stderr, flush=True)
+            shards = cfg["cloud"]["shards"]
+            clouds_named = "-cloud" if shards == 1 else f"-cloud-0..{shards - 1}"
+            print(f"ray: actors {actor_prefix(cfg['name'], run_id)}{clouds_named} and "
+                  f"-edgehost-000..{len(groups) - 1:03d} in namespace '{NAMESPACE}' (dashboard: Actors page)",
+                  file=sys.stderr, flush=True)
         clouds, hosts = start_actors(cfg, groups, clean_ref, ckpt_dir, run_id)
         cloud = clouds[0]
         startup = time.perf_counter() - t_start
