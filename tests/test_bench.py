@@ -314,8 +314,10 @@ def test_scale_bytes_per_edge_compare_fleets_with_as_many_hosts() -> None:
 def test_cloud_bench_times_every_placement(run_yaml: Path, tmp_path: Path, ray_session) -> None:
     """Four placements of the same cloud step; each timed step really stepped the cloud."""
     out = tmp_path / "cloud"
-    assert bench.main(["cloud", str(run_yaml), "--threads", "2", "--steps", "2", "--out", str(out)]) == 0
+    argv = ["cloud", str(run_yaml), "--threads", "2", "--steps", "2", "--fill", "400", "--out", str(out)]
+    assert bench.main(argv) == 0
     rows = json.loads((out / "cloud.json").read_text())
+    assert {r["fill"] for r in rows} == {400}
     assert [(r["where"], r["processes"], r["threads"]) for r in rows] == [
         ("this process", 1, 1), ("this process", 1, 2), ("concurrent processes", 2, 1), ("Ray task", 1, 2)]
     assert [r["steps"] for r in rows] == [2, 2, 4, 2]
@@ -330,6 +332,10 @@ def test_cloud_bench_refuses_a_method_without_a_cloud(run_yaml: Path) -> None:
     cfg = bench.bench_config(run_yaml, ["method.name=bn", "method.settings={}"])
     with pytest.raises(ConfigError, match="method 'bn' has none"):
         time_steps(cfg, 1, 1, 32)
+    with pytest.raises(ConfigError, match="--fill 10000000 needs at least"):
+        time_steps(bench.bench_config(run_yaml, []), 1, 1, 32, fill=10_000_000)
+    with pytest.raises(ConfigError, match="--fill -1: must be >= 0"):
+        bench.main(["cloud", str(run_yaml), "--fill", "-1"])
 
 
 def test_methods_with_seeds_references_and_ablations(run_yaml: Path, tmp_path: Path) -> None:

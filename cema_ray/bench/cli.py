@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="threads of the multi-threaded placements and number of concurrent processes "
                           "(default: the machine's cores)")
     clo.add_argument("--steps", type=int, default=20, help="timed steps per placement (default 20)")
+    clo.add_argument("--fill", type=int, default=288,
+                     help="uploads in the replay buffer before timing (default 288, just past CEMA's warm-up; a "
+                          "run's replay holds thousands)")
     clo.add_argument("--override", action="append", default=[], metavar="key=value",
                      help="config override, repeatable")
     clo.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench-cloud-<time>)")
@@ -125,10 +128,12 @@ def cmd_cloud(args: argparse.Namespace) -> int:
 
     if args.threads < 1 or args.steps < 1:
         raise ConfigError(f"--threads {args.threads} and --steps {args.steps}: both must be >= 1")
+    if args.fill < 0:
+        raise ConfigError(f"--fill {args.fill}: must be >= 0")
     cfg = bench_config(args.config, args.override)
     out = _out_dir(args.out, "cloud", args.config)
     t0 = time.perf_counter()
-    rows = run_cloud_bench(cfg, args.threads, args.steps)
+    rows = run_cloud_bench(cfg, args.threads, args.steps, fill=args.fill)
     return _write_table(out, "cloud", "The cloud's step by placement", rows, markdown(rows, args.command_line),
                         args.command_line, t0)
 

@@ -27,11 +27,11 @@ import torch
 
 from cema_ray.errors import ConfigError
 
-FILL = 288  # uploads before timing: past CEMA's replay warm-up (256), so every timed step replays
+FILL = 288  # uploads before timing (default): past CEMA's replay warm-up (256), so every timed step replays
 
 
-def _probe(cfg: dict[str, Any], chunk: int) -> tuple[Any, np.ndarray]:
-    """A fresh cloud for the config, its replay buffer filled, and the images to feed it."""
+def _probe(cfg: dict[str, Any], chunk: int, fill: int = FILL) -> tuple[Any, np.ndarray]:
+    """A fresh cloud for the config, its replay buffer filled with ``fill`` uploads, and the images to feed it."""
     from cema_ray.runtime.assembly import load_cloud
     from cema_ray.runtime.fleet import DataContext, method_settings
 
@@ -42,14 +42,16 @@ def _probe(cfg: dict[str, Any], chunk: int) -> tuple[Any, np.ndarray]:
     if not spec.uses_foundation:
         raise ConfigError(f"bench cloud times a cloud that trains: method '{spec.name}' has none")
     cloud = load_cloud(cfg)
-    images = data.clean.take(np.arange(min(len(data.clean), 4096))).images
-    if len(images) < FILL + chunk:
-        raise ConfigError(f"bench cloud needs at least {FILL + chunk} clean images, the split has {len(images)}")
-    cloud.receive(0, images[:FILL])
+    images = data.clean.take(np.arange(min(len(data.clean), fill + 4096))).images
+    if len(images) < fill + chunk:
+        raise ConfigError(f"bench cloud --fill {fill} needs at least {fill + chunk} clean images, the split has "
+                          f"{len(images)}")
+    cloud.receive(0, images[:fill])
     return cloud, images
 
 
-def time_steps(cfg: dict[str, Any], threads: int, steps: int, chunk: int, ready: Any = None) -> list[float]:
+def time_steps(cfg: dict[str, Any], threads: int, steps: int, chunk: int, ready: Any = None,
+               fill: int = FILL) -> list[float]:
     """Seconds per cloud step, `steps` of them after one untimed warm-up step, at `threads` torch threads.
 
     ``ready``: a barrier to wait at once the cloud is built, so that concurrent processes step together.
@@ -57,13 +59,13 @@ def time_steps(cfg: dict[str, Any], threads: int, steps: int, chunk: int, ready:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        cloud, images = _probe(cfg, chunk)
+        cloud, images = _probe(cfg, chunk, fill)
         if ready is not None:
             ready.wait(timeout=600)
-        offset, times = FILL, []
+        offset, times = fill, []
         for k in range(steps + 1):
             batch = images[offset:offset + chunk]
-            offset = offset + chunk if offset + 2 * chunk <= len(images) else FILL
+            offset = offset + chunk if offset + 2 * chunk <= len(images) else fill
             t0 = time.perf_counter()
             taken = cloud.receive(0, batch)
             if k:
@@ -75,19 +77,20 @@ def time_steps(cfg: dict[str, Any], threads: int, steps: int, chunk: int, ready:
         torch.set_num_threads(before)
 
 
-def _worker(cfg: dict[str, Any], steps: int, chunk: int, barrier: Any, results: Any) -> None:
+def _worker(cfg: dict[str, Any], steps: int, chunk: int, fill: int, barrier: Any, results: Any) -> None:
     cloud_times: list[float] = []
     try:
-        cloud_times = time_steps(cfg, 1, steps, chunk, ready=barrier)
+        cloud_times = time_steps(cfg, 1, steps, chunk, ready=barrier, fill=fill)
     finally:
         results.put(cloud_times)
 
 
-def concurrent_processes(cfg: dict[str, Any], processes: int, steps: int, chunk: int) -> list[list[float]]:
+def concurrent_processes(cfg: dict[str, Any], processes: int, steps: int, chunk: int,
+                         fill: int = FILL) -> list[list[float]]:
     """Each of `processes` spawned 1-thread processes times its own cloud's steps, all at once."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(processes), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(cfg, steps, chunk, barrier, results)) for _ in range(processes)]
+    procs = [ctx.Process(target=_worker, args=(cfg, steps, chunk, fill, barrier, results)) for _ in range(processes)]
     for p in procs:
         p.start()
     out = [results.get(timeout=1800) for _ in procs]
@@ -98,7 +101,7 @@ def concurrent_processes(cfg: dict[str, Any], processes: int, steps: int, chunk:
     return out
 
 
-def in_ray_task(cfg: dict[str, Any], threads: int, steps: int, chunk: int) -> list[float]:
+def in_ray_task(cfg: dict[str, Any], threads: int, steps: int, chunk: int, fill: int = FILL) -> list[float]:
     """The same timing inside a Ray task (a Ray worker process, as the cloud actor runs in)."""
     import ray
 
@@ -108,23 +111,27 @@ def in_ray_task(cfg: dict[str, Any], threads: int, steps: int, chunk: int) -> li
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})  # as the runner's workers get
     try:
         task = ray.remote(num_cpus=1)(time_steps)
-        return ray.get(task.remote(cfg, threads, steps, chunk))
+        return ray.get(task.remote(cfg, threads, steps, chunk, fill=fill))
     finally:
         if started:
             ray.shutdown()
 
 
-def run_cloud_bench(cfg: dict[str, Any], threads: int, steps: int,
-                    chunk: int | None = None) -> list[dict[str, Any]]:
-    """The four placements, one after the other; a row each with the median step and the aggregate rate."""
+def run_cloud_bench(cfg: dict[str, Any], threads: int, steps: int, chunk: int | None = None,
+                    fill: int = FILL) -> list[dict[str, Any]]:
+    """The four placements, one after the other; a row each with the median step and the aggregate rate.
+
+    ``fill``: uploads in the replay buffer before timing. A run's replay grows to thousands of samples; the
+    default 288 keeps it just past the warm-up, so compare concurrent processes at a run's size too."""
     chunk = int(chunk or (cfg["method"].get("settings") or {}).get("chunk_size", 32))
-    one = time_steps(cfg, 1, steps, chunk)
-    many = time_steps(cfg, threads, steps, chunk)
-    procs = concurrent_processes(cfg, threads, steps, chunk)
-    ray_times = in_ray_task(cfg, threads, steps, chunk)
+    one = time_steps(cfg, 1, steps, chunk, fill=fill)
+    many = time_steps(cfg, threads, steps, chunk, fill=fill)
+    procs = concurrent_processes(cfg, threads, steps, chunk, fill)
+    ray_times = in_ray_task(cfg, threads, steps, chunk, fill)
     base = median(one)
-    return [_row("this process", 1, 1, [one], base), _row("this process", 1, threads, [many], base),
+    rows = [_row("this process", 1, 1, [one], base), _row("this process", 1, threads, [many], base),
             _row("concurrent processes", threads, 1, procs, base), _row("Ray task", 1, threads, [ray_times], base)]
+    return [dict(r, fill=fill) for r in rows]
 
 
 def _row(where: str, processes: int, threads: int, times: list[list[float]], base: float) -> dict[str, Any]:
