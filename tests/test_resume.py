@@ -18,6 +18,7 @@ import yaml
 from cema_ray.cli import main
 from cema_ray.config import load_config
 from cema_ray.runtime import run_experiment
+from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore
 
 from batch_tables import COMPARED, batch_table
 
@@ -30,35 +31,54 @@ def _cli(*args: str) -> list[str]:
 
 
 @pytest.mark.ray
-def test_a_killed_driver_leaves_a_readable_run_that_resumes_to_the_same_records(tiny_raw_config, tmp_path):
+@pytest.mark.parametrize("shards", [1, 2])
+def test_a_killed_driver_leaves_a_readable_run_that_resumes_to_the_same_records(tiny_raw_config, tmp_path, shards):
+    """With 2 shards the driver dies once shard 0 has checkpointed round 6, and shard 1's newest checkpoint is
+    set back to round 3: the resumed run takes shard 0 back to round 3 too, and the mean of the shards' pending
+    shares is the merge of round 3's delivery."""
     torch.set_num_threads(1)
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_raw_config()))
-    run_experiment(load_config(config, ["runtime=local", *COMMON]), tmp_path / "local")
+    # sharded: upload-all, whose cloud steps every round (the tiny models' CEMA uploads too little to average)
+    common = COMMON if shards == 1 else [*COMMON, "method.name=upload-all", "cloud.shards=2", "cloud.num_cpus=0.5"]
+    run_experiment(load_config(config, ["runtime=local", *common]), tmp_path / "local")
     out = tmp_path / "ray"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = _cli("run", str(config), "runtime=ray", "ray.num_cpus=2", "faults.slow_cloud_s=0.4", *COMMON,
+    args = _cli("run", str(config), "runtime=ray", "ray.num_cpus=2", "faults.slow_cloud_s=0.4", *common,
                 "--out", str(out))
     driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
-    marker = out / "resume" / "hosts" / "state-00000006.json"  # round 6 of 16: the cloud checkpointed twice
+    # round 6 of 16: the cloud checkpointed twice
+    marker = (out / "resume" / "hosts" / "state-00000006.json" if shards == 1
+              else out / "cloud_checkpoints" / "shard-0" / "state-00000006.json")
     deadline = time.monotonic() + 240
     while not marker.is_file() and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and what it started: nothing can be written at the end
     driver.wait()
+    if shards > 1:
+        shard1 = out / "cloud_checkpoints" / "shard-1"
+        assert (shard1 / "state-00000003.json").is_file()
+        (shard1 / "LATEST").write_text("state-00000003")  # as if the driver died before shard 1 saved round 6
     summary = json.loads((out / "summary.json").read_text())
     partial = pq.read_table(out / "batches.parquet")
     assert summary["status"] == "interrupted" and 0 < partial.num_rows < 3 * 16 and summary["samples"] > 0
     resumed = subprocess.run(_cli("run", "--resume", str(out)), env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed at round" in resumed.stderr
+    assert ("resumed at round 3" if shards > 1 else "resumed at round") in resumed.stderr
     done = json.loads((out / "summary.json").read_text())
     assert done["status"] == "complete" and done["samples"] == 3 * 2 * 256
     a, b = batch_table(tmp_path / "local"), batch_table(out)
     for col in COMPARED:
         assert a[col] == b[col], col
+    assert max(abs(x - y) for x, y in zip(a["mean_entropy"], b["mean_entropy"])) < 1e-5
+    if shards > 1:  # still averaging after the resume: each shard's newest checkpoint holds the previous round's
+        # share, waiting for its mean (a merge the resumed driver failed to send would leave round 3's pending)
+        run_id = json.loads((out / "resume" / "run.json").read_text())["run_id"]
+        for k in (0, 1):
+            state, position = CloudCheckpointStore(out / "cloud_checkpoints" / f"shard-{k}", run_id).latest()
+            assert position > 6 and state["shared_sent"][0] == position, (k, position, state["shared_sent"][0])
     assert not list((out / "resume" / "hosts").glob("state-*"))  # a finished run keeps only run.json
     assert main(["run", "--resume", str(out)]) == 2  # finished: nothing to resume
 

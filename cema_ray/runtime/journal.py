@@ -79,7 +79,8 @@ class ResumeJournal:
     def save_round(self, position: int, snapshots: dict[int, Any], pubs: list[Publication],
                    newest: dict[int, int]) -> None:
         state = {"snapshots": snapshots, "newest": newest,
-                 "pubs": [{"state": p.state, "version": p.version, "edge_id": p.edge_id} for p in pubs]}
+                 "pubs": [{"state": p.state, "version": p.version, "edge_id": p.edge_id, "shard": p.shard}
+                          for p in pubs]}
         self.hosts.save(state, position)
 
     def load_round(self, position: int) -> tuple[dict[int, Any], list[Publication], dict[int, int]]:
@@ -87,7 +88,7 @@ class ResumeJournal:
         if state is None:
             raise ConfigError(f"cannot resume: the cloud's newest checkpoint is at round {position}, but the hosts' "
                               f"state of that round is not in {self.hosts.folder}")
-        pubs = [Publication(p["state"], int(p["version"]), p["edge_id"]) for p in state["pubs"]]
+        pubs = [Publication(p["state"], int(p["version"]), p["edge_id"], int(p.get("shard", 0))) for p in state["pubs"]]
         return ({int(k): v for k, v in state["snapshots"].items()}, pubs,
                 {int(k): int(v) for k, v in state["newest"].items()})
 

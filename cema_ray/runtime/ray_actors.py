@@ -18,7 +18,7 @@ import ray
 import torch
 
 from cema_ray.data.catalog import LabeledImagesLike
-from cema_ray.errors import CemaError
+from cema_ray.errors import CemaError, ConfigError
 from cema_ray.methods.base import NormState
 from cema_ray.runtime.cloud import CloudService, Publication, student_key
 from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore
@@ -238,12 +238,15 @@ class CloudActor:
         self.init_error: CemaError | None = None
         self.shard, self.shards = shard, int(cfg["cloud"]["shards"])
         self.sync_every = int(cfg["cloud"]["sync_every"])
+        self.built_with = (cfg, checkpoint_dir, run_id, run_label)
         try:
-            self._build(cfg, checkpoint_dir, run_id, run_label)
+            self._build(*self.built_with)
         except CemaError as exc:
             self.init_error = exc
 
-    def _build(self, cfg: dict[str, Any], checkpoint_dir: str | None, run_id: str, run_label: str) -> None:
+    def _build(self, cfg: dict[str, Any], checkpoint_dir: str | None, run_id: str, run_label: str,
+               position: int | None = None) -> None:
+        """A fresh service, then the run's newest checkpoint (or the one at ``position``) loaded into it."""
         self.service: CloudService = load_cloud(cfg, self.shard)
         self.metrics = CloudMetrics(run_label)
         self.every = int(cfg["cloud"]["checkpoint_every"])
@@ -251,11 +254,29 @@ class CloudActor:
         self.store = CloudCheckpointStore(checkpoint_dir, run_id) if checkpoint_dir and self.every else None
         self.checkpointed = 0
         self.restored_from: int | None = None
-        found = self.store.latest() if self.store else None
+        if position is not None:
+            state = self.store.at(position) if self.store else None
+            if state is None:
+                raise ConfigError(f"cannot resume: cloud shard {self.shard} has no checkpoint of round {position} "
+                                  f"(the other shards' newest)")
+            found: tuple[dict[str, Any], int] | None = (state, position)
+        else:
+            found = self.store.latest() if self.store else None
         if found is not None:
             state, position = found
             self.service.load_state_dict(state)
             self.checkpointed = self.restored_from = position
+
+    def restore_at(self, position: int) -> None:
+        """Go back to the checkpoint of round ``position`` (`--resume` of a sharded run: the driver died while
+        the shards were checkpointing one round, so they resume at the oldest newest checkpoint among them)."""
+        self._build(*self.built_with, position=position)
+
+    def pending_share(self) -> NormState | None:
+        """The foundation state this shard shared and whose mean it has not received: what a resumed driver
+        averages to send the mean the dead driver would have sent with the next delivery."""
+        sent = self.service.shared_sent
+        return None if sent is None else sent[1]
 
     def __repr__(self) -> str:
         return "CloudActor" if self.shards == 1 else f"CloudActor{self.shard}"

@@ -32,6 +32,7 @@ from cema_ray.runtime.host_pool import HostPool
 from cema_ray.runtime.journal import PartialWriter, ResumeJournal
 from cema_ray.runtime.progress import RunProgress
 from cema_ray.runtime.ray_actors import CloudActor, EdgeHost
+from cema_ray.runtime.shards import average_states
 from cema_ray.runtime.sync_driver import ResumePoint, SyncDriver
 
 NAMESPACE = "cema"
@@ -205,13 +206,26 @@ def checkpoint_folder(cfg: dict[str, Any], out: str | Path) -> str:
     return str(folder.resolve())
 
 
-def resume_hosts(cloud: Any, hosts: list[Any], groups: list[list[EdgePlan]], journal: ResumeJournal, out: Path,
-                 lengths: dict[int, int], progress: RunProgress, clean_ref: Any) -> ResumePoint:
+def resume_hosts(clouds: list[Any], hosts: list[Any], groups: list[list[EdgePlan]], journal: ResumeJournal,
+                 out: Path, lengths: dict[int, int], progress: RunProgress, clean_ref: Any) -> ResumePoint:
     """The cloud restored its newest checkpoint (round P): restore every edge from its round-P snapshot and
-    take back the recorded batches of the rounds before P."""
-    position, restored = wait_for_actor(cloud.position, where="the cloud")
-    if restored is None:
+    take back the recorded batches of the rounds before P.
+
+    A sharded cloud resumes at the oldest of its shards' newest checkpoints (the driver may have died while
+    the shards were checkpointing one round; each keeps the one before too), and the mean of the shards'
+    pending shares is the merge the dead driver would have sent with round P."""
+    found = [wait_for_actor(c.position, where=f"cloud shard {k}") for k, c in enumerate(clouds)]
+    if any(restored is None for _, restored in found):
         raise ConfigError(f"cannot resume: no cloud checkpoint of this run in {out / 'cloud_checkpoints'}")
+    position = min(p for p, _ in found)
+    try:
+        ray.get([c.restore_at.remote(position) for c, (p, _) in zip(clouds, found) if p != position])
+    except RayTaskError as exc:
+        raise project_error(exc, "the cloud") or exc from None
+    merge = None
+    if len(clouds) > 1:
+        shares = ray.get([c.pending_share.remote() for c in clouds])
+        merge = average_states(shares) if all(s is not None for s in shares) else None
     snapshots, pubs, newest = journal.load_round(position)
     rows = journal.rows_before(out, position)
     expected = sum(min(n, position) for n in lengths.values())
@@ -224,7 +238,7 @@ def resume_hosts(cloud: Any, hosts: list[Any], groups: list[list[EdgePlan]], jou
         progress.add(row)
     print(f"resumed at round {position}: {len(rows)} batches kept, the cloud restored from its checkpoint",
           file=sys.stderr, flush=True)
-    return ResumePoint(position, pubs, newest)
+    return ResumePoint(position, pubs, newest, merge)
 
 
 def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: PartialWriter | None = None,
@@ -260,8 +274,6 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                 journal.start(cfg)
         if resume and journal is None:
             raise ConfigError("--resume continues sync-mode Ray runs with cloud.checkpoint_every > 0")
-        if resume and cfg["cloud"]["shards"] > 1:
-            raise ConfigError("--resume continues runs of one cloud; this run has cloud.shards > 1")
         if cfg["output"]["progress"]:
             shards = cfg["cloud"]["shards"]
             clouds_named = "-cloud" if shards == 1 else f"-cloud-0..{shards - 1}"
@@ -269,7 +281,6 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                   f"-edgehost-000..{len(groups) - 1:03d} in namespace '{NAMESPACE}' (dashboard: Actors page)",
                   file=sys.stderr, flush=True)
         clouds, hosts = start_actors(cfg, groups, clean_ref, ckpt_dir, run_id)
-        cloud = clouds[0]
         startup = time.perf_counter() - t_start
         host_nodes = len({wait_for_actor(h.node_id, where=f"edge host {i}") for i, h in enumerate(hosts)})
         lengths = {p.edge_id: stream_length(p.spec) for p in plans}
@@ -284,7 +295,7 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
             links = [CloudLink(c, faults, checkpointing, kills=k == 0) for k, c in enumerate(clouds)]
             pool = HostPool(hosts, faults, clean_ref)
             if cfg["mode"] == "sync":
-                start = (resume_hosts(cloud, hosts, groups, journal, Path(out_dir), lengths, progress, clean_ref)
+                start = (resume_hosts(clouds, hosts, groups, journal, Path(out_dir), lengths, progress, clean_ref)
                          if resume else None)
                 sync = SyncDriver(links, pool, progress, lengths, journal, cfg["cloud"]["checkpoint_every"], partial,
                                   start)

@@ -31,6 +31,7 @@ class ResumePoint:
     position: int
     pubs: list[Publication]
     newest: dict[int, int]
+    merge: Any = None  # a sharded cloud's averaged foundation, due with the round's delivery
 
 
 class SyncDriver:
@@ -60,8 +61,10 @@ class SyncDriver:
         # sync round runs them one after the other, so a faster cloud speeds up only its own phase
         self.phase_seconds = {"edges": 0.0, "cloud": 0.0}
         if start is not None:  # a resumed run: the hosts hold round `start.position`'s state already
-            self.first_round = self.links[0].next_seq = start.position
-            self.latest_pubs, self.newest = start.pubs, dict(start.newest)
+            self.first_round = start.position
+            for link in self.links:
+                link.next_seq = start.position
+            self.latest_pubs, self.newest, self.merge = start.pubs, dict(start.newest), start.merge
 
     def run(self) -> None:
         for round_index in range(self.first_round, max(self.lengths.values(), default=0)):
