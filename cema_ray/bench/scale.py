@@ -106,7 +106,7 @@ def measure(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 def cloud_load(cfg: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
-    """What the cloud's shards spent: ms per step (it rises when the shards contend for memory and caches),
+    """What the cloud's shards spent: ms per step (it rises when the shards and hosts contend for the cores),
     the fraction of the wall time they were stepping (near 1: the run is cloud-bound), and, in sync mode,
     the wall time of the rounds' cloud phase (the hosts wait meanwhile; a faster cloud shortens only that)."""
     shards, steps = cfg["cloud"]["shards"], summary.get("cloud_steps", 0)

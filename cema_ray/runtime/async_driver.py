@@ -9,12 +9,12 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from cema_ray.runtime.cloud import Publication, student_key, track_newest
+from cema_ray.runtime.cloud import Publication, for_edge, shard_of, track_newest
 from cema_ray.runtime.cloud_link import CloudLink
 from cema_ray.runtime.host_pool import HostPool
 from cema_ray.runtime.journal import PartialWriter
 from cema_ray.runtime.progress import RunProgress
-from cema_ray.runtime.shards import average_states, shard_of
+from cema_ray.runtime.shards import average_states
 
 Records = list[dict[str, Any]]
 
@@ -231,7 +231,6 @@ def fix_lags(records: Records, pub_log: list[tuple[float, int, int]], shards: in
     for t, key, version in sorted(pub_log):
         by_key.setdefault(key, []).append((t, version))
     for rec in records:
-        edge = rec["edge_id"]
-        pubs = by_key.get(edge, by_key.get(student_key(None, shard_of(edge, shards)), []))
+        pubs = for_edge(by_key, rec["edge_id"], shards, [])
         newest = max((v for t, v in pubs if t <= rec["predicted_at"]), default=0)
         rec["version_lag"] = max(0, newest - rec["weight_version"])

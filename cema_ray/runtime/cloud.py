@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Mapping, TypeVar
 
 import numpy as np
 
@@ -19,9 +19,23 @@ from cema_ray.models.norm import state_nbytes
 SHARED = -1  # the student key when every edge shares one student (shard k's shared student: SHARED - k)
 
 
+T = TypeVar("T")
+
+
+def shard_of(edge_id: int, shards: int) -> int:
+    """The cloud shard that serves edge ``edge_id`` (`cloud.shards`)."""
+    return int(edge_id) % int(shards)
+
+
 def student_key(edge_id: int | None, shard: int = 0) -> int:
     """Whose versions a publication counts: its edge's (a student per edge) or its shard's shared student."""
     return SHARED - int(shard) if edge_id is None else int(edge_id)
+
+
+def for_edge(by_key: Mapping[int, T], edge_id: int, shards: int, default: T) -> T:
+    """What ``by_key`` (keyed by `student_key`) holds for an edge: under its own student's key when it has one,
+    else under its shard's shared student's."""
+    return by_key.get(edge_id, by_key.get(student_key(None, shard_of(edge_id, shards)), default))
 
 
 @dataclass
@@ -43,7 +57,13 @@ class Publication:
 
     def reaches(self, edge_id: int, shards: int) -> bool:
         """Whether edge ``edge_id`` loads it."""
-        return edge_id == self.edge_id if self.edge_id is not None else int(edge_id) % int(shards) == self.shard
+        return edge_id == self.edge_id if self.edge_id is not None else shard_of(edge_id, shards) == self.shard
+
+    def targets(self, edges_by_id: Mapping[int, T], shards: int) -> list[T]:
+        """The edges among ``edges_by_id`` that load it, in their order."""
+        if self.edge_id is not None:
+            return [edges_by_id[self.edge_id]] if self.edge_id in edges_by_id else []
+        return [edge for edge_id, edge in edges_by_id.items() if self.reaches(edge_id, shards)]
 
 
 @dataclass

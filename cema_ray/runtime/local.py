@@ -40,8 +40,7 @@ def run_round(edges: list[EdgeDevice], cloud: CloudShards, fuse_samples: int = 0
 def deliver(pubs: list[Publication], edges: list[EdgeDevice], shards: int = 1) -> None:
     by_id = {e.edge_id: e for e in edges}
     for pub in pubs:
-        targets = [e for e in edges if pub.reaches(e.edge_id, shards)] if pub.edge_id is None else [by_id[pub.edge_id]]
-        for edge in targets:
+        for edge in pub.targets(by_id, shards):
             edge.apply_update(pub.state, pub.version)
 
 

@@ -20,7 +20,7 @@ import torch
 from cema_ray.data.catalog import LabeledImagesLike
 from cema_ray.errors import CemaError, ConfigError
 from cema_ray.methods.base import NormState
-from cema_ray.runtime.cloud import CloudService, Publication, student_key
+from cema_ray.runtime.cloud import CloudService, Publication, for_edge, shard_of
 from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore
 from cema_ray.runtime.edge import EdgeDevice
 from cema_ray.runtime.edge_round import step_edges
@@ -28,7 +28,6 @@ from cema_ray.runtime.malloc import keep_freed_memory
 from cema_ray.runtime.metrics import CloudMetrics, HostMetrics
 from cema_ray.runtime.assembly import build_edges, load_cloud, load_edge_model
 from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans
-from cema_ray.runtime.shards import shard_of
 
 
 class EdgeHost:
@@ -116,11 +115,7 @@ class EdgeHost:
         if paced and limit is not None and len(due) > limit:  # async: the least advanced edges go first
             due = sorted(sorted(due, key=lambda e: (e.cursor, e.edge_id))[:limit], key=lambda e: e.edge_id)
         shards = self.cfg["cloud"]["shards"]
-
-        def newest_of(e: EdgeDevice) -> int:
-            return newest.get(e.edge_id, newest.get(student_key(None, shard_of(e.edge_id, shards)), 0))
-
-        for out in step_edges(due, newest_of, self.cfg["edges"]["fuse_samples"]):
+        for out in step_edges(due, lambda e: for_edge(newest, e.edge_id, shards, 0), self.cfg["edges"]["fuse_samples"]):
             out.record["host_id"] = self.host_id
             self.metrics.record(out.record)
             records.append(out.record)
@@ -149,11 +144,9 @@ class EdgeHost:
     def apply(self, pubs: list[Publication]) -> int:
         """Load published versions (a shard's shared one into every edge of that shard); returns how many edges
         updated."""
-        updated, shards = 0, self.cfg["cloud"]["shards"]
+        updated = 0
         for pub in pubs:
-            targets = ([e for e in self.edges if pub.reaches(e.edge_id, shards)] if pub.edge_id is None else
-                       [self.by_id[pub.edge_id]] if pub.edge_id in self.by_id else [])
-            for edge in targets:
+            for edge in pub.targets(self.by_id, self.cfg["cloud"]["shards"]):
                 before = edge.version
                 edge.apply_update(pub.state, pub.version)
                 updated += edge.version != before

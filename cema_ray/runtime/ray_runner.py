@@ -139,7 +139,7 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
     try:  # arms every host; an actor killed meanwhile is waited for (faults do not wait for the start-up)
         refs = [h.restore.remote({}, [], clean_ref) for h in hosts]  # all at once: the hosts build in parallel
         for k, cloud in enumerate(clouds):
-            wait_for_actor(cloud.ping, where=cloud_name("the", k, shards).replace("-", " "))
+            wait_for_actor(cloud.ping, where=cloud_label(k, shards))
         for i, (h, ref) in enumerate(zip(hosts, refs)):
             try:
                 ray.get(ref)
@@ -183,6 +183,11 @@ def cloud_name(prefix: str, shard: int, shards: int) -> str:
     return f"{prefix}-cloud" if shards == 1 else f"{prefix}-cloud-{shard}"
 
 
+def cloud_label(shard: int, shards: int) -> str:
+    """The cloud (or shard) as a message names it."""
+    return "the cloud" if shards == 1 else f"cloud shard {shard}"
+
+
 def shard_folder(checkpoint_dir: str | None, shard: int, shards: int) -> str | None:
     """Each shard checkpoints into its own folder (`shard-<k>` below the run's) when there are several."""
     if checkpoint_dir is None or shards == 1:
@@ -214,7 +219,7 @@ def resume_hosts(clouds: list[Any], hosts: list[Any], groups: list[list[EdgePlan
     A sharded cloud resumes at the oldest of its shards' newest checkpoints (the driver may have died while
     the shards were checkpointing one round; each keeps the one before too), and the mean of the shards'
     pending shares is the merge the dead driver would have sent with round P."""
-    found = [wait_for_actor(c.position, where=f"cloud shard {k}") for k, c in enumerate(clouds)]
+    found = [wait_for_actor(c.position, where=cloud_label(k, len(clouds))) for k, c in enumerate(clouds)]
     if any(restored is None for _, restored in found):
         raise ConfigError(f"cannot resume: no cloud checkpoint of this run in {out / 'cloud_checkpoints'}")
     position = min(p for p, _ in found)

@@ -18,11 +18,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from cema_ray.methods.base import NormState
-from cema_ray.runtime.cloud import CloudService, Publication
+from cema_ray.runtime.cloud import CloudService, Publication, shard_of
 
-
-def shard_of(edge_id: int, shards: int) -> int:
-    return int(edge_id) % int(shards)
+__all__ = ["CloudShards", "average_states", "shard_of"]
 
 
 def average_states(states: Sequence[NormState]) -> NormState:
@@ -67,7 +65,7 @@ class CloudShards:
         """Every shard closes the round on its own edges; then, every `sync_every` rounds, the foundations
         are averaged (after the round's publications, as the Ray drivers do)."""
         n = len(self.services)
-        pubs = [p for k, s in enumerate(self.services) for p in s.end_round([e for e in edge_ids if e % n == k])]
+        pubs = [p for k, s in enumerate(self.services) for p in s.end_round([e for e in edge_ids if shard_of(e, n) == k])]
         if n > 1 and self.services[0].rounds % self.sync_every == 0:
             states = [s.share() for s in self.services]
             if states[0] is not None:
