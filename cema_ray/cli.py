@@ -77,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if stop.batches else "; nothing was predicted yet"
         print(f"cema-ray: interrupted{where}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # Ctrl-C before a runner's loop (Ray starting, actors being built): nothing to write
+        print("cema-ray: interrupted while starting; nothing was predicted yet", file=sys.stderr)
+        return 130
     except CemaError as exc:
         print(f"cema-ray: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         return 1

@@ -159,3 +159,15 @@ def test_list_prints_a_methods_settings_and_refuses_an_unknown_one(capsys):
     assert "upload_budget       0.3" in out and "a number in (0, 1]" in out
     assert main(["list", "cemma"]) == 2
     assert "unknown method 'cemma'" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_starting_ends_in_one_line(monkeypatch, capsys, tmp_path):
+    """A KeyboardInterrupt before the runner's loop (Ray starting, actors building) is not a traceback."""
+    import cema_ray.runtime as runtime
+
+    def interrupted(cfg, out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runtime, "run_experiment", interrupted)
+    assert main(["run", str(CONFIGS / "quickstart.yaml"), "--out", str(tmp_path / "r")]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "cema-ray: interrupted while starting; nothing was predicted yet"
