@@ -371,3 +371,35 @@ def test_methods_with_seeds_references_and_ablations(run_yaml: Path, tmp_path: P
 def test_gap_closed() -> None:
     assert bench.gap_closed(0.70, 0.64, 0.74) == pytest.approx(0.6)
     assert bench.gap_closed(0.70, None, 0.74) is None and bench.gap_closed(0.7, 0.74, 0.64) is None
+
+
+# ---------------------------------------------------------------------------------- bench fleet
+@pytest.mark.ray
+def test_fleet_quick_curve(run_yaml: Path, tmp_path: Path, ray_session) -> None:
+    """Sizes x orders x budgets, the references once per (size, order); the table's cells match each run's own
+    outputs, every header has a value, and a bad axis fails in one line."""
+    out = tmp_path / "fleet"
+    argv = ["fleet", str(run_yaml), "--quick", "--edges", "1,3", "--orders", "same,permute", "--budgets", "0.3",
+            "--methods", "cema-fleet", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads((out / "fleet.json").read_text())["rows"]
+    assert [(r["cell"]["edges"], r["cell"]["order"], r["method"]) for r in rows] == [
+        (e, o, m) for e in (1, 3) for o in ("same", "permute") for m in ("bn", "foundation-bn", "cema-fleet")]
+    for r in rows:
+        assert r["status"] == "ok" and r["samples"] == r["cell"]["edges"] * 2 * 64
+        assert len(r["edge_accuracy"]) == r["cell"]["edges"]
+        assert np.isclose(np.mean(r["edge_accuracy"]), r["accuracy"])  # equal streams' lengths: mean of edges
+        summary = json.loads((Path(r["out_dir"]) / "summary.json").read_text())
+        assert summary["num_edges"] == r["cell"]["edges"] and summary["runtime"] == "local"
+        assert (r["uploaded"] > 0) == (r["method"] == "cema-fleet") and r["upload_fraction"] <= 0.3
+    permuted = [json.loads((Path(r["out_dir"]) / "summary.json").read_text())["per_domain"]
+                for r in rows if r["cell"] == {"edges": 3, "order": "permute", "budget": None} and r["method"] == "bn"]
+    assert permuted  # the permuted fleet sees both domains
+    md = (out / "fleet.md").read_text()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 + len(rows) and len({len(cells(line)) for line in table}) == 1  # header = row cells
+    assert (out / "fleet.png").stat().st_size > 0
+    with pytest.raises(ConfigError, match="--orders"):
+        bench.main(["fleet", str(run_yaml), "--orders", "sideways"])
+    with pytest.raises(ConfigError, match="--budgets"):
+        bench.main(["fleet", str(run_yaml), "--budgets", "0"])

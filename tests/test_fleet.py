@@ -11,7 +11,8 @@ from torch import nn
 from cema_ray.algorithms.budget import apply_budget, budget_cap
 from cema_ray.errors import ConfigError
 from cema_ray.methods.base import METHODS
-from cema_ray.methods.fleet import ABLATIONS, ChunkReplay, FleetCloud
+from cema_ray.methods.fleet import ABLATIONS, FleetCloud
+from cema_ray.methods.student import ChunkReplay
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.publish import scope_parameters, scope_state, train_only
 
@@ -163,7 +164,7 @@ def test_reset_restores_the_deployed_student_and_empties_queue_and_replay() -> N
     c.ingest(0, images(20))
     c.on_edge_batch(0)
     c.reset(0)
-    assert c.queued() == 0 and c.replay.size == 0 and c.export(0) is None
+    assert c.queued() == 0 and c.students[0].replay.size == 0 and c.export(0) is None
     assert all(torch.equal(v, init[k]) for k, v in c.student.state_dict().items())
 
 
@@ -187,7 +188,7 @@ def test_oracle_learns_from_true_labels_and_refuses_to_run_without_them() -> Non
                                          torch.Generator().manual_seed(0))
     c.ingest(0, images(4), np.array([1, 2, 3, 4]))
     assert c.on_edge_batch(0) == 1
-    assert np.array_equal(c.replay.chunks[0][1].argmax(1), [1, 2, 3, 4])  # the targets are the labels
+    assert np.array_equal(c.students[0].replay.chunks[0][1].argmax(1), [1, 2, 3, 4])  # the targets are the labels
 
 
 def test_oracle_is_refused_under_ray(make_run_config) -> None:

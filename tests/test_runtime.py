@@ -66,7 +66,8 @@ def test_source_method_uploads_nothing(make_run_config, tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.parametrize("method,edges,per_host", [("upload-all", 1, 1), ("upload-all", 5, 2), ("cema", 4, 3),
-                                                    ("tent", 3, 2), ("cema-fleet", 4, 3)])
+                                                    ("tent", 3, 2), ("cema-fleet", 4, 3),
+                                                    ("cema-bank", 4, 3)])
 def test_ray_sync_reproduces_local(ray_session, make_run_config, tmp_path, method, edges, per_host):
     """Same seed, same config: the Ray runtime's predictions, uploads and versions equal the local runner's."""
     torch.set_num_threads(1)  # hosts and cloud run one thread each; keep float reductions identical

@@ -14,13 +14,14 @@ from cema_ray.errors import ConfigError
 from cema_ray.threads import apply_threads
 from cema_ray.bench.common import _out_dir, _split_names, _write_table, bench_config
 from cema_ray.bench.methods import DEFAULT_METHODS, DEFAULT_PROTOCOLS, cmd_methods
+from cema_ray.bench.fleet import add_parser as add_fleet_parser
 from cema_ray.bench.models import ROLES, cmd_models
 
 
 # ------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cema-ray bench", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="{models,methods,scale,cloud,corruptions}")
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="{models,methods,fleet,scale,cloud,corruptions}")
     mod = sub.add_parser("models", help="source accuracy of the edge and foundation checkpoints per corruption")
     mod.add_argument("config", type=Path, help="run config naming models.edge / models.foundation")
     mod.add_argument("--severity", type=int, default=5, help="corruption severity 1..5 (default 5)")
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a short stream (64 samples x 4 corruptions) for smoke tests")
     met.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench-methods-<time>)")
     met.set_defaults(func=cmd_methods)
+    add_fleet_parser(sub)
     sca = sub.add_parser("scale", help="Ray runtime throughput, cloud steps/s, worker memory vs fleet size")
     sca.add_argument("config", type=Path, help="run config (e.g. configs/scale.yaml)")
     sca.add_argument("--edges", default="1,16,64,256,1024", help="fleet sizes, comma-separated")

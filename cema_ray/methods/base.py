@@ -32,6 +32,7 @@ class EdgeResult:
     entropy: np.ndarray  # float32 (N,)
     e_max: float = float("nan")  # the unreliable-sample threshold in force, nan if none
     skipped: dict[str, int] | None = None  # samples each upload filter turned away (EntropyFilter.last_skipped)
+    domain_key: np.ndarray | None = None  # the batch's domain key, sent with its uploads (a bank's routing)
 
 
 class EdgePolicy:
@@ -39,6 +40,10 @@ class EdgePolicy:
 
     def process(self, x: torch.Tensor) -> EdgeResult:
         raise NotImplementedError
+
+    def prepare(self, x: torch.Tensor) -> None:
+        """Called with a batch before its forward (and before `fuse_key`): a policy that picks its weights per
+        batch (cema-fleet's bank) picks them here, so edges that picked alike can share a forward."""
 
     def apply_update(self, state: NormState) -> None:
         """Load parameters published by the cloud."""
@@ -77,6 +82,7 @@ class CloudTrainer:
     """Runs in the cloud: receives uploads, trains, and says what each edge must load."""
 
     needs_labels = False  # True: ingest must be given the uploads' true labels (references only)
+    takes_keys = False  # True: ingest takes ``key=``, the domain key of the edge batch the uploads came from
 
     def ingest(self, edge_id: int, images: np.ndarray) -> None:
         """Queue uploaded uint8 NHWC images from ``edge_id``."""

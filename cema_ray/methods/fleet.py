@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cema_ray.algorithms.budget import PRIORITIES, apply_budget, budget_cap
+from cema_ray.algorithms.domain_bank import DomainBank, nearest
+from cema_ray.algorithms.domain_key import batch_keys, key_scale, normalise
 from cema_ray.algorithms.distill import selective_distillation_loss
 from cema_ray.algorithms.entropy import e0 as e0_of
 from cema_ray.algorithms.entropy import entropy, reweight
@@ -47,10 +49,11 @@ from cema_ray.methods.base import (CloudTrainer, EdgeResult, NormState, register
                                    check_uploads, infer_num_classes, preset_settings)
 from cema_ray.methods.common import load_arrays, model_device, tensor_state, use_norm_stats
 from cema_ray.methods.host_model import ForwardEdge, HostModel
+from cema_ray.methods.student import Student
 from cema_ray.models.norm import freeze_all_but_norm_affine
 from cema_ray.models.preprocess import to_input
-from cema_ray.models.publish import SCOPES, scope_parameters, scope_state, train_only
-from cema_ray.schema import Field, setting
+from cema_ray.models.publish import SCOPES
+from cema_ray.schema import Field, fail, join_key, setting
 
 TEACHERS = ("foundation", "labels")
 LOSSES = ("kl", "ce", "sed")
@@ -94,6 +97,17 @@ SETTINGS: dict[str, Field] = {
     "alpha": setting(3.0, "sed loss: weight of the reweighted entropy term", lo=0),
     "beta": setting(3.0, "sed loss: weight of the KL term", lo=0),
     "gamma": setting(1.0, "sed loss: weight of the cross-entropy term", lo=0),
+    # the bank: a student per domain (algorithms/domain_bank.py)
+    "bank_size": setting(1, "students in the cloud's domain bank; 1 = one student for the fleet", lo=1, hi=256),
+    "bank_radius": setting(0.004, "uploads whose domain key is farther than this from every entry start a new one "
+                                  "(mean squared difference per channel, in source-spread units)", lo=0,
+                           lo_open=True),
+    "bank_reach": setting(2.0, "an edge batch farther than reach x radius from every entry runs the deployed "
+                               "weights (BN adapt)", lo=0),
+    "bank_base": setting("fleet", "what a new entry starts from and what an edge far from every entry runs: "
+                                  "a student trained on every upload (one more student step per chunk), or the "
+                                  "deployed weights", choices=("fleet", "deployed")),
+    "bank_key_samples": setting(0, "images of an edge batch its domain key is computed on (0: all)", lo=0),
 }
 
 
@@ -109,6 +123,54 @@ class FleetEdge(ForwardEdge):
         self.settings = s = settings
         self.num_classes = infer_num_classes(model, s["num_classes"])
         self.filter = self._make_filter()
+        self.banked = int(s["bank_size"]) > 1
+        self.bank: NormState | None = None  # the newest bank publication (flat, shared with the host's edges)
+        self.scale = key_scale(model) if self.banked else None
+        self._chosen = False  # `prepare` picked this batch's entry; `decide` closes the batch
+        self._key: np.ndarray | None = None  # the current batch's domain key
+
+    # the bank: an entry per batch, by its domain key -------------------------------------------
+    def prepare(self, x: torch.Tensor) -> None:
+        """With a bank: the batch's domain key, computed forward-only from the stem on its first
+        ``bank_key_samples`` images (it goes up with the uploads), and the entry nearest it to run with (the
+        deployed weights when none is within reach)."""
+        if not self.banked:
+            return
+        k = int(self.settings["bank_key_samples"]) or len(x)
+        self._key = normalise(batch_keys(self.host.model, x[:k].to(self.host.device))[0], self.scale)
+        self._chosen = True
+        if self.bank is None:
+            return
+        keys, entries, base = self._entries()
+        reach = float(self.settings["bank_radius"]) * float(self.settings["bank_reach"])
+        j = nearest(self._key, keys, reach)
+        self.state = base if j is None else entries[j]
+
+    def process(self, x: torch.Tensor) -> EdgeResult:
+        if not self._chosen:
+            self.prepare(x)
+        return super().process(x)
+
+    def _entries(self) -> tuple[np.ndarray, list[NormState], NormState | None]:
+        """The bank's keys and entries, parsed once per publication and host: every edge on one publication
+        holds the same entry objects, so edges that pick one entry share a stacked forward."""
+        memo = self.host.memo
+        hit = memo.get(id(self.bank))
+        if hit is None or hit[0] is not self.bank:
+            keys, entries, base = bank_entries(self.bank)
+            for entry in [*entries, *([base] if base else [])]:
+                self.host.use(entry)  # a state the model refuses fails here, naming the key
+            hit = memo[id(self.bank)] = (self.bank, (keys, entries, base))
+            while len(memo) > 8:
+                memo.pop(next(iter(memo)))
+        return hit[1]
+
+    def apply_update(self, state: NormState | None) -> None:
+        if not self.banked:
+            super().apply_update(state)
+        elif state:
+            self.bank = state
+            self._entries()
 
     def _make_filter(self) -> EntropyFilter:
         s = self.settings
@@ -116,6 +178,7 @@ class FleetEdge(ForwardEdge):
                              redundancy=s["redundancy"])
 
     def decide(self, logits: torch.Tensor) -> EdgeResult:
+        self._chosen = False
         with torch.inference_mode():
             ent = entropy(logits)
             passed = self.filter.select(logits.softmax(dim=1), ent).cpu().numpy()
@@ -126,7 +189,7 @@ class FleetEdge(ForwardEdge):
                               bool(self.settings["upload_balance"]))
         skipped = {**self.filter.last_skipped, "budget": int(passed.sum() - upload.sum())}
         return EdgeResult(predictions=preds, upload=upload, entropy=ent_np, e_max=float(self.filter.e_max),
-                          skipped=skipped)
+                          skipped=skipped, domain_key=self._key if self.banked else None)
 
     def fresh_state(self) -> None:
         self.filter = self._make_filter()
@@ -135,54 +198,88 @@ class FleetEdge(ForwardEdge):
         """The filter's state and the weights it runs with (the publication it holds, shared with the host's
         other edges on that version; the device reloads its last publication on restore, but a reset since
         may have brought back the deployed weights)."""
-        return {**super().snapshot(), "filter": self.filter.snapshot()}
+        return {**super().snapshot(), "filter": self.filter.snapshot(), "bank": self.bank}
 
     def restore(self, snap: dict[str, Any]) -> None:
         super().restore(snap)
         self.filter.restore(snap["filter"])
+        self.bank = snap.get("bank")
 
 
 # --- cloud ---------------------------------------------------------------------------------
 
-class ChunkReplay:
-    """Stored (images, teacher probabilities) chunks; draws whole chunks so each replayed forward
-    sees one time window. Holds at most ``capacity`` samples; the oldest chunks leave first."""
+class UploadQueue:
+    """Uploads waiting for a cloud step, in arrival order; popped in chunks of a fixed size (a chunk may
+    span several edge batches)."""
 
-    def __init__(self, capacity: int, generator: torch.Generator) -> None:
-        self.capacity, self.generator = int(capacity), generator
-        self.chunks: list[tuple[np.ndarray, np.ndarray]] = []
+    def __init__(self) -> None:
+        self.items: list[tuple[np.ndarray, np.ndarray | None]] = []
         self.size = 0
 
-    def add(self, images: np.ndarray, targets: np.ndarray) -> None:
-        self.chunks.append((images, targets))
+    def add(self, images: np.ndarray, labels: np.ndarray | None) -> None:
+        self.items.append((images.copy(), None if labels is None else np.asarray(labels).copy()))
         self.size += len(images)
-        while self.size > self.capacity and len(self.chunks) > 1:
-            self.size -= len(self.chunks.pop(0)[0])
 
-    def draw(self, k: int, window: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Up to ``k`` distinct chunks, uniformly from the newest ``window`` (0: all) before the last one
-        added (the chunk being learnt, which the step has already)."""
-        end = len(self.chunks) - 1
-        start = max(0, end - window) if window > 0 else 0
-        if k <= 0 or end <= start:
-            return []
-        picks = (start + torch.randperm(end - start, generator=self.generator)[:k]).tolist()
-        return [self.chunks[i] for i in picks]
+    def pop(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+        images, labels, have = [], [], 0
+        while have < n:
+            head_i, head_l = self.items.pop(0)
+            take = min(n - have, len(head_i))
+            images.append(head_i[:take])
+            labels.append(None if head_l is None else head_l[:take])
+            if take < len(head_i):
+                self.items.insert(0, (head_i[take:], None if head_l is None else head_l[take:]))
+            have += take
+        self.size -= n
+        return np.concatenate(images), (None if labels[0] is None else np.concatenate(labels))
 
-    def clear(self) -> None:
-        self.chunks, self.size = [], 0
+    def clear(self) -> int:
+        """Empty it; returns how many uploads it held."""
+        n, self.items, self.size = self.size, [], 0
+        return n
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"chunks": [(i.copy(), t.copy()) for i, t in self.chunks]}
+    def state_dict(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        return [(i.copy(), None if l is None else l.copy()) for i, l in self.items]
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.clear()
-        for images, targets in state["chunks"]:
-            self.add(np.asarray(images).copy(), np.asarray(targets).copy())
+    def load_state_dict(self, items: list) -> None:
+        self.items = [(np.asarray(i).copy(), None if l is None else np.asarray(l).copy()) for i, l in items]
+        self.size = sum(len(i) for i, _ in self.items)
+
+
+BANK_PREFIX, BASE_PREFIX = "bank.", "base."
+
+
+def bank_wire(entries: Mapping[int, tuple[np.ndarray, NormState]], base: NormState | None = None) -> NormState:
+    """A bank as one flat publication: ``bank.<slot>.key`` and ``bank.<slot>.<parameter>`` per entry, and
+    ``base.<parameter>`` for the fleet's student (when the bank has one)."""
+    flat: NormState = {f"{BASE_PREFIX}{n}": v for n, v in (base or {}).items()}
+    for slot, (key, state) in sorted(entries.items()):
+        flat[f"{BANK_PREFIX}{slot}.key"] = np.asarray(key, np.float32)
+        flat.update({f"{BANK_PREFIX}{slot}.{n}": v for n, v in state.items()})
+    return flat
+
+
+def bank_entries(flat: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[NormState], NormState | None]:
+    """The inverse of `bank_wire`: the keys as one (M, 2C) array, each entry's parameters by slot order, and
+    the fleet's student (None without one)."""
+    by_slot: dict[int, dict[str, np.ndarray]] = {}
+    base: NormState = {}
+    for name, value in flat.items():
+        if name.startswith(BASE_PREFIX):
+            base[name[len(BASE_PREFIX):]] = value
+            continue
+        if not name.startswith(BANK_PREFIX):
+            raise ValueError(f"publication key '{name}' is not a bank entry's ({BANK_PREFIX}<slot>.<name>)")
+        slot, rest = name[len(BANK_PREFIX):].split(".", 1)
+        by_slot.setdefault(int(slot), {})[rest] = value
+    slots = sorted(by_slot)
+    keys = np.stack([np.asarray(by_slot[j].pop("key"), np.float32) for j in slots]) if slots else np.zeros((0, 0))
+    return keys, [by_slot[j] for j in slots], base or None
 
 
 class FleetCloud(CloudTrainer):
-    """Teacher labels at arrival, chunk-wise replay, a scoped student, EMA/anchor, one shared student."""
+    """Teacher labels at arrival, chunk-wise replay, a scoped student, EMA/anchor; one student for the fleet, or
+    a bank of students keyed by domain (``bank_size`` > 1)."""
 
     needs_labels = False
 
@@ -194,13 +291,9 @@ class FleetCloud(CloudTrainer):
         if foundation is None and not self.needs_labels:
             raise ConfigError(f"method '{method}' needs a foundation model (config key 'models.foundation')")
         self.generator = generator
-        self.student = copy.deepcopy(student_template).eval()
-        use_norm_stats(self.student, "batch")
-        self.num_classes = infer_num_classes(self.student, s["num_classes"])
+        self.template = student_template
+        self.num_classes = infer_num_classes(student_template, s["num_classes"])
         self.e0 = e0_of(self.num_classes, s["e_max_factor"])
-        self.scope = s["train_scope"]
-        self.s_opt = torch.optim.SGD(train_only(self.student, self.scope), lr=float(s["lr_student"]),
-                                     momentum=float(s["momentum"]), weight_decay=float(s["weight_decay"]))
         self.foundation = None
         if not self.needs_labels:
             self.foundation = copy.deepcopy(foundation).eval()
@@ -208,17 +301,25 @@ class FleetCloud(CloudTrainer):
             self.f_opt = torch.optim.SGD(freeze_all_but_norm_affine(self.foundation), lr=float(s["lr_foundation"]),
                                          momentum=float(s["momentum"]))
             self._f_source = tensor_state(self.foundation)
-        self._deployed = {n: p.detach().clone() for n, p in scope_parameters(self.student, self.scope)}
-        self._s_init = tensor_state(self.student)
-        self.ema = None if not s["student_ema"] else copy.deepcopy(self._deployed)
-        self.replay = ChunkReplay(s["replay_capacity"], generator)
-        self._queue: list[tuple[np.ndarray, np.ndarray | None]] = []
-        self._queued = 0
+        size = int(s["bank_size"])
+        self.bank = DomainBank(size, float(s["bank_radius"])) if size > 1 else None
+        self.takes_keys = self.bank is not None
+        self.base = Student(student_template, s, generator) if size > 1 and s["bank_base"] == "fleet" else None
+        self.students: list[Student] = [Student(student_template, s, generator)]
+        self.queues: list[UploadQueue] = [UploadQueue()]
+        if self.bank is not None:
+            self.keyer = copy.deepcopy(student_template).eval()  # the deployed stem: the edges' key
+            self.scale = key_scale(self.keyer)
         self.version = 0
         self._batches: dict[int, int] = {}
         self._sent: dict[int, int] = {}
-        self.counters = {"chunk_steps": 0}
+        self.counters = {"chunk_steps": 0, "bank_entries": 0, "bank_evicted_uploads": 0}
         self.last_loss: dict[str, float] = {}
+
+    @property
+    def student(self) -> nn.Module:
+        """The first student's model (the only one without a bank)."""
+        return self.students[0].model
 
     # teacher ---------------------------------------------------------------------------------
     def _targets(self, images: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
@@ -248,9 +349,9 @@ class FleetCloud(CloudTrainer):
                     param.copy_(torch.where(keep, param, self._f_source[name].to(param)))
 
     # student ---------------------------------------------------------------------------------
-    def _group_loss(self, images: np.ndarray, targets: np.ndarray) -> torch.Tensor:
+    def _group_loss(self, student: nn.Module, images: np.ndarray, targets: np.ndarray) -> torch.Tensor:
         s = self.settings
-        logits = self.student(to_input(images).to(model_device(self.student)))
+        logits = student(to_input(images).to(model_device(student)))
         t = torch.as_tensor(targets).to(logits)
         if s["student_loss"] == "sed":
             tau = float(s["temperature"])
@@ -264,117 +365,114 @@ class FleetCloud(CloudTrainer):
         log_p = F.log_softmax(logits / tau, dim=1)
         return -(t * log_p).sum(dim=1).mean() * tau ** 2  # KL up to the teacher's (constant) entropy
 
-    def _student_step(self, groups: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        s = self.settings
-        self.student.train()
-        for _ in range(int(s["student_steps"])):
-            loss = sum(self._group_loss(i, t) for i, t in groups) / len(groups)
-            if s["anchor"] > 0:
-                loss = loss + float(s["anchor"]) * sum(((p - self._deployed[n]) ** 2).sum()
-                                                       for n, p in scope_parameters(self.student, self.scope))
-            self.s_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.s_opt.step()
-        self.student.eval()
-        self.last_loss["loss"] = float(loss.detach())
-        if self.ema is not None:
-            d = float(s["student_ema"])
-            with torch.no_grad():
-                for n, p in scope_parameters(self.student, self.scope):
-                    self.ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
+    def _chunk_step(self, slot: int, images: np.ndarray, labels: np.ndarray | None) -> None:
+        chunk = (images, self._targets(images, labels))
+        if self.base is not None:
+            self.base.learn(chunk, self._group_loss)
+        self.last_loss["loss"] = self.students[slot].learn(chunk, self._group_loss)
         self.version += 1
-
-    def _chunk_step(self, images: np.ndarray, labels: np.ndarray | None) -> None:
-        targets = self._targets(images, labels)
-        if self.settings["replay_chunks"] > 0:  # without replay, keeping the uploads would only cost memory
-            self.replay.add(images, targets)
-        self._student_step([(images, targets), *self.replay.draw(int(self.settings["replay_chunks"]),
-                                                                             int(self.settings["replay_window"]))])
         self.counters["chunk_steps"] += 1
 
-    def _pop(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
-        images, labels, have = [], [], 0
-        while have < n:
-            head_i, head_l = self._queue.pop(0)
-            take = min(n - have, len(head_i))
-            images.append(head_i[:take])
-            labels.append(None if head_l is None else head_l[:take])
-            if take < len(head_i):
-                self._queue.insert(0, (head_i[take:], None if head_l is None else head_l[take:]))
-            have += take
-        self._queued -= n
-        return np.concatenate(images), (None if labels[0] is None else np.concatenate(labels))
+    # the bank ----------------------------------------------------------------------------------
+    def _slot_for(self, images: np.ndarray, key: np.ndarray | None) -> int:
+        """The bank entry these uploads (one edge batch's) teach: routed by the domain key of the batch they
+        came from (computed here from the uploads themselves when none came with them: noisier, a few images);
+        a new entry starts from the deployed student, and an evicted one's waiting uploads are counted, never
+        trained."""
+        if key is None:
+            key = normalise(batch_keys(self.keyer, to_input(images).to(model_device(self.keyer)))[0], self.scale)
+        route = self.bank.route(np.asarray(key, np.float32))
+        while route.slot >= len(self.students):
+            self.students.append(Student(self.template, self.settings, self.generator))
+            self.queues.append(UploadQueue())
+        if route.new:
+            self.counters["bank_entries"] += 1
+            if self.students[route.slot].steps or self.queues[route.slot].size:
+                self.students[route.slot].reset()
+                self.counters["bank_evicted_uploads"] += self.queues[route.slot].clear()
+            if self.base is not None:
+                self.students[route.slot].start_from(self.base)
+        return route.slot
 
     # the CloudTrainer contract ---------------------------------------------------------------
-    def ingest(self, edge_id: int, images: np.ndarray, labels: np.ndarray | None = None) -> None:
+    def ingest(self, edge_id: int, images: np.ndarray, labels: np.ndarray | None = None,
+               key: np.ndarray | None = None) -> None:
         images = check_uploads(edge_id, images)
         if self.needs_labels and labels is None:
             raise ConfigError(f"method '{self.method}' trains on the stream's true labels (a reference): "
                               "it runs with runtime=local only")
         if len(images):
-            self._queue.append((images.copy(), None if labels is None else np.asarray(labels).copy()))
-            self._queued += len(images)
+            slot = 0 if self.bank is None else self._slot_for(images, key)
+            self.queues[slot].add(images, labels)
 
     def on_edge_batch(self, edge_id: int) -> int:
         self._batches[int(edge_id)] = self._batches.get(int(edge_id), 0) + 1
         steps, n = 0, int(self.settings["chunk_size"])
-        while self._queued >= n:
-            self._chunk_step(*self._pop(n))
-            steps += 1
+        for slot, queue in enumerate(self.queues):
+            while queue.size >= n:
+                self._chunk_step(slot, *queue.pop(n))
+                steps += 1
         return steps
 
     def queued(self) -> int:
-        return self._queued
+        return sum(q.size for q in self.queues)
 
     def export(self, edge_id: int) -> NormState | None:
-        """The scope's parameters (the EMA's, if on) when they changed since ``edge_id`` last got them."""
+        """The scope's parameters (the EMA's, if on) when they changed since ``edge_id`` last got them; with a
+        bank, every entry that has trained, each with its key."""
         edge_id = int(edge_id)
         count = self._batches.get(edge_id, 0)
         if count == 0 or count % int(self.settings["publish_every"]) or self._sent.get(edge_id, 0) == self.version:
             return None
         self._sent[edge_id] = self.version
-        if self.ema is not None:
-            return {n: v.detach().cpu().float().numpy().copy() for n, v in self.ema.items()}
-        return scope_state(self.student, self.scope)
+        if self.bank is None:
+            return self.students[0].export()
+        return bank_wire({j: (self.bank.keys[j], st.export()) for j, st in enumerate(self.students) if st.steps},
+                         None if self.base is None else self.base.export())
 
     def reset(self, edge_id: int | None = None) -> None:
-        """Reset-per-domain: deployed student, source foundation, empty queue and replay."""
-        self.student.load_state_dict(self._s_init)
-        self.s_opt.state.clear()
+        """Reset-per-domain. One student: the deployed student, source foundation, empty queue and replay (for
+        the whole fleet). A bank: nothing the other edges use is touched (the edge itself went back to its
+        deployed weights, and picks its entry again by its next batch's key)."""
+        if self.bank is not None:
+            return
+        self.students[0].reset()
         if self.foundation is not None:
             self.foundation.load_state_dict(self._f_source)
             self.f_opt.state.clear()
-        self.ema = None if self.ema is None else copy.deepcopy(self._deployed)
-        self.replay.clear()
-        self._queue, self._queued = [], 0
+        self.queues[0].clear()
         for e in self._batches:
             self._sent[e] = self.version  # the reset edge already runs the deployed model
 
     def state_dict(self) -> dict[str, Any]:
-        return {"student": tensor_state(self.student), "s_opt": copy.deepcopy(self.s_opt.state_dict()),
+        return {"students": [st.state_dict() for st in self.students],
                 "foundation": None if self.foundation is None else tensor_state(self.foundation),
                 "f_opt": None if self.foundation is None else copy.deepcopy(self.f_opt.state_dict()),
-                "ema": copy.deepcopy(self.ema), "replay": self.replay.state_dict(),
-                "queue": [(i.copy(), None if l is None else l.copy()) for i, l in self._queue],
+                "queues": [q.state_dict() for q in self.queues],
+                "bank": None if self.bank is None else self.bank.state_dict(),
+                "base": None if self.base is None else self.base.state_dict(),
                 "version": self.version, "batches": dict(self._batches), "sent": dict(self._sent),
                 "counters": dict(self.counters), "generator": self.generator.get_state().clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
-        self.s_opt.load_state_dict(copy.deepcopy(state["s_opt"]))
+        while len(self.students) < len(state["students"]):
+            self.students.append(Student(self.template, self.settings, self.generator))
+            self.queues.append(UploadQueue())
+        for st, st_state, q, q_state in zip(self.students, state["students"], self.queues, state["queues"]):
+            st.load_state_dict(st_state)
+            q.load_state_dict(q_state)
         if self.foundation is not None:
             self.foundation.load_state_dict(state["foundation"])
             self.f_opt.load_state_dict(copy.deepcopy(state["f_opt"]))
-        self.ema = copy.deepcopy(state["ema"])
-        self.replay.load_state_dict(state["replay"])
-        self._queue = [(np.asarray(i).copy(), None if l is None else np.asarray(l).copy()) for i, l in state["queue"]]
-        self._queued = sum(len(i) for i, _ in self._queue)
+        if self.bank is not None:
+            self.bank.load_state_dict(state["bank"])
+        if self.base is not None:
+            self.base.load_state_dict(state["base"])
         self.version = int(state["version"])
         self._batches = {int(k): int(v) for k, v in state["batches"].items()}
         self._sent = {int(k): int(v) for k, v in state["sent"].items()}
-        self.counters = dict(state["counters"])
+        self.counters = {**self.counters, **state["counters"]}
         self.generator.set_state(state["generator"].clone())
-
 
 # --- presets and ablations ----------------------------------------------------------------
 
@@ -394,11 +492,20 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 }
 
 
+def check_settings(values: dict[str, Any], prefix: str) -> None:
+    """Settings that only fail together: a bank keys domains by the deployed stem, which scope 'all' trains."""
+    if int(values["bank_size"]) > 1 and values["train_scope"] == "all":
+        fail(join_key(prefix, "train_scope"), "all", "a bank (bank_size > 1) keys domains by the deployed stem, "
+             "which scope 'all' would train; use 'norm' or 'head'")
+
+
 PRESETS: dict[str, tuple[dict[str, Any], str, bool]] = {
     "cema-fleet": ({}, "CEMA for small edges under continual shift: edge BN adapt, teacher labels at arrival, "
                        "a scoped student with chunk-wise replay, a hard upload budget", True),
     "oracle": ({"teacher": "labels"}, "reference: cema-fleet's student trained on the uploads' true labels "
                                       "(what the edge model can hold at this budget); runtime=local only", False),
+    "cema-bank": ({"bank_size": 16}, "cema-fleet with a bank of students keyed by domain: uploads teach the entry "
+                                     "of their domain, each edge batch runs the entry nearest its own", True),
 }
 
 
@@ -407,7 +514,8 @@ def _register() -> None:
         register_method(name, edge=functools.partial(FleetEdge, method=name),
                         cloud=functools.partial(FleetCloud, method=name),
                         settings=preset_settings(SETTINGS, overrides), description=description,
-                        uses_foundation=uses_foundation, needs_labels=overrides.get("teacher") == "labels")
+                        uses_foundation=uses_foundation, needs_labels=overrides.get("teacher") == "labels",
+                        derive=check_settings)
 
 
 _register()

@@ -39,6 +39,7 @@ class HostModel:
         self.loaded: Mapping[str, np.ndarray] | None = None  # the state in the model (identity); None: deployed
         self.device = next((t.device for t in model.parameters()), torch.device("cpu"))
         self.adopts = _adopts(model)  # its next forward takes a batch's statistics as its running ones
+        self.memo: dict[int, tuple[Any, Any]] = {}  # id(publication) -> (publication, what a policy derived once)
 
     def use(self, state: Mapping[str, np.ndarray] | None) -> nn.Module:
         """The model holding ``state`` (the deployed weights overlaid with it; None: the deployed weights)."""

@@ -99,11 +99,13 @@ class CloudService:
     def newest_version(self, edge_id: int) -> int:
         return self.versions.get(edge_id if self.per_edge else SHARED, 0)
 
-    def receive(self, edge_id: int, images: np.ndarray, labels: np.ndarray | None = None) -> int:
+    def receive(self, edge_id: int, images: np.ndarray, labels: np.ndarray | None = None,
+                key: np.ndarray | None = None) -> int:
         """Ingest one edge batch's uploads and run the steps they make due; returns steps taken.
 
         ``labels`` (the uploads' true labels) reach only a trainer that declares ``needs_labels``: the
-        oracle reference of the single-process runner. No real method ever sees them."""
+        oracle reference of the single-process runner. No real method ever sees them. ``key``: the edge
+        batch's domain key, for a trainer that ``takes_keys``."""
         room = max(0, self.queue_capacity - self.trainer.queued())
         accepted = images[:room]  # a full queue refuses the excess: counted, never silently lost
         self.last_refused = len(images) - len(accepted)  # the batch's own drops, for its record
@@ -113,7 +115,10 @@ class CloudService:
         with self.autocast():
             if len(accepted):
                 if self.trainer.needs_labels:
-                    self.trainer.ingest(edge_id, accepted, None if labels is None else labels[:room])
+                    self.trainer.ingest(edge_id, accepted, None if labels is None else labels[:room],
+                                        **({"key": key} if self.trainer.takes_keys else {}))
+                elif self.trainer.takes_keys:
+                    self.trainer.ingest(edge_id, accepted, key=key)
                 else:
                     self.trainer.ingest(edge_id, accepted)
             steps = self.trainer.on_edge_batch(edge_id)

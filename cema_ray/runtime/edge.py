@@ -41,6 +41,7 @@ class EdgeStep:
     upload_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     upload_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # for reference methods only
     reset: bool = False  # the batch opened a new domain under the reset-per-domain protocol
+    upload_key: np.ndarray | None = None  # the batch's domain key (EdgeResult.domain_key), travels with the uploads
 
 
 @dataclass
@@ -172,7 +173,8 @@ class EdgeDevice:
             mean_entropy=float(np.mean(result.entropy)), rejected=0, error="",
             throttled=int(len(selected) - len(kept)), **skip_columns(result.skipped),
         )
-        return EdgeStep(record, images, batch.ids[kept], batch.labels[kept], reset=batch.reset)
+        return EdgeStep(record, images, batch.ids[kept], batch.labels[kept], reset=batch.reset,
+                        upload_key=result.domain_key)
 
     def _uplink_allowance(self, wanted: int) -> int:
         """Token bucket in stream time (1 / frame_rate per batch), so it is the same in every runtime."""

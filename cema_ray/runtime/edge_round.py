@@ -28,6 +28,9 @@ def step_edges(edges: Sequence[EdgeDevice], newest: Callable[[EdgeDevice], int],
     """Each edge (in the given order) predicts its next batch; ``fuse_samples`` > 0: stacked forwards of up to
     that many samples where the edges allow (0: one forward per edge)."""
     opened = [edge.open(newest(edge)) for edge in edges]
+    for edge, batch in zip(edges, opened):
+        if batch.x is not None:
+            edge.policy.prepare(batch.x)
     results: list[tuple[EdgeResult, float] | None] = [None] * len(edges)
     if fuse_samples:
         for members in fusable_groups(edges, opened, fuse_samples):

@@ -31,7 +31,8 @@ def run_round(edges: list[EdgeDevice], cloud: CloudShards, fuse_samples: int = 0
     for edge, out in zip(active, steps):
         if out.reset:
             cloud.reset(edge.edge_id)
-        out.record["cloud_steps"] = cloud.receive(edge.edge_id, out.upload_images, out.upload_labels)
+        out.record["cloud_steps"] = cloud.receive(edge.edge_id, out.upload_images, out.upload_labels,
+                                                   out.upload_key)
         out.record["dropped"] = cloud.last_refused
     deliver(cloud.end_round([e.edge_id for e in active]), edges, len(cloud.services))
     return steps
@@ -72,5 +73,6 @@ def run_local(cfg: dict[str, Any], partial: PartialWriter | None = None) -> tupl
 
 def _facts(progress: RunProgress, cloud: CloudShards, threads: int) -> dict[str, Any]:
     return {"wall_seconds": progress.elapsed, "dropped": cloud.stats.dropped,
-            "cloud_steps": cloud.stats.steps, "publications": cloud.stats.publications, "threads": {"local": threads},
+            "cloud_steps": cloud.stats.steps, "cloud_step_seconds": cloud.stats.step_seconds,
+            "publications": cloud.stats.publications, "threads": {"local": threads},
             "cloud_device": cloud.device}

@@ -98,8 +98,8 @@ class EdgeHost:
         return ray.get_runtime_context().get_node_id()
 
     def step_round(self, newest: dict[int, int], paced: bool = False
-                   ) -> tuple[list[dict[str, Any]], list[tuple[int, bool, np.ndarray]]]:
-        """Every edge with data predicts its next batch; returns records and (edge, reset, uploads).
+                   ) -> tuple[list[dict[str, Any]], list[tuple[int, bool, np.ndarray, np.ndarray | None]]]:
+        """Every edge with data predicts its next batch; returns records and (edge, reset, uploads, domain key).
 
         ``paced``: edges with a frame rate wait for their next frame time (async mode runs in real
         time), and at most `ray.host_step_edges` edges run (publications arrive between steps); sync rounds
@@ -119,7 +119,7 @@ class EdgeHost:
             out.record["host_id"] = self.host_id
             self.metrics.record(out.record)
             records.append(out.record)
-            uploads.append((out.record["edge_id"], out.reset, out.upload_images))
+            uploads.append((out.record["edge_id"], out.reset, out.upload_images, out.upload_key))
         return records, uploads
 
     def _due(self, edge: EdgeDevice) -> bool:
@@ -306,10 +306,10 @@ class CloudActor:
                         if shard_of(item[0], self.shards) == self.shard), key=lambda it: it[0])
         t0, trained = time.perf_counter(), self.service.stats.step_seconds
         steps, refused = {}, {}
-        for edge_id, reset, images in items:
+        for edge_id, reset, images, key in items:
             if reset:
                 self.service.reset(edge_id)
-            steps[edge_id] = self.service.receive(edge_id, images)
+            steps[edge_id] = self.service.receive(edge_id, images, key=key)
             refused[edge_id] = self.service.last_refused
         mine = steps if edge_ids is None else [e for e in edge_ids if shard_of(e, self.shards) == self.shard]
         pubs = self.service.end_round(sorted(mine))

@@ -52,9 +52,10 @@ class CloudShards:
     def newest_version(self, edge_id: int) -> int:
         return self._of(edge_id).newest_version(edge_id)
 
-    def receive(self, edge_id: int, images: np.ndarray, labels: np.ndarray | None = None) -> int:
+    def receive(self, edge_id: int, images: np.ndarray, labels: np.ndarray | None = None,
+                key: np.ndarray | None = None) -> int:
         service = self._of(edge_id)
-        steps = service.receive(edge_id, images, labels)
+        steps = service.receive(edge_id, images, labels, key)
         self.last_refused = service.last_refused
         return steps
 

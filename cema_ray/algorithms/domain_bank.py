@@ -1,0 +1,90 @@
+"""The cloud's bank of domains: which entry a batch of uploads belongs to, by its domain key.
+
+One shared student fits one set of normalisation parameters to whatever mix of domains the fleet is in at the
+moment; when edges are in different domains at once (each its own corruption order) every edge gets a student
+fitted to the mix, and the more edges, the worse. The bank keeps one entry per domain instead, keyed by the
+domain key of the uploads that trained it (`cema_ray.algorithms.domain_key`): uploads go to the nearest entry
+when it is within ``radius``, else to a new one; when the bank is full the entry used least recently makes
+room. The bank is plain numpy bookkeeping: what an entry holds (a student) is its owner's business, by slot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from cema_ray.algorithms.domain_key import key_distance
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a key went: its slot, whether that slot was (re)started for it, and the distance it was found at
+    (inf for a new entry)."""
+
+    slot: int
+    new: bool
+    distance: float
+
+
+class DomainBank:
+    """Up to ``capacity`` entries, each a key (the running mean of the keys routed to it) in a fixed slot."""
+
+    def __init__(self, capacity: int, radius: float, key_window: int = 100) -> None:
+        """``key_window``: an entry's key is the mean of its first keys, then an exponential mean of the last
+        ~this many (so a slowly drifting domain keeps its entry)."""
+        if capacity < 1 or not radius > 0 or key_window < 1:
+            raise ValueError("a domain bank needs capacity >= 1, radius > 0 and key_window >= 1")
+        self.capacity, self.radius, self.key_window = int(capacity), float(radius), int(key_window)
+        self.keys: list[np.ndarray] = []
+        self.counts: list[int] = []
+        self.last_used: list[int] = []
+        self.tick = 0
+        self.created = 0  # entries ever made (new domains and evictions)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def route(self, key: np.ndarray) -> Route:
+        """The slot for uploads with ``key``: the nearest entry within the radius (its key moves towards this
+        one), else a new entry, in a free slot or in the least recently used one."""
+        self.tick += 1
+        key = np.asarray(key, np.float32)
+        if self.keys:
+            d = key_distance(key, np.stack(self.keys))
+            j = int(np.argmin(d))
+            if d[j] <= self.radius:
+                self.counts[j] += 1
+                rate = 1.0 / min(self.counts[j], self.key_window)
+                self.keys[j] = (self.keys[j] + rate * (key - self.keys[j])).astype(np.float32)
+                self.last_used[j] = self.tick
+                return Route(j, False, float(d[j]))
+        self.created += 1
+        if len(self.keys) < self.capacity:
+            self.keys.append(key.copy())
+            self.counts.append(1)
+            self.last_used.append(self.tick)
+            return Route(len(self.keys) - 1, True, float("inf"))
+        j = int(np.argmin(self.last_used))
+        self.keys[j], self.counts[j], self.last_used[j] = key.copy(), 1, self.tick
+        return Route(j, True, float("inf"))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"keys": [k.copy() for k in self.keys], "counts": list(self.counts),
+                "last_used": list(self.last_used), "tick": self.tick, "created": self.created}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.keys = [np.asarray(k, np.float32).copy() for k in state["keys"]]
+        self.counts = [int(c) for c in state["counts"]]
+        self.last_used = [int(t) for t in state["last_used"]]
+        self.tick, self.created = int(state["tick"]), int(state["created"])
+
+
+def nearest(key: np.ndarray, keys: np.ndarray, reach: float) -> int | None:
+    """The row of ``keys`` nearest ``key`` when within ``reach``, else None (an edge then runs its deployed
+    weights: a domain nobody has taught yet)."""
+    if len(keys) == 0:
+        return None
+    d = key_distance(key, keys)
+    j = int(np.argmin(d))
+    return j if d[j] <= reach else None
