@@ -169,7 +169,8 @@ class EdgeDevice:
         images = batch.images[kept]
         record.update(
             correct=int((result.predictions == batch.labels).sum()), uploaded=int(len(kept)),
-            bytes_up=int(images.nbytes), latency_ms=latency_ms, e_max=float(result.e_max),
+            bytes_up=int(images.nbytes) + (int(result.domain_key.nbytes) if len(kept) and result.domain_key is not None
+                                           else 0), latency_ms=latency_ms, e_max=float(result.e_max),
             mean_entropy=float(np.mean(result.entropy)), rejected=0, error="",
             throttled=int(len(selected) - len(kept)), **skip_columns(result.skipped),
         )
