@@ -37,7 +37,8 @@ def tiny_edge() -> nn.Module:
 
 
 def bank_cloud(settings: dict | None = None):
-    return METHODS.get("cema-bank").make_cloud(tiny(6, 1), tiny(4, 2), {"chunk_size": 4, **(settings or {})},
+    return METHODS.get("cema-bank").make_cloud(tiny(6, 1), tiny(4, 2), {"chunk_size": 4, "bank_gate": False,
+                                                                         **(settings or {})},
                                                torch.Generator().manual_seed(0))
 
 
@@ -66,19 +67,19 @@ def test_a_model_without_batch_norm_has_no_key() -> None:
 
 # --- the bank's routing ----------------------------------------------------------------------
 
-def test_bank_routes_near_keys_together_starts_far_ones_and_evicts_the_least_recent() -> None:
-    bank = DomainBank(capacity=2, radius=0.1)
-    a, b, c = np.zeros(4, np.float32), np.ones(4, np.float32), np.full(4, -1.0, np.float32)
+def test_bank_routes_near_keys_together_starts_far_ones_and_merges_the_nearest_pair_when_full() -> None:
+    bank = DomainBank(capacity=3, radius=0.1)
+    a, b, c, d = (np.full(4, v, np.float32) for v in (0.0, 1.0, 3.0, -5.0))
     assert bank.route(a).new and bank.route(a + 0.1).slot == 0  # 0.01 from a: the same entry
     assert np.allclose(bank.keys[0], 0.05)  # the entry's key is the mean of its keys
-    r = bank.route(b)
-    assert r.new and r.slot == 1 and len(bank) == 2
-    bank.route(a)  # slot 0 used after slot 1
-    r = bank.route(c)  # full: the least recently used (slot 1) makes room
-    assert r.new and r.slot == 1 and len(bank) == 2 and bank.created == 3
-    copy = DomainBank(2, 0.1)
+    assert bank.route(b).slot == 1 and bank.route(c).slot == 2 and len(bank) == 3
+    r = bank.route(d)  # full: entries 0 and 1 are the nearest pair; 1 merges into 0 and takes d
+    assert r.new and r.slot == 1 and r.merged_into == 0 and r.weights == (2, 1)
+    assert np.allclose(bank.keys[0], (2 * 0.05 + 1.0) / 3) and bank.counts[0] == 3 and bank.merges == 1
+    assert len(bank) == 3 and bank.created == 4
+    copy = DomainBank(3, 0.1)
     copy.load_state_dict(bank.state_dict())
-    assert copy.route(c + 0.01).slot == bank.route(c + 0.01).slot == 1
+    assert copy.route(d + 0.01).slot == bank.route(d + 0.01).slot == 1
 
 
 def test_nearest_respects_its_reach() -> None:
@@ -96,12 +97,16 @@ def test_uploads_teach_the_entry_of_their_key_and_the_bank_goes_down_whole() -> 
     cloud.ingest(0, images(4, 1), key=far)
     cloud.ingest(1, images(4, 2), key=near)
     assert cloud.on_edge_batch(0) == 2  # one chunk per entry (each its own domain)
-    assert [s.steps for s in cloud.students] == [1, 1] and cloud.base.steps == 2
+    assert [r.steps for r in cloud.residuals] == [1, 1] and cloud.students[0].steps == 2  # one step per chunk
     wire = cloud.export(0)
     keys, entries, base = bank_entries(wire)
     assert np.array_equal(keys, np.stack([far, near])) and len(entries) == 2 and base is not None
     one = cloud.students[0].export()
-    assert set(entries[0]) == set(one) and all(np.array_equal(entries[0][k], one[k]) for k in one)
+    assert set(base) == set(one) and all(np.array_equal(base[k], one[k]) for k in one)
+    for entry, r in zip(entries, cloud.residuals):  # an entry: the fleet's student plus its domain's offset
+        offset = r.published()
+        assert set(entry) == set(one) and all(np.allclose(entry[k], one[k] + offset[k].numpy()) for k in one)
+        assert any(float(v.abs().max()) > 0 for v in offset.values())
     # on the wire: each entry's norm scope and its key, plus the fleet's student; nothing else
     assert state_nbytes(wire) == 3 * state_nbytes(one) + 2 * far.nbytes
     assert not np.allclose(entries[0]["1.weight"], entries[1]["1.weight"])  # each entry learnt its own chunk
@@ -114,9 +119,10 @@ def test_a_reset_edge_resets_nothing_other_edges_use() -> None:
     cloud.ingest(1, images(2, 2), key=np.zeros(8, np.float32))  # waiting in entry 0's queue
     before = cloud.export(0)
     cloud.reset(1)
-    assert cloud.queued() == 2 and cloud.students[0].steps == 1
-    after = bank_wire({0: (cloud.bank.keys[0], cloud.students[0].export())}, cloud.base.export())
-    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert cloud.queued() == 2 and cloud.students[0].steps == 1 and cloud.residuals[0].steps == 1
+    cloud.version += 1  # what export would send now
+    after = cloud.export(0)
+    assert set(before) == set(after) and all(np.array_equal(before[k], after[k]) for k in before)
 
 
 def test_bank_state_round_trip_continues_identically() -> None:
@@ -138,6 +144,10 @@ def test_a_bank_with_scope_all_fails_at_load_in_one_line() -> None:
 
 
 # --- the edge's choice -------------------------------------------------------------------------
+
+def edge_key(edge, x: torch.Tensor) -> np.ndarray:
+    return normalise(batch_keys(edge.host.model, x)[0], edge.scale)
+
 
 def _edge(settings: dict | None = None):
     return METHODS.get("cema-bank").make_edge(tiny(4, 2), settings or {})
@@ -184,7 +194,8 @@ def test_a_local_bank_run_predicts_every_sample_once_and_publishes_its_entries(m
     from cema_ray.runtime import run_experiment
     from batch_tables import batch_table
 
-    cfg = make_run_config("method.name=cema-bank", "edges.count=3", "stream.corruptions=[gaussian_noise, fog]")
+    cfg = make_run_config("method.name=cema-bank", "edges.count=3", "stream.corruptions=[gaussian_noise, fog]",
+                          "method.settings={bank_gate: false}")  # random models: the gate would send keys only
     summary = run_experiment(cfg, tmp_path / "o")
     t = batch_table(tmp_path / "o")
     assert summary["samples"] == sum(t["samples"]) == 3 * 2 * 64
@@ -192,3 +203,40 @@ def test_a_local_bank_run_predicts_every_sample_once_and_publishes_its_entries(m
     downs = {b for b in t["bytes_down"] if b}
     one = sum(p.numel() * 4 for _, p in scope_parameters(tiny_edge(), "norm"))
     assert downs and all(b > one for b in downs)  # each publication: the fleet's student and >= 1 entry
+
+
+def test_a_full_bank_merges_offsets_and_waiting_uploads_and_loses_none() -> None:
+    cloud = bank_cloud({"bank_size": 2, "bank_radius": 0.01})
+    keys = [np.full(8, v, np.float32) for v in (0.0, 0.05, 3.0)]
+    cloud.ingest(0, images(4, 1), key=keys[0])
+    cloud.ingest(1, images(4, 2), key=keys[1])  # 0.0025 away: within the radius -> entry 0
+    cloud.ingest(2, images(3, 3), key=keys[2] + 9)  # a second entry, 3 uploads waiting
+    cloud.on_edge_batch(0)
+    r0 = {n: v.clone() for n, v in cloud.residuals[0].delta.items()}
+    cloud.ingest(3, images(2, 4), key=keys[2])  # beyond the radius of both: the full bank merges 0 and 1
+    assert cloud.bank.merges == 1 and cloud.queued() == 5  # 3 + 2 uploads: none lost
+    assert cloud.residuals[1].steps == 0  # the freed slot starts at zero offset for the new domain
+    w = cloud.bank.counts[0]
+    assert w == 3 and all(torch.allclose(cloud.residuals[0].delta[n], r0[n] * 2 / 3) for n in r0)  # 2:1 with zero
+
+
+def test_the_gate_sends_an_entry_only_while_it_beats_the_deployed_weights() -> None:
+    cloud = bank_cloud({"bank_gate": True})
+    cloud.ingest(0, images(4, 1), key=np.zeros(8, np.float32))
+    cloud.ingest(1, images(4, 2), key=np.full(8, 3.0, np.float32))
+    cloud.on_edge_batch(0)
+    r0, r1 = cloud.residuals
+    assert r0.gain.count == r1.gain.count == 1 and cloud.base_gain.count == 2  # scored before each step
+    r0.gain.mean, r1.gain.mean, cloud.base_gain.mean = 0.25, -0.25, 0.1
+    keys, entries, base = bank_entries(cloud.export(0))
+    assert len(keys) == 2 and entries[0] is not None and entries[1] is None and base is not None
+    cloud.base_gain.mean, cloud.version = 0.0, cloud.version + 1
+    wire = cloud.export(0)
+    assert bank_entries(wire)[2] is None and not any(k.startswith("base.") for k in wire)
+    # an edge whose batch is nearest entry 1 runs the deployed weights; near entry 0, entry 0
+    edge = _edge({"bank_radius": 1e9})
+    edge.apply_update(wire)
+    x = to_input(images(8, 5))
+    edge.bank = bank_wire({0: (np.full(8, 50.0, np.float32), entries[0]), 1: (edge_key(edge, x), None)})
+    edge.process(x)
+    assert edge.state is None

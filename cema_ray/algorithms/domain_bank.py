@@ -4,8 +4,10 @@ One shared student fits one set of normalisation parameters to whatever mix of d
 moment; when edges are in different domains at once (each its own corruption order) every edge gets a student
 fitted to the mix, and the more edges, the worse. The bank keeps one entry per domain instead, keyed by the
 domain key of the uploads that trained it (`cema_ray.algorithms.domain_key`): uploads go to the nearest entry
-when it is within ``radius``, else to a new one; when the bank is full the entry used least recently makes
-room. The bank is plain numpy bookkeeping: what an entry holds (a student) is its owner's business, by slot.
+when it is within ``radius``, else to a new one; when the bank is full the two entries nearest each other merge
+(their keys averaged by how many keys each took) and the freed slot takes the new domain, so nothing an entry
+learnt is thrown away and a domain that comes back finds what it taught, merged at worst with its nearest
+neighbour. The bank is plain numpy bookkeeping: what an entry holds is its owner's business, by slot.
 """
 from __future__ import annotations
 
@@ -20,11 +22,14 @@ from cema_ray.algorithms.domain_key import key_distance
 @dataclass(frozen=True)
 class Route:
     """Where a key went: its slot, whether that slot was (re)started for it, and the distance it was found at
-    (inf for a new entry)."""
+    (inf for a new entry). A full bank merged the entry that held ``slot`` into ``merged_into`` first, with
+    weights ``weights`` (the two entries' key counts: kept, freed)."""
 
     slot: int
     new: bool
     distance: float
+    merged_into: int | None = None
+    weights: tuple[int, int] = (0, 0)
 
 
 class DomainBank:
@@ -40,7 +45,8 @@ class DomainBank:
         self.counts: list[int] = []
         self.last_used: list[int] = []
         self.tick = 0
-        self.created = 0  # entries ever made (new domains and evictions)
+        self.created = 0  # entries ever made
+        self.merges = 0  # pairs merged to make room
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -65,19 +71,30 @@ class DomainBank:
             self.counts.append(1)
             self.last_used.append(self.tick)
             return Route(len(self.keys) - 1, True, float("inf"))
-        j = int(np.argmin(self.last_used))
-        self.keys[j], self.counts[j], self.last_used[j] = key.copy(), 1, self.tick
-        return Route(j, True, float("inf"))
+        a, b = self._closest_pair()
+        ca, cb = self.counts[a], self.counts[b]
+        self.keys[a] = ((ca * self.keys[a] + cb * self.keys[b]) / (ca + cb)).astype(np.float32)
+        self.counts[a], self.last_used[a] = ca + cb, max(self.last_used[a], self.last_used[b])
+        self.keys[b], self.counts[b], self.last_used[b] = key.copy(), 1, self.tick
+        self.merges += 1
+        return Route(b, True, float("inf"), merged_into=a, weights=(ca, cb))
+
+    def _closest_pair(self) -> tuple[int, int]:
+        keys = np.stack(self.keys)
+        d = np.mean((keys[:, None, :] - keys[None, :, :]) ** 2, axis=-1)
+        d[np.tril_indices(len(keys))] = np.inf
+        a, b = np.unravel_index(int(np.argmin(d)), d.shape)
+        return int(a), int(b)
 
     def state_dict(self) -> dict[str, Any]:
         return {"keys": [k.copy() for k in self.keys], "counts": list(self.counts),
-                "last_used": list(self.last_used), "tick": self.tick, "created": self.created}
+                "last_used": list(self.last_used), "tick": self.tick, "created": self.created, "merges": self.merges}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.keys = [np.asarray(k, np.float32).copy() for k in state["keys"]]
         self.counts = [int(c) for c in state["counts"]]
         self.last_used = [int(t) for t in state["last_used"]]
-        self.tick, self.created = int(state["tick"]), int(state["created"])
+        self.tick, self.created, self.merges = int(state["tick"]), int(state["created"]), int(state["merges"])
 
 
 def nearest(key: np.ndarray, keys: np.ndarray, reach: float) -> int | None:

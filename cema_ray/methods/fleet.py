@@ -49,7 +49,7 @@ from cema_ray.methods.base import (CloudTrainer, EdgeResult, NormState, register
                                    check_uploads, infer_num_classes, preset_settings)
 from cema_ray.methods.common import load_arrays, model_device, tensor_state, use_norm_stats
 from cema_ray.methods.host_model import ForwardEdge, HostModel
-from cema_ray.methods.student import Student
+from cema_ray.methods.student import Gain, Residual, Student
 from cema_ray.models.norm import freeze_all_but_norm_affine
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.publish import SCOPES
@@ -97,16 +97,19 @@ SETTINGS: dict[str, Field] = {
     "alpha": setting(3.0, "sed loss: weight of the reweighted entropy term", lo=0),
     "beta": setting(3.0, "sed loss: weight of the KL term", lo=0),
     "gamma": setting(1.0, "sed loss: weight of the cross-entropy term", lo=0),
-    # the bank: a student per domain (algorithms/domain_bank.py)
-    "bank_size": setting(1, "students in the cloud's domain bank; 1 = one student for the fleet", lo=1, hi=256),
+    # the bank: a per-domain offset to the fleet's student (algorithms/domain_bank.py, methods/student.py)
+    "bank_size": setting(1, "entries of the cloud's domain bank; 1 = one student for the fleet, no bank", lo=1,
+                         hi=256),
     "bank_radius": setting(0.004, "uploads whose domain key is farther than this from every entry start a new one "
                                   "(mean squared difference per channel, in source-spread units)", lo=0,
                            lo_open=True),
     "bank_reach": setting(2.0, "an edge batch farther than reach x radius from every entry runs the deployed "
                                "weights (BN adapt)", lo=0),
-    "bank_base": setting("fleet", "what a new entry starts from and what an edge far from every entry runs: "
-                                  "a student trained on every upload (one more student step per chunk), or the "
-                                  "deployed weights", choices=("fleet", "deployed")),
+    "bank_lr": setting(0.01, "SGD learning rate of each entry's offset to the fleet's student (momentum: the "
+                             "student's)", lo=0),
+    "bank_gate": setting(False, "send an entry (and the fleet's student) only while it agrees with the teacher more "
+                               "often than the deployed weights on chunks it has not trained on; else its domain "
+                               "runs the deployed weights (BN adapt)"),
     "bank_key_samples": setting(0, "images of an edge batch its domain key is computed on (0: all)", lo=0),
 }
 
@@ -151,14 +154,14 @@ class FleetEdge(ForwardEdge):
             self.prepare(x)
         return super().process(x)
 
-    def _entries(self) -> tuple[np.ndarray, list[NormState], NormState | None]:
+    def _entries(self) -> tuple[np.ndarray, list[NormState | None], NormState | None]:
         """The bank's keys and entries, parsed once per publication and host: every edge on one publication
         holds the same entry objects, so edges that pick one entry share a stacked forward."""
         memo = self.host.memo
         hit = memo.get(id(self.bank))
         if hit is None or hit[0] is not self.bank:
             keys, entries, base = bank_entries(self.bank)
-            for entry in [*entries, *([base] if base else [])]:
+            for entry in [e for e in [*entries, base] if e is not None]:
                 self.host.use(entry)  # a state the model refuses fails here, naming the key
             hit = memo[id(self.bank)] = (self.bank, (keys, entries, base))
             while len(memo) > 8:
@@ -233,10 +236,14 @@ class UploadQueue:
         self.size -= n
         return np.concatenate(images), (None if labels[0] is None else np.concatenate(labels))
 
-    def clear(self) -> int:
-        """Empty it; returns how many uploads it held."""
-        n, self.items, self.size = self.size, [], 0
-        return n
+    def clear(self) -> None:
+        self.items, self.size = [], 0
+
+    def extend(self, other: "UploadQueue") -> None:
+        """Take ``other``'s uploads after this queue's own (``other`` ends empty)."""
+        self.items += other.items
+        self.size += other.size
+        other.clear()
 
     def state_dict(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
         return [(i.copy(), None if l is None else l.copy()) for i, l in self.items]
@@ -249,19 +256,21 @@ class UploadQueue:
 BANK_PREFIX, BASE_PREFIX = "bank.", "base."
 
 
-def bank_wire(entries: Mapping[int, tuple[np.ndarray, NormState]], base: NormState | None = None) -> NormState:
-    """A bank as one flat publication: ``bank.<slot>.key`` and ``bank.<slot>.<parameter>`` per entry, and
-    ``base.<parameter>`` for the fleet's student (when the bank has one)."""
+def bank_wire(entries: Mapping[int, tuple[np.ndarray, NormState | None]], base: NormState | None = None
+              ) -> NormState:
+    """A bank as one flat publication: ``bank.<slot>.key`` and ``bank.<slot>.<parameter>`` per entry (no
+    parameters: that domain runs the deployed weights), and ``base.<parameter>`` for the fleet's student (none:
+    batches near no entry run the deployed weights)."""
     flat: NormState = {f"{BASE_PREFIX}{n}": v for n, v in (base or {}).items()}
     for slot, (key, state) in sorted(entries.items()):
         flat[f"{BANK_PREFIX}{slot}.key"] = np.asarray(key, np.float32)
-        flat.update({f"{BANK_PREFIX}{slot}.{n}": v for n, v in state.items()})
+        flat.update({f"{BANK_PREFIX}{slot}.{n}": v for n, v in (state or {}).items()})
     return flat
 
 
-def bank_entries(flat: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[NormState], NormState | None]:
-    """The inverse of `bank_wire`: the keys as one (M, 2C) array, each entry's parameters by slot order, and
-    the fleet's student (None without one)."""
+def bank_entries(flat: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[NormState | None], NormState | None]:
+    """The inverse of `bank_wire`: the keys as one (M, 2C) array, each entry's parameters by slot order (None:
+    the deployed weights), and the fleet's student (None: the deployed weights)."""
     by_slot: dict[int, dict[str, np.ndarray]] = {}
     base: NormState = {}
     for name, value in flat.items():
@@ -274,12 +283,12 @@ def bank_entries(flat: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[NormS
         by_slot.setdefault(int(slot), {})[rest] = value
     slots = sorted(by_slot)
     keys = np.stack([np.asarray(by_slot[j].pop("key"), np.float32) for j in slots]) if slots else np.zeros((0, 0))
-    return keys, [by_slot[j] for j in slots], base or None
+    return keys, [by_slot[j] or None for j in slots], base or None
 
 
 class FleetCloud(CloudTrainer):
-    """Teacher labels at arrival, chunk-wise replay, a scoped student, EMA/anchor; one student for the fleet, or
-    a bank of students keyed by domain (``bank_size`` > 1)."""
+    """Teacher labels at arrival, chunk-wise replay, a scoped student, EMA/anchor; one student for the fleet, and
+    with ``bank_size`` > 1 a bank of per-domain offsets to it, keyed by the domain keys the edges send."""
 
     needs_labels = False
 
@@ -291,7 +300,6 @@ class FleetCloud(CloudTrainer):
         if foundation is None and not self.needs_labels:
             raise ConfigError(f"method '{method}' needs a foundation model (config key 'models.foundation')")
         self.generator = generator
-        self.template = student_template
         self.num_classes = infer_num_classes(student_template, s["num_classes"])
         self.e0 = e0_of(self.num_classes, s["e_max_factor"])
         self.foundation = None
@@ -304,16 +312,18 @@ class FleetCloud(CloudTrainer):
         size = int(s["bank_size"])
         self.bank = DomainBank(size, float(s["bank_radius"])) if size > 1 else None
         self.takes_keys = self.bank is not None
-        self.base = Student(student_template, s, generator) if size > 1 and s["bank_base"] == "fleet" else None
-        self.students: list[Student] = [Student(student_template, s, generator)]
-        self.queues: list[UploadQueue] = [UploadQueue()]
+        self.students: list[Student] = [Student(student_template, s, generator)]  # the fleet's student
+        self.residuals: list[Residual] = []  # a bank entry's offset to it, by slot
+        self.queues: list[UploadQueue] = [UploadQueue()]  # by slot (one without a bank)
+        self.base_gain = Gain()  # the fleet's student against the deployed weights (a bank's `bank_gate`)
         if self.bank is not None:
-            self.keyer = copy.deepcopy(student_template).eval()  # the deployed stem: the edges' key
+            self.keyer = copy.deepcopy(student_template).eval()  # the deployed model: the edges' key, and the
+            use_norm_stats(self.keyer, "batch")  # weights an edge runs without the cloud (BN adapt)
             self.scale = key_scale(self.keyer)
         self.version = 0
         self._batches: dict[int, int] = {}
         self._sent: dict[int, int] = {}
-        self.counters = {"chunk_steps": 0, "bank_entries": 0, "bank_evicted_uploads": 0}
+        self.counters = {"chunk_steps": 0, "bank_entries": 0}
         self.last_loss: dict[str, float] = {}
 
     @property
@@ -367,32 +377,50 @@ class FleetCloud(CloudTrainer):
 
     def _chunk_step(self, slot: int, images: np.ndarray, labels: np.ndarray | None) -> None:
         chunk = (images, self._targets(images, labels))
-        if self.base is not None:
-            self.base.learn(chunk, self._group_loss)
-        self.last_loss["loss"] = self.students[slot].learn(chunk, self._group_loss)
+        residual = self.residuals[slot] if self.bank is not None else None
+        if residual is not None and self.settings["bank_gate"]:
+            self._score(images, chunk[1].argmax(axis=1), residual)
+        self.last_loss["loss"] = self.students[0].learn(chunk, self._group_loss, residual)
         self.version += 1
         self.counters["chunk_steps"] += 1
+
+    def _score(self, images: np.ndarray, teacher: np.ndarray, residual: Residual) -> None:
+        """Before the step: how often the fleet's student, and its entry (student + offset), agree with the
+        teacher on this chunk, against the deployed weights (BN adapt, what an edge runs without the cloud)."""
+        x = to_input(images).to(model_device(self.student))
+        with torch.no_grad():
+            deployed = float((self.keyer(x).argmax(1).cpu().numpy() == teacher).mean())
+            base = float((self.student(x).argmax(1).cpu().numpy() == teacher).mean())
+            with residual.added(self.student, self.settings["train_scope"]):
+                entry = float((self.student(x).argmax(1).cpu().numpy() == teacher).mean())
+        self.base_gain.add(base - deployed)
+        residual.gain.add(entry - deployed)
 
     # the bank ----------------------------------------------------------------------------------
     def _slot_for(self, images: np.ndarray, key: np.ndarray | None) -> int:
         """The bank entry these uploads (one edge batch's) teach: routed by the domain key of the batch they
-        came from (computed here from the uploads themselves when none came with them: noisier, a few images);
-        a new entry starts from the deployed student, and an evicted one's waiting uploads are counted, never
-        trained."""
+        came from (computed here from the uploads themselves when none came with them: noisier, a few images).
+        A new entry starts at zero offset (the fleet's student); a full bank first merges its two nearest
+        entries, offsets and waiting uploads, into one."""
         if key is None:
             key = normalise(batch_keys(self.keyer, to_input(images).to(model_device(self.keyer)))[0], self.scale)
         route = self.bank.route(np.asarray(key, np.float32))
-        while route.slot >= len(self.students):
-            self.students.append(Student(self.template, self.settings, self.generator))
-            self.queues.append(UploadQueue())
         if route.new:
             self.counters["bank_entries"] += 1
-            if self.students[route.slot].steps or self.queues[route.slot].size:
-                self.students[route.slot].reset()
-                self.counters["bank_evicted_uploads"] += self.queues[route.slot].clear()
-            if self.base is not None:
-                self.students[route.slot].start_from(self.base)
+            if route.merged_into is not None:  # a full bank: the freed entry's offset and uploads join its neighbour
+                kept, freed = route.merged_into, route.slot
+                self.residuals[kept].merge(self.residuals[freed], *route.weights)
+                self.queues[kept].extend(self.queues[freed])
+                self.residuals[freed] = self._residual()
+            else:
+                self.residuals.append(self._residual())
+                if route.slot >= len(self.queues):
+                    self.queues.append(UploadQueue())
         return route.slot
+
+    def _residual(self) -> Residual:
+        s = self.settings
+        return Residual(self.student, s["train_scope"], s["bank_lr"], s["momentum"], s["student_ema"])
 
     # the CloudTrainer contract ---------------------------------------------------------------
     def ingest(self, edge_id: int, images: np.ndarray, labels: np.ndarray | None = None,
@@ -425,10 +453,20 @@ class FleetCloud(CloudTrainer):
         if count == 0 or count % int(self.settings["publish_every"]) or self._sent.get(edge_id, 0) == self.version:
             return None
         self._sent[edge_id] = self.version
+        base = self.students[0].export()
         if self.bank is None:
-            return self.students[0].export()
-        return bank_wire({j: (self.bank.keys[j], st.export()) for j, st in enumerate(self.students) if st.steps},
-                         None if self.base is None else self.base.export())
+            return base
+        gate = bool(self.settings["bank_gate"])
+        entries: dict[int, tuple[np.ndarray, NormState | None]] = {}
+        for j, r in enumerate(self.residuals):
+            if not r.steps:
+                continue
+            if gate and not r.gain.earns:
+                entries[j] = (self.bank.keys[j], None)  # its domain runs the deployed weights
+                continue
+            offset = r.published()
+            entries[j] = (self.bank.keys[j], {n: base[n] + offset[n].cpu().float().numpy() for n in base})
+        return bank_wire(entries, base if not gate or self.base_gain.earns else None)
 
     def reset(self, edge_id: int | None = None) -> None:
         """Reset-per-domain. One student: the deployed student, source foundation, empty queue and replay (for
@@ -446,32 +484,34 @@ class FleetCloud(CloudTrainer):
 
     def state_dict(self) -> dict[str, Any]:
         return {"students": [st.state_dict() for st in self.students],
+                "residuals": [r.state_dict() for r in self.residuals],
                 "foundation": None if self.foundation is None else tensor_state(self.foundation),
                 "f_opt": None if self.foundation is None else copy.deepcopy(self.f_opt.state_dict()),
                 "queues": [q.state_dict() for q in self.queues],
                 "bank": None if self.bank is None else self.bank.state_dict(),
-                "base": None if self.base is None else self.base.state_dict(),
                 "version": self.version, "batches": dict(self._batches), "sent": dict(self._sent),
-                "counters": dict(self.counters), "generator": self.generator.get_state().clone()}
+                "counters": dict(self.counters), "generator": self.generator.get_state().clone(),
+                "base_gain": self.base_gain.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        while len(self.students) < len(state["students"]):
-            self.students.append(Student(self.template, self.settings, self.generator))
-            self.queues.append(UploadQueue())
-        for st, st_state, q, q_state in zip(self.students, state["students"], self.queues, state["queues"]):
-            st.load_state_dict(st_state)
+        self.students[0].load_state_dict(state["students"][0])
+        self.residuals = []
+        for r_state in state["residuals"]:
+            self.residuals.append(self._residual())
+            self.residuals[-1].load_state_dict(r_state)
+        self.queues = [UploadQueue() for _ in state["queues"]]
+        for q, q_state in zip(self.queues, state["queues"]):
             q.load_state_dict(q_state)
         if self.foundation is not None:
             self.foundation.load_state_dict(state["foundation"])
             self.f_opt.load_state_dict(copy.deepcopy(state["f_opt"]))
         if self.bank is not None:
             self.bank.load_state_dict(state["bank"])
-        if self.base is not None:
-            self.base.load_state_dict(state["base"])
         self.version = int(state["version"])
         self._batches = {int(k): int(v) for k, v in state["batches"].items()}
         self._sent = {int(k): int(v) for k, v in state["sent"].items()}
         self.counters = {**self.counters, **state["counters"]}
+        self.base_gain.load_state_dict(state["base_gain"])
         self.generator.set_state(state["generator"].clone())
 
 # --- presets and ablations ----------------------------------------------------------------
@@ -504,8 +544,9 @@ PRESETS: dict[str, tuple[dict[str, Any], str, bool]] = {
                        "a scoped student with chunk-wise replay, a hard upload budget", True),
     "oracle": ({"teacher": "labels"}, "reference: cema-fleet's student trained on the uploads' true labels "
                                       "(what the edge model can hold at this budget); runtime=local only", False),
-    "cema-bank": ({"bank_size": 16}, "cema-fleet with a bank of students keyed by domain: uploads teach the entry "
-                                     "of their domain, each edge batch runs the entry nearest its own", True),
+    "cema-bank": ({"bank_size": 16}, "cema-fleet with a bank keyed by domain: each entry the fleet's student plus "
+                                     "an offset only its domain's uploads train; each edge batch runs the entry "
+                                     "nearest its own domain key", True),
 }
 
 

@@ -1,14 +1,17 @@
 """cema-fleet's student: a copy of the edge model trained in a publish scope, with its optimiser, EMA and replay.
 
-A cloud with one student for the fleet holds one; a cloud with a domain bank holds one per bank entry, each
-trained only on its domain's uploads and published as that entry. Everything a student owns (its weights, SGD
-momentum, EMA, replayed chunks) moves together, so an entry that is reset or evicted starts whole from the
-deployed weights.
+Every cema-fleet cloud holds one `Student`, trained on every upload. A cloud with a domain bank adds a
+`Residual` per bank entry: the domain's offset to the student in the publish scope, trained by the same gradient
+on that domain's chunks. An entry is the student plus its offset, so every domain keeps what the whole fleet
+taught the student (one shared student's strength: most of what a corruption needs is common to all) and adds
+what only its own uploads taught; a new entry starts at zero offset, exactly where one shared student would be,
+and the cloud still takes one student step per chunk.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -75,22 +78,30 @@ class Student:
         self.replay = ChunkReplay(s["replay_capacity"], generator)
         self.steps = 0
 
-    def learn(self, chunk: Chunk, loss_of: GroupLoss) -> float:
-        """One step on a new chunk (with replayed ones, when on): ``student_steps`` SGD steps, then the EMA."""
+    def learn(self, chunk: Chunk, loss_of: GroupLoss, residual: "Residual | None" = None) -> float:
+        """One step on a new chunk (with replayed ones, when on): ``student_steps`` SGD steps, then the EMA.
+
+        ``residual``: the forward runs with it added to the scope's parameters, and one gradient trains both
+        (this student, shared by every domain, and the domain's own residual)."""
         s = self.settings
         if s["replay_chunks"] > 0:  # without replay, keeping the uploads would only cost memory
             self.replay.add(*chunk)
         groups = [chunk, *self.replay.draw(int(s["replay_chunks"]), int(s["replay_window"]))]
         self.model.train()
         for _ in range(int(s["student_steps"])):
-            loss = sum(loss_of(self.model, i, t) for i, t in groups) / len(groups)
-            if s["anchor"] > 0:
-                loss = loss + float(s["anchor"]) * sum(((p - self.deployed[n]) ** 2).sum()
-                                                       for n, p in scope_parameters(self.model, self.scope))
             self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with contextlib.nullcontext() if residual is None else residual.added(self.model, self.scope):
+                loss = sum(loss_of(self.model, i, t) for i, t in groups) / len(groups)
+                if s["anchor"] > 0:
+                    loss = loss + float(s["anchor"]) * sum(((p - self.deployed[n]) ** 2).sum()
+                                                           for n, p in scope_parameters(self.model, self.scope))
+                loss.backward()
+            if residual is not None:
+                residual.step(self.model, self.scope)
             self.opt.step()
         self.model.eval()
+        if residual is not None:
+            residual.average()
         if self.ema is not None:
             d = float(s["student_ema"])
             with torch.no_grad():
@@ -104,14 +115,6 @@ class Student:
         if self.ema is not None:
             return {n: v.detach().cpu().float().numpy().copy() for n, v in self.ema.items()}
         return scope_state(self.model, self.scope)
-
-    def start_from(self, other: "Student") -> None:
-        """Take ``other``'s weights and EMA (a new bank entry starts from the fleet's student), with no momentum
-        and no replay of its own."""
-        self.model.load_state_dict(other.model.state_dict())
-        self.opt.state.clear()
-        self.ema = copy.deepcopy(other.ema)
-        self.replay.clear()
 
     def reset(self) -> None:
         """The deployed weights, no momentum, no replay."""
@@ -131,3 +134,99 @@ class Student:
         self.ema = copy.deepcopy(state["ema"])
         self.replay.load_state_dict(state["replay"])
         self.steps = int(state.get("steps", 0))
+
+
+class Residual:
+    """One domain's offset to the fleet's student, in the publish scope: what a bank entry adds to the student
+    every domain trains. A new entry starts at zero (it is the fleet's student), so an entry can only start where
+    one shared student is; the same gradient that trains the shared student on a chunk of this domain trains the
+    offset (SGD with momentum at ``lr``), and an EMA of it is what goes down the wire."""
+
+    def __init__(self, model: nn.Module, scope: str, lr: float, momentum: float, ema: float) -> None:
+        self.lr, self.momentum, self.decay = float(lr), float(momentum), float(ema)
+        self.delta = {n: torch.zeros_like(p.detach()) for n, p in scope_parameters(model, scope)}
+        self.buf = {n: torch.zeros_like(v) for n, v in self.delta.items()}
+        self.ema = {n: torch.zeros_like(v) for n, v in self.delta.items()}
+        self.steps = 0
+        self.gain = Gain()
+
+    @contextlib.contextmanager
+    def added(self, model: nn.Module, scope: str) -> Iterator[None]:
+        """The model's scope parameters plus this offset, for the forward and backward inside."""
+        params = dict(scope_parameters(model, scope))
+        with torch.no_grad():
+            for n, d in self.delta.items():
+                params[n].add_(d)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, d in self.delta.items():
+                    params[n].sub_(d)
+
+    def step(self, model: nn.Module, scope: str) -> None:
+        """SGD with momentum on the offset, from the gradient the shared student's parameters hold."""
+        with torch.no_grad():
+            for n, p in scope_parameters(model, scope):
+                if p.grad is not None:
+                    self.buf[n].mul_(self.momentum).add_(p.grad)
+                    self.delta[n].sub_(self.lr * self.buf[n])
+        self.steps += 1
+
+    def average(self) -> None:
+        with torch.no_grad():
+            for n, d in self.delta.items():
+                self.ema[n].mul_(self.decay).add_(d, alpha=1 - self.decay)
+
+    def merge(self, other: "Residual", w_self: int, w_other: int) -> None:
+        """Become the weighted mean of this offset and ``other`` (two bank entries merged into one)."""
+        a, b = w_self / (w_self + w_other), w_other / (w_self + w_other)
+        with torch.no_grad():
+            for mine, theirs in ((self.delta, other.delta), (self.buf, other.buf), (self.ema, other.ema)):
+                for n in mine:
+                    mine[n].mul_(a).add_(theirs[n], alpha=b)
+        self.steps += other.steps
+        self.gain.merge(other.gain)
+
+    def published(self) -> dict[str, torch.Tensor]:
+        return self.ema if self.decay > 0 else self.delta
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"delta": copy.deepcopy(self.delta), "buf": copy.deepcopy(self.buf), "ema": copy.deepcopy(self.ema),
+                "steps": self.steps, "gain": self.gain.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.delta, self.buf = copy.deepcopy(state["delta"]), copy.deepcopy(state["buf"])
+        self.ema, self.steps = copy.deepcopy(state["ema"]), int(state["steps"])
+        self.gain.load_state_dict(state["gain"])
+
+
+class Gain:
+    """How much better than the deployed weights a state agrees with the teacher on chunks it has not trained on
+    yet (each chunk is scored before its step): the running mean of (its agreement - the deployed weights'),
+    over the last ~``window`` chunks. A state that does not earn more than the deployed weights (a domain the
+    edge's own BN adapt already handles, or one the teacher does not know better) is not worth sending."""
+
+    def __init__(self, window: int = 50) -> None:
+        self.window, self.mean, self.count = int(window), 0.0, 0
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        self.mean += (value - self.mean) / min(self.count, self.window)
+
+    def merge(self, other: "Gain") -> None:
+        total = self.count + other.count
+        if total:
+            self.mean = (self.mean * self.count + other.mean * other.count) / total
+        self.count = total
+
+    @property
+    def earns(self) -> bool:
+        """Better than the deployed weights so far (no evidence yet: yes, as a shared student is trusted)."""
+        return self.count == 0 or self.mean > 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean, "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.mean, self.count = float(state["mean"]), int(state["count"])
