@@ -6,11 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from cema_ray.algorithms.domain_bank import DomainBank, nearest
+from cema_ray.algorithms.domain_bank import DomainBank, bank_entries, bank_wire, nearest
 from cema_ray.algorithms.domain_key import batch_keys, key_distance, key_scale, normalise
 from cema_ray.errors import ConfigError
 from cema_ray.methods.base import METHODS
-from cema_ray.methods.fleet import bank_entries, bank_wire
 from cema_ray.models.norm import state_nbytes
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.publish import scope_parameters

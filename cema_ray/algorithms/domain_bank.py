@@ -98,10 +98,45 @@ class DomainBank:
 
 
 def nearest(key: np.ndarray, keys: np.ndarray, reach: float) -> int | None:
-    """The row of ``keys`` nearest ``key`` when within ``reach``, else None (an edge then runs its deployed
-    weights: a domain nobody has taught yet)."""
+    """The row of ``keys`` nearest ``key`` when within ``reach``, else None (an edge then runs the fleet's student:
+    a domain nobody has taught yet)."""
     if len(keys) == 0:
         return None
     d = key_distance(key, keys)
     j = int(np.argmin(d))
     return j if d[j] <= reach else None
+
+
+BANK_PREFIX, BASE_PREFIX = "bank.", "base."
+
+
+State = dict[str, np.ndarray]  # an entry's parameters, as a publication carries them
+
+
+def bank_wire(entries: Mapping[int, tuple[np.ndarray, State | None]], base: State | None = None) -> State:
+    """A bank as one flat publication: ``bank.<slot>.key`` and ``bank.<slot>.<parameter>`` per entry (no
+    parameters: that domain runs the deployed weights), and ``base.<parameter>`` for the fleet's student (none:
+    batches near no entry run the deployed weights)."""
+    flat: State = {f"{BASE_PREFIX}{n}": v for n, v in (base or {}).items()}
+    for slot, (key, state) in sorted(entries.items()):
+        flat[f"{BANK_PREFIX}{slot}.key"] = np.asarray(key, np.float32)
+        flat.update({f"{BANK_PREFIX}{slot}.{n}": v for n, v in (state or {}).items()})
+    return flat
+
+
+def bank_entries(flat: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[State | None], State | None]:
+    """The inverse of `bank_wire`: the keys as one (M, 2C) array, each entry's parameters by slot order (None:
+    the deployed weights), and the fleet's student (None: the deployed weights)."""
+    by_slot: dict[int, State] = {}
+    base: State = {}
+    for name, value in flat.items():
+        if name.startswith(BASE_PREFIX):
+            base[name[len(BASE_PREFIX):]] = value
+            continue
+        if not name.startswith(BANK_PREFIX):
+            raise ValueError(f"publication key '{name}' is not a bank entry's ({BANK_PREFIX}<slot>.<name>)")
+        slot, rest = name[len(BANK_PREFIX):].split(".", 1)
+        by_slot.setdefault(int(slot), {})[rest] = value
+    slots = sorted(by_slot)
+    keys = np.stack([np.asarray(by_slot[j].pop("key"), np.float32) for j in slots]) if slots else np.zeros((0, 0))
+    return keys, [by_slot[j] or None for j in slots], base or None

@@ -18,13 +18,17 @@ changes is where the measurements showed CEMA losing the foundation's knowledge
   or ``all`` weights, models/publish.py); an EMA of it and an anchor to the deployed weights are
   the stability levers for a 15,000-sample stream.
 - A hard upload budget (algorithms/budget.py) caps the uplink by construction.
+- ``bank_size`` > 1 (the ``cema-bank`` preset) adds a bank keyed by domain: per domain, an offset to the one
+  student that only that domain's uploads train; the edges send each batch's domain key with its uploads and
+  run, per batch, the entry nearest it (algorithms/domain_key.py, algorithms/domain_bank.py, methods/student.py).
 
 Every lever is a setting, so each ablation is one override. ``teacher: labels`` replaces the
 foundation by the stream's true labels (the ``oracle`` reference): it measures what the edge model
 can hold at this upload budget, apart from what the teacher can tell it.
 
-Why one module of ~430 lines: the preset's edge, its cloud (teacher, student, chunk replay) and its
-ablations are one method; each lever is a setting read in one place here.
+Why one module of ~500 lines: the preset's edge, its cloud (teacher, students, the bank's routing) and its
+ablations are one method; each lever is a setting read in one place here. The student and a bank entry's
+offset live in methods/student.py, the bank's routing and wire format in algorithms/domain_bank.py.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cema_ray.algorithms.budget import PRIORITIES, apply_budget, budget_cap
-from cema_ray.algorithms.domain_bank import DomainBank, nearest
+from cema_ray.algorithms.domain_bank import DomainBank, bank_entries, bank_wire, nearest
 from cema_ray.algorithms.domain_key import batch_keys, key_scale, normalise
 from cema_ray.algorithms.distill import selective_distillation_loss
 from cema_ray.algorithms.entropy import e0 as e0_of
@@ -50,6 +54,7 @@ from cema_ray.methods.base import (CloudTrainer, EdgeResult, NormState, register
 from cema_ray.methods.common import load_arrays, model_device, tensor_state, use_norm_stats
 from cema_ray.methods.host_model import ForwardEdge, HostModel
 from cema_ray.methods.student import Gain, Residual, Student
+from cema_ray.methods.upload_queue import UploadQueue
 from cema_ray.models.norm import freeze_all_but_norm_affine
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.publish import SCOPES
@@ -136,7 +141,7 @@ class FleetEdge(ForwardEdge):
     def prepare(self, x: torch.Tensor) -> None:
         """With a bank: the batch's domain key, computed forward-only from the stem on its first
         ``bank_key_samples`` images (it goes up with the uploads), and the entry nearest it to run with (the
-        deployed weights when none is within reach)."""
+        fleet's student when none is within reach; the deployed weights where the publication has neither)."""
         if not self.banked:
             return
         k = int(self.settings["bank_key_samples"]) or len(x)
@@ -210,81 +215,6 @@ class FleetEdge(ForwardEdge):
 
 
 # --- cloud ---------------------------------------------------------------------------------
-
-class UploadQueue:
-    """Uploads waiting for a cloud step, in arrival order; popped in chunks of a fixed size (a chunk may
-    span several edge batches)."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[np.ndarray, np.ndarray | None]] = []
-        self.size = 0
-
-    def add(self, images: np.ndarray, labels: np.ndarray | None) -> None:
-        self.items.append((images.copy(), None if labels is None else np.asarray(labels).copy()))
-        self.size += len(images)
-
-    def pop(self, n: int) -> tuple[np.ndarray, np.ndarray | None]:
-        images, labels, have = [], [], 0
-        while have < n:
-            head_i, head_l = self.items.pop(0)
-            take = min(n - have, len(head_i))
-            images.append(head_i[:take])
-            labels.append(None if head_l is None else head_l[:take])
-            if take < len(head_i):
-                self.items.insert(0, (head_i[take:], None if head_l is None else head_l[take:]))
-            have += take
-        self.size -= n
-        return np.concatenate(images), (None if labels[0] is None else np.concatenate(labels))
-
-    def clear(self) -> None:
-        self.items, self.size = [], 0
-
-    def extend(self, other: "UploadQueue") -> None:
-        """Take ``other``'s uploads after this queue's own (``other`` ends empty)."""
-        self.items += other.items
-        self.size += other.size
-        other.clear()
-
-    def state_dict(self) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        return [(i.copy(), None if l is None else l.copy()) for i, l in self.items]
-
-    def load_state_dict(self, items: list) -> None:
-        self.items = [(np.asarray(i).copy(), None if l is None else np.asarray(l).copy()) for i, l in items]
-        self.size = sum(len(i) for i, _ in self.items)
-
-
-BANK_PREFIX, BASE_PREFIX = "bank.", "base."
-
-
-def bank_wire(entries: Mapping[int, tuple[np.ndarray, NormState | None]], base: NormState | None = None
-              ) -> NormState:
-    """A bank as one flat publication: ``bank.<slot>.key`` and ``bank.<slot>.<parameter>`` per entry (no
-    parameters: that domain runs the deployed weights), and ``base.<parameter>`` for the fleet's student (none:
-    batches near no entry run the deployed weights)."""
-    flat: NormState = {f"{BASE_PREFIX}{n}": v for n, v in (base or {}).items()}
-    for slot, (key, state) in sorted(entries.items()):
-        flat[f"{BANK_PREFIX}{slot}.key"] = np.asarray(key, np.float32)
-        flat.update({f"{BANK_PREFIX}{slot}.{n}": v for n, v in (state or {}).items()})
-    return flat
-
-
-def bank_entries(flat: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[NormState | None], NormState | None]:
-    """The inverse of `bank_wire`: the keys as one (M, 2C) array, each entry's parameters by slot order (None:
-    the deployed weights), and the fleet's student (None: the deployed weights)."""
-    by_slot: dict[int, dict[str, np.ndarray]] = {}
-    base: NormState = {}
-    for name, value in flat.items():
-        if name.startswith(BASE_PREFIX):
-            base[name[len(BASE_PREFIX):]] = value
-            continue
-        if not name.startswith(BANK_PREFIX):
-            raise ValueError(f"publication key '{name}' is not a bank entry's ({BANK_PREFIX}<slot>.<name>)")
-        slot, rest = name[len(BANK_PREFIX):].split(".", 1)
-        by_slot.setdefault(int(slot), {})[rest] = value
-    slots = sorted(by_slot)
-    keys = np.stack([np.asarray(by_slot[j].pop("key"), np.float32) for j in slots]) if slots else np.zeros((0, 0))
-    return keys, [by_slot[j] or None for j in slots], base or None
-
 
 class FleetCloud(CloudTrainer):
     """Teacher labels at arrival, chunk-wise replay, a scoped student, EMA/anchor; one student for the fleet, and
