@@ -21,13 +21,11 @@ from cema_ray.algorithms.domain_key import key_distance
 
 @dataclass(frozen=True)
 class Route:
-    """Where a key went: its slot, whether that slot was (re)started for it, and the distance it was found at
-    (inf for a new entry). A full bank merged the entry that held ``slot`` into ``merged_into`` first, with
-    weights ``weights`` (the two entries' key counts: kept, freed)."""
+    """Where a key went: its slot and whether that slot was (re)started for it. A full bank merged the entry that
+    held ``slot`` into ``merged_into`` first, with weights ``weights`` (the two entries' key counts: kept, freed)."""
 
     slot: int
     new: bool
-    distance: float
     merged_into: int | None = None
     weights: tuple[int, int] = (0, 0)
 
@@ -43,8 +41,6 @@ class DomainBank:
         self.capacity, self.radius, self.key_window = int(capacity), float(radius), int(key_window)
         self.keys: list[np.ndarray] = []
         self.counts: list[int] = []
-        self.last_used: list[int] = []
-        self.tick = 0
         self.created = 0  # entries ever made
         self.merges = 0  # pairs merged to make room
 
@@ -53,8 +49,7 @@ class DomainBank:
 
     def route(self, key: np.ndarray) -> Route:
         """The slot for uploads with ``key``: the nearest entry within the radius (its key moves towards this
-        one), else a new entry, in a free slot or in the least recently used one."""
-        self.tick += 1
+        one), else a new entry, in a free slot or in the one freed by merging the two nearest entries."""
         key = np.asarray(key, np.float32)
         if self.keys:
             d = key_distance(key, np.stack(self.keys))
@@ -63,21 +58,19 @@ class DomainBank:
                 self.counts[j] += 1
                 rate = 1.0 / min(self.counts[j], self.key_window)
                 self.keys[j] = (self.keys[j] + rate * (key - self.keys[j])).astype(np.float32)
-                self.last_used[j] = self.tick
-                return Route(j, False, float(d[j]))
+                return Route(j, False)
         self.created += 1
         if len(self.keys) < self.capacity:
             self.keys.append(key.copy())
             self.counts.append(1)
-            self.last_used.append(self.tick)
-            return Route(len(self.keys) - 1, True, float("inf"))
+            return Route(len(self.keys) - 1, True)
         a, b = self._closest_pair()
         ca, cb = self.counts[a], self.counts[b]
         self.keys[a] = ((ca * self.keys[a] + cb * self.keys[b]) / (ca + cb)).astype(np.float32)
-        self.counts[a], self.last_used[a] = ca + cb, max(self.last_used[a], self.last_used[b])
-        self.keys[b], self.counts[b], self.last_used[b] = key.copy(), 1, self.tick
+        self.counts[a] = ca + cb
+        self.keys[b], self.counts[b] = key.copy(), 1
         self.merges += 1
-        return Route(b, True, float("inf"), merged_into=a, weights=(ca, cb))
+        return Route(b, True, merged_into=a, weights=(ca, cb))
 
     def _closest_pair(self) -> tuple[int, int]:
         keys = np.stack(self.keys)
@@ -87,14 +80,13 @@ class DomainBank:
         return int(a), int(b)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"keys": [k.copy() for k in self.keys], "counts": list(self.counts),
-                "last_used": list(self.last_used), "tick": self.tick, "created": self.created, "merges": self.merges}
+        return {"keys": [k.copy() for k in self.keys], "counts": list(self.counts), "created": self.created,
+                "merges": self.merges}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.keys = [np.asarray(k, np.float32).copy() for k in state["keys"]]
         self.counts = [int(c) for c in state["counts"]]
-        self.last_used = [int(t) for t in state["last_used"]]
-        self.tick, self.created, self.merges = int(state["tick"]), int(state["created"]), int(state["merges"])
+        self.created, self.merges = int(state["created"]), int(state["merges"])
 
 
 def nearest(key: np.ndarray, keys: np.ndarray, reach: float) -> int | None:

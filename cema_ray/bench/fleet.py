@@ -19,10 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
 from cema_ray.bench.common import _markdown_page, _out_dir, _pct, _split_names, bench_config
-from cema_ray.bench.methods import MethodRow, run_one
+from cema_ray.bench.methods import MethodRow, gap_closed, run_one
 from cema_ray.config import method_registry, read_yaml
 from cema_ray.errors import ConfigError
 
@@ -140,7 +138,7 @@ def fleet_markdown(rows: Sequence[FleetRow]) -> str:
             lines.append("| " + " | ".join(head + [""] * 6 + ["failed: " + run.error.replace("|", "/")]) + " |")
             continue
         bn, top = refs.get((r.cell.edges, r.cell.order, "bn")), refs.get((r.cell.edges, r.cell.order, "foundation-bn"))
-        gap = None if bn is None or top is None or top <= bn or r.cell.budget is None else (run.accuracy - bn) / (top - bn)
+        gap = None if r.cell.budget is None else gap_closed(run.accuracy, bn, top)
         spread = f"{_pct(min(r.edge_accuracy))} / {_pct(max(r.edge_accuracy))}" if r.edge_accuracy else ""
         cloud = "" if not r.cloud_step_seconds else f"{1000 * r.cloud_step_seconds / run.samples:.2f}"
         lines.append("| " + " | ".join(head + [_pct(run.accuracy), spread, _pct(gap), _pct(run.upload_fraction),

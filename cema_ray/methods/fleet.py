@@ -108,8 +108,8 @@ SETTINGS: dict[str, Field] = {
     "bank_radius": setting(0.004, "uploads whose domain key is farther than this from every entry start a new one "
                                   "(mean squared difference per channel, in source-spread units)", lo=0,
                            lo_open=True),
-    "bank_reach": setting(2.0, "an edge batch farther than reach x radius from every entry runs the deployed "
-                               "weights (BN adapt)", lo=0),
+    "bank_reach": setting(2.0, "an edge batch farther than reach x radius from every entry runs the fleet's "
+                               "student", lo=0),
     "bank_lr": setting(0.01, "SGD learning rate of each entry's offset to the fleet's student (momentum: the "
                              "student's)", lo=0),
     "bank_gate": setting(False, "send an entry (and the fleet's student) only while it agrees with the teacher more "
@@ -253,7 +253,7 @@ class FleetCloud(CloudTrainer):
         self.version = 0
         self._batches: dict[int, int] = {}
         self._sent: dict[int, int] = {}
-        self.counters = {"chunk_steps": 0, "bank_entries": 0}
+        self.counters = {"chunk_steps": 0}
         self.last_loss: dict[str, float] = {}
 
     @property
@@ -336,7 +336,6 @@ class FleetCloud(CloudTrainer):
             key = normalise(batch_keys(self.keyer, to_input(images).to(model_device(self.keyer)))[0], self.scale)
         route = self.bank.route(np.asarray(key, np.float32))
         if route.new:
-            self.counters["bank_entries"] += 1
             if route.merged_into is not None:  # a full bank: the freed entry's offset and uploads join its neighbour
                 kept, freed = route.merged_into, route.slot
                 self.residuals[kept].merge(self.residuals[freed], *route.weights)

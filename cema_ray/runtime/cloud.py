@@ -114,13 +114,11 @@ class CloudService:
         t0 = time.perf_counter()
         with self.autocast():
             if len(accepted):
+                extra = {"key": key} if self.trainer.takes_keys else {}
                 if self.trainer.needs_labels:
-                    self.trainer.ingest(edge_id, accepted, None if labels is None else labels[:room],
-                                        **({"key": key} if self.trainer.takes_keys else {}))
-                elif self.trainer.takes_keys:
-                    self.trainer.ingest(edge_id, accepted, key=key)
+                    self.trainer.ingest(edge_id, accepted, None if labels is None else labels[:room], **extra)
                 else:
-                    self.trainer.ingest(edge_id, accepted)
+                    self.trainer.ingest(edge_id, accepted, **extra)
             steps = self.trainer.on_edge_batch(edge_id)
         self.stats.step_seconds += time.perf_counter() - t0
         self.stats.steps += steps
