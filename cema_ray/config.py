@@ -202,6 +202,13 @@ RUN_SCHEMA = Section({
                              "(2 x hosts deliveries): drop the oldest (edges never wait; counted in dropped) or "
                              "wait (hosts pause until the cloud catches up: nothing dropped)",
                              choices=("drop_oldest", "wait")),
+        "uplink": string("follow", "async mode: follow (the cloud sends with each publication the uploads per second "
+                              "each edge may send, what it can train on; the edges' uploads follow it, the most "
+                              "uncertain first) or fixed (each edge uploads its method's budget; the backlog drops "
+                              "what the cloud cannot take); with backlog_full: wait the hosts pause instead, and the uplink stays "
+                              "fixed", choices=("follow", "fixed")),
+        "uplink_headroom": number(0.9, "uplink follow: the fraction of the cloud's measured uploads per busy second "
+                                       "it hands out", lo=0, hi=1, lo_open=True),
         "host_nice": integer(4, "niceness added to EdgeHost processes (Ray starts workers at 15; 19 is the most): "
                              "the cloud wins the CPU when edges and cloud share a node (num_cpus only admits)",
                           lo=0, hi=19),

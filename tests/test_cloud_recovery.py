@@ -151,7 +151,8 @@ def test_slow_cloud_bounds_the_backlog_and_counts_what_it_drops(ray_session, mak
     """The cloud sleeps 1 s per delivery while hosts step in milliseconds: no deadlock, the backlog never
     passes its bound, the excess is dropped oldest first and counted, and every sample is still predicted."""
     cfg = make_run_config("runtime=ray", "mode=async", "method.name=upload-all", "edges.count=4",
-                          "edges.per_host=2", "stream.samples_per_domain=128", "faults.slow_cloud_s=1.0")
+                          "edges.per_host=2", "stream.samples_per_domain=128", "faults.slow_cloud_s=1.0",
+                          "ray.uplink=fixed")
     summary = run_experiment(cfg, tmp_path / "s")
     t = batch_table(tmp_path / "s")
     assert len(_ids(t)) == len(set(_ids(t))) == summary["samples"]

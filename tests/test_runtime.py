@@ -85,7 +85,7 @@ def test_ray_sync_reproduces_local(ray_session, make_run_config, tmp_path, metho
 
 @pytest.mark.ray
 def test_ray_async_accounts_every_sample_and_records_staleness(ray_session, make_run_config, tmp_path):
-    cfg = make_run_config("runtime=ray", "mode=async", "edges.count=4", "edges.per_host=2",
+    cfg = make_run_config("runtime=ray", "mode=async", "edges.count=4", "edges.per_host=2", "ray.uplink=fixed",
                           "ray.max_in_flight_per_host=2", "stream.samples_per_domain=128",
                           "edges.groups=[{name: paced, fraction: 1.0, frame_rate: 4.0}]")
     summary = run_experiment(cfg, tmp_path / "a")

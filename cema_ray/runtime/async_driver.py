@@ -24,7 +24,7 @@ class Lane:
     """One cloud shard as the async driver sees it: its link, the deliveries waiting for it, its calls."""
 
     link: CloudLink
-    backlog: deque[tuple[Any, Records]] = field(default_factory=deque)  # (a host step's uploads, its records here)
+    backlog: deque[tuple[list[Any], Records]] = field(default_factory=deque)  # (host steps' uploads, their records)
     calls: dict[Any, tuple[int, Records]] = field(default_factory=dict)  # ref -> (seq, records)
     redo: dict[int, Records] = field(default_factory=dict)  # failed deliveries to resend, by seq
     ping: Any = None  # outstanding `position` call while this shard is down
@@ -59,12 +59,19 @@ class AsyncDriver:
     CLOUD_IN_FLIGHT = 2
 
     def __init__(self, links: list[CloudLink], pool: HostPool, progress: RunProgress, max_in_flight: int,
-                 wait_when_full: bool, partial: PartialWriter | None = None) -> None:
+                 wait_when_full: bool, partial: PartialWriter | None = None,
+                 coalesce_uploads: int | None = None) -> None:
+        """``coalesce_uploads``: past the backlog's bound, merge its two oldest deliveries into one (one cloud call
+        for both: a cloud that pays per call keeps up with fast hosts) while it holds at most this many uploads,
+        and drop only beyond that (`ray.uplink: follow`, where the edges' uploads already follow the cloud); None:
+        drop the oldest delivery at once."""
         self.lanes = [Lane(link) for link in links]
         self.pool, self.progress, self.partial = pool, progress, partial
         self.max_in_flight = max_in_flight  # steps queued per host
         self.backlog_bound = max(2, 2 * len(pool))  # per shard
         self.wait_when_full = wait_when_full  # ray.backlog_full: wait (backpressure) instead of drop
+        self.coalesce_uploads = coalesce_uploads
+        self.coalesced = 0  # deliveries merged into an older one instead of dropped
         self.paused: deque[int] = deque()  # hosts whose next step waits for room in the backlog (wait mode)
         self.newest: dict[int, int] = {}
         self.latest_pubs: dict[int, Publication] = {}  # per student key: what a restored host must load
@@ -73,13 +80,18 @@ class AsyncDriver:
         self.merges = 0
         self.dropped = 0
         self.max_backlog = 0
+        self.uplink: float | None = None  # the newest advertised share (uploads/s per edge; one shard's if sharded)
 
     def submit(self, i: int) -> None:
         when = self.pool.clock[i]  # the host's own step count is its fault-schedule clock
         self.pool.submit(i, self.newest, True, when, track=True)
         self.pool.inject_crashes(when, only=i)  # mid-step
 
-    def run(self) -> int:
+    def run(self, uplink: dict[int, float] | None = None) -> int:
+        """Step every host until all edges are done; returns the uploads dropped. ``uplink``: per shard, the
+        share each edge starts with (runtime/uplink.py), loaded before any host steps."""
+        if uplink:
+            self.pool.broadcast(ray.put([]), uplink)  # actor calls run in order: before the hosts' first steps
         for i in range(len(self.pool)):
             for _ in range(self.max_in_flight):
                 self.submit(i)
@@ -137,19 +149,33 @@ class AsyncDriver:
         for k, lane in enumerate(self.lanes):
             mine = records if n == 1 else [r for r in records if shard_of(r["edge_id"], n) == k]
             if mine:
-                lane.backlog.append((uploads_ref, mine))
+                lane.backlog.append(([uploads_ref], mine))
         if self.wait_when_full and self._pending() >= self.backlog_bound:
             self.paused.append(i)  # backpressure: this host's next step waits for the cloud
             self._note_backlog()
             return
         for lane in self.lanes:
             while len(lane.backlog) > self.backlog_bound:
+                if self._coalesce(lane):
+                    continue
                 _, old = lane.backlog.popleft()  # oldest first: the freshest uploads matter most
                 for rec in old:
                     self.dropped += rec["uploaded"]
                     self.progress.add(dict(rec, cloud_steps=0, dropped=rec["uploaded"]))
         self._note_backlog()
         self.submit(i)
+
+    def _coalesce(self, lane: Lane) -> bool:
+        """Merge the lane's two oldest deliveries into one, if coalescing is on and the backlog's uploads fit."""
+        if self.coalesce_uploads is None:
+            return False
+        if sum(rec["uploaded"] for _, recs in lane.backlog for rec in recs) > self.coalesce_uploads:
+            return False
+        refs_a, recs_a = lane.backlog.popleft()
+        refs_b, recs_b = lane.backlog.popleft()
+        lane.backlog.appendleft((refs_a + refs_b, recs_a + recs_b))
+        self.coalesced += 1
+        return True
 
     def _note_backlog(self) -> None:
         self.max_backlog = max(self.max_backlog, *(len(lane.backlog) for lane in self.lanes))
@@ -161,8 +187,8 @@ class AsyncDriver:
             for seq in sorted(lane.redo):
                 lane.calls[lane.link.send(seq)] = (seq, lane.redo.pop(seq))
             while lane.backlog and len(lane.calls) < self.CLOUD_IN_FLIGHT:
-                uploads_ref, records = lane.backlog.popleft()
-                seq, ref = lane.link.submit(None, [uploads_ref], lane.merge)
+                refs, records = lane.backlog.popleft()
+                seq, ref = lane.link.submit(None, refs, lane.merge)
                 lane.merge = None
                 lane.calls[ref] = (seq, records)
         while self.paused and self._pending() < self.backlog_bound:
@@ -185,15 +211,17 @@ class AsyncDriver:
         lane.link.delivered(seq, delivery)
         if delivery.shared is not None:
             self._share(self.lanes.index(lane), delivery.shared)
+        uplink = None if delivery.uplink is None else {self.lanes.index(lane): delivery.uplink}
         if delivery.pubs:
             track_newest(self.newest, delivery.pubs)
             self.latest_pubs.update({p.key: p for p in delivery.pubs})
             self.pub_log += [(delivery.published_at, p.key, p.version)
                              for p in delivery.pubs]
-            self.pool.broadcast(ray.put(delivery.pubs))  # put once; every host gets the same reference
-        for rec in records:
-            self.progress.add(dict(rec, cloud_steps=delivery.steps.get(rec["edge_id"], 0),
-                                   dropped=delivery.refused.get(rec["edge_id"], 0)))
+        if delivery.pubs or uplink:
+            self.pool.broadcast(ray.put(delivery.pubs), uplink)  # put once; every host gets the same reference
+            self.uplink = delivery.uplink if uplink else self.uplink
+        for rec, steps, refused in zip(records, delivery.item_steps, delivery.item_refused, strict=True):
+            self.progress.add(dict(rec, cloud_steps=steps, dropped=refused))  # per batch, as sent
 
     def _share(self, shard: int, state: Any) -> None:
         """Keep a shard's shared foundation state; once every shard has shared, average them for the next round."""

@@ -7,6 +7,8 @@ parameters it was predicted with and how far behind the newest it was.
 from __future__ import annotations
 
 import contextlib
+import copy
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Mapping, TypeVar
@@ -144,6 +146,23 @@ class CloudService:
             pubs.append(Publication(state, self.versions[key], edge_id if self.per_edge else None, self.shard))
         self.stats.publications += len(pubs)
         return pubs
+
+    def calibrate(self, image_shape: tuple[int, ...], uploads: int = 64, repeats: int = 3) -> float | None:
+        """Uploads per second this cloud trains, timed on a throwaway copy of its trainer fed random images as one
+        edge batch (the median of the repeats after the first, which pays torch's warm-up): the raw compute limit,
+        before any edge competes for the CPU. None for a trainer that needs the stream's labels (local only)."""
+        if self.trainer.needs_labels:
+            return None
+        trainer = copy.deepcopy(self.trainer)
+        images = np.random.default_rng(0).integers(0, 256, (uploads, *image_shape), dtype=np.uint8)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            with self.autocast():
+                trainer.ingest(-1, images)
+                trainer.on_edge_batch(-1)
+            times.append(time.perf_counter() - t0)
+        return uploads / statistics.median(times[1:] or times)
 
     def share(self) -> NormState | None:
         """The foundation's shared state, for the shards' average (`cloud.shards`), or None while an earlier

@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from cema_ray.algorithms.budget import SKIP_REASONS
+from cema_ray.algorithms.budget import SKIP_REASONS, apply_budget
 from cema_ray.data.streams import Batch, EdgeStream
 from cema_ray.errors import BatchRejected
 from cema_ray.methods.base import EdgePolicy, EdgeResult, NormState
 from cema_ray.models.norm import state_nbytes
 from cema_ray.models.preprocess import to_input
 from cema_ray.runtime.faults import malform
+from cema_ray.runtime.uplink import ShareBucket
 
 
 @dataclass
@@ -101,6 +102,7 @@ class EdgeDevice:
         self.cursor = 0
         self.version = 0
         self.uplink_credit = 0.0  # samples (or bytes) the uplink may still send
+        self.share = ShareBucket()  # async: the cloud's advertised share of what it can train (runtime/uplink.py)
         self.pending_bytes_down = 0
         self.last_state: NormState | None = None  # what it loaded last: a restarted edge reloads it
         self.bad_batches = {int(f * len(stream)): kind for f, kind in bad_batches}
@@ -163,22 +165,34 @@ class EdgeDevice:
         batch, record = opened.batch, opened.record
         if result is None:
             return EdgeStep(record, np.zeros((0, *self.image_shape), np.uint8), reset=batch.reset)
-        selected = np.flatnonzero(result.upload)
-        allowed = self._uplink_allowance(len(selected))
-        kept = selected[:allowed]
+        kept = self._kept(result)
         images = batch.images[kept]
         record.update(
             correct=int((result.predictions == batch.labels).sum()), uploaded=int(len(kept)),
             bytes_up=int(images.nbytes) + (int(result.domain_key.nbytes) if len(kept) and result.domain_key is not None
                                            else 0), latency_ms=latency_ms, e_max=float(result.e_max),
             mean_entropy=float(np.mean(result.entropy)), rejected=0, error="",
-            throttled=int(len(selected) - len(kept)), **skip_columns(result.skipped),
+            throttled=int(result.upload.sum() - len(kept)), **skip_columns(result.skipped),
         )
         return EdgeStep(record, images, batch.ids[kept], batch.labels[kept], reset=batch.reset,
                         upload_key=result.domain_key)
 
+    def _kept(self, result: EdgeResult) -> np.ndarray:
+        """Indices of the selected samples the uplink lets through: all of them, or where the edge's own uplink
+        (`uplink_samples_per_s`) or the cloud's advertised share (async) allows fewer, the most uncertain first,
+        class by class (the budget's order, algorithms/budget.py): what teaches most, not what came first."""
+        selected = np.flatnonzero(result.upload)
+        allowed = self.share.allow(self._uplink_allowance(len(selected)), time.monotonic())
+        if self.profile.uplink_samples_per_s is not None or self.profile.uplink_bytes_per_s is not None:
+            self.uplink_credit -= allowed
+        if allowed >= len(selected):
+            return selected
+        return np.flatnonzero(apply_budget(result.upload, result.predictions, result.entropy, allowed,
+                                           "uncertain", balanced=True))
+
     def _uplink_allowance(self, wanted: int) -> int:
-        """Token bucket in stream time (1 / frame_rate per batch), so it is the same in every runtime."""
+        """Token bucket in stream time (1 / frame_rate per batch), so it is the same in every runtime; refilled
+        here, debited by `_kept` with what finally goes up."""
         p = self.profile
         rate = p.uplink_samples_per_s
         if rate is None and p.uplink_bytes_per_s is not None:
@@ -187,9 +201,7 @@ class EdgeDevice:
             return wanted
         period = 1.0 / p.frame_rate if p.frame_rate else 1.0
         self.uplink_credit = min(self.uplink_credit + rate * period, max(rate * period, 1.0) * 4)
-        allowed = min(wanted, int(self.uplink_credit))
-        self.uplink_credit -= allowed
-        return allowed
+        return min(wanted, int(self.uplink_credit))
 
     def apply_update(self, state: NormState, version: int) -> None:
         """Load published parameters unless they are older than what this edge already has."""

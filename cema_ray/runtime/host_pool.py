@@ -89,7 +89,8 @@ class HostPool:
                 call = retry()
         raise RuntimeError(f"edge host {i} kept failing: gave up after {MAX_RECOVERIES_PER_ROUND} restarts") from error
 
-    def broadcast(self, pubs_ref: Any) -> None:
-        """Every host loads these publications between its steps (fire and forget)."""
+    def broadcast(self, pubs_ref: Any, uplink: dict[int, float] | None = None) -> None:
+        """Every host loads these publications between its steps (fire and forget); ``uplink``: per shard, the
+        uploads/s each edge may send (runtime/uplink.py)."""
         for host in self.hosts:
-            host.apply.remote(pubs_ref)
+            host.apply.remote(pubs_ref, uplink)

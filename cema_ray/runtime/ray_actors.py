@@ -26,6 +26,7 @@ from cema_ray.runtime.edge import EdgeDevice
 from cema_ray.runtime.edge_round import step_edges
 from cema_ray.runtime.malloc import keep_freed_memory
 from cema_ray.runtime.metrics import CloudMetrics, HostMetrics
+from cema_ray.runtime.uplink import CloudCapacity, follows
 from cema_ray.runtime.assembly import build_edges, load_cloud, load_edge_model
 from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans
 
@@ -141,9 +142,15 @@ class EdgeHost:
         if waits and len(waits) == sum(not e.done for e in self.edges) and min(waits) > 0:
             time.sleep(min(waits))
 
-    def apply(self, pubs: list[Publication]) -> int:
+    def apply(self, pubs: list[Publication], uplink: dict[int, float] | None = None) -> int:
         """Load published versions (a shard's shared one into every edge of that shard); returns how many edges
-        updated."""
+        updated. ``uplink``: per shard, the uploads/s each of its edges may send (async, `ray.uplink: follow`)."""
+        shards = self.cfg["cloud"]["shards"]
+        now = time.monotonic()
+        for shard, rate in (uplink or {}).items():
+            for edge in self.edges:
+                if shard_of(edge.edge_id, shards) == shard:
+                    edge.share.set_rate(rate, now)
         updated = 0
         for pub in pubs:
             for edge in pub.targets(self.by_id, self.cfg["cloud"]["shards"]):
@@ -204,7 +211,10 @@ class Delivery:
     checkpoint: int  # deliveries the newest checkpoint on disk covers: the driver may forget older ones
     published_at: float  # wall clock (time.time) when the publications were made
     refused: dict[int, int] = field(default_factory=dict)  # uploads the full queue refused, per edge (one batch each)
+    item_steps: list[int] = field(default_factory=list)  # per upload item (one edge batch), in the order sent:
+    item_refused: list[int] = field(default_factory=list)  # what `steps`/`refused` say when an edge sent several
     shared: NormState | None = None  # a shard's foundation state at a `cloud.sync_every` round, for the average
+    uplink: float | None = None  # async, `ray.uplink: follow`: uploads/s each of the shard's edges may send
 
 
 class OutOfOrderDelivery(RuntimeError):
@@ -244,6 +254,7 @@ class CloudActor:
         self.metrics = CloudMetrics(run_label)
         self.every = int(cfg["cloud"]["checkpoint_every"])
         self.delay_s = float(cfg["faults"]["slow_cloud_s"])
+        self.capacity = CloudCapacity(float(cfg["ray"]["uplink_headroom"])) if follows(cfg) else None
         self.store = CloudCheckpointStore(checkpoint_dir, run_id) if checkpoint_dir and self.every else None
         self.checkpointed = 0
         self.restored_from: int | None = None
@@ -264,6 +275,14 @@ class CloudActor:
         """Go back to the checkpoint of round ``position`` (`--resume` of a sharded run: the driver died while
         the shards were checkpointing one round, so they resume at the oldest newest checkpoint among them)."""
         self._build(*self.built_with, position=position)
+
+    def calibrate(self, image_shape: tuple[int, ...]) -> tuple[float | None, float | None]:
+        """(uploads/s this shard trains on random images, the share each of its edges starts with): the raw
+        compute limit, reported beside what the run then measures (`stats`), and the uplink's first share."""
+        rate = self.service.calibrate(tuple(image_shape))
+        count = int(self.built_with[0]["edges"]["count"])
+        mine = sum(1 for e in range(count) if shard_of(e, self.shards) == self.shard)
+        return rate, None if self.capacity is None else self.capacity.calibrated(rate, mine)
 
     def pending_share(self) -> NormState | None:
         """The foundation state this shard shared and whose mean it has not received: what a resumed driver
@@ -295,6 +314,7 @@ class CloudActor:
         """
         if seq != self.service.rounds:
             raise OutOfOrderDelivery(f"cloud expects delivery {self.service.rounds}, got {seq}")
+        started = time.perf_counter()  # the capacity counts all of the delivery's time, checkpoint and delays too
         if self.store and seq and seq % self.every == 0 and seq > self.checkpointed:
             self.store.save(self.service.state_dict(), seq)
             self.checkpointed = seq
@@ -302,25 +322,35 @@ class CloudActor:
             time.sleep(self.delay_s)
         if merge is not None:
             self.service.merge(merge)
-        items = sorted((item for uploads in host_uploads for item in uploads
-                        if shard_of(item[0], self.shards) == self.shard), key=lambda it: it[0])
+        sent = [item for uploads in host_uploads for item in uploads if shard_of(item[0], self.shards) == self.shard]
+        order = sorted(range(len(sent)), key=lambda i: sent[i][0])  # stable: an edge's batches stay in their order
+        items = [sent[i] for i in order]
         t0, trained = time.perf_counter(), self.service.stats.step_seconds
         steps, refused = {}, {}
-        for edge_id, reset, images, key in items:
+        item_steps, item_refused = [0] * len(sent), [0] * len(sent)
+        for i, (edge_id, reset, images, key) in zip(order, items):
             if reset:
                 self.service.reset(edge_id)
-            steps[edge_id] = self.service.receive(edge_id, images, key=key)
-            refused[edge_id] = self.service.last_refused
+            item_steps[i] = self.service.receive(edge_id, images, key=key)
+            item_refused[i] = self.service.last_refused
+            steps[edge_id] = steps.get(edge_id, 0) + item_steps[i]
+            refused[edge_id] = refused.get(edge_id, 0) + item_refused[i]
         mine = steps if edge_ids is None else [e for e in edge_ids if shard_of(e, self.shards) == self.shard]
         pubs = self.service.end_round(sorted(mine))
         self.metrics.record(sum(len(it[2]) for it in items), sum(refused.values()), sum(steps.values()),
                             self.service.stats.step_seconds - trained, len(pubs), self.service.trainer.queued(),
                             time.perf_counter() - t0)
         shared = self.service.share() if self.shards > 1 and self.service.rounds % self.sync_every == 0 else None
-        return Delivery(steps, pubs, self.checkpointed, time.time(), refused, shared)
+        uplink = None
+        if self.capacity is not None:
+            self.capacity.record(sum(len(it[2]) for it in items) - sum(refused.values()), time.perf_counter() - started,
+                                 steps, time.monotonic())
+            uplink = self.capacity.per_edge()
+        return Delivery(steps, pubs, self.checkpointed, time.time(), refused, item_steps, item_refused, shared, uplink)
 
     def stats(self) -> dict[str, Any]:
         s = self.service.stats
         return {"steps": s.steps, "ingested": s.ingested, "dropped": s.dropped, "publications": s.publications,
-                "step_seconds": s.step_seconds, "deliveries": self.service.rounds, "device": self.service.device,
+                "step_seconds": s.step_seconds,
+                "uploads_per_busy_s": None if self.capacity is None else self.capacity.rate(), "deliveries": self.service.rounds, "device": self.service.device,
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}

@@ -34,6 +34,7 @@ from cema_ray.runtime.progress import RunProgress
 from cema_ray.runtime.ray_actors import CloudActor, EdgeHost
 from cema_ray.runtime.shards import average_states
 from cema_ray.runtime.sync_driver import ResumePoint, SyncDriver
+from cema_ray.runtime.uplink import follows
 
 NAMESPACE = "cema"
 
@@ -311,10 +312,16 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                     journal.finish()
             else:
                 driver = AsyncDriver(links, pool, progress, cfg["ray"]["max_in_flight_per_host"],
-                                     cfg["ray"]["backlog_full"] == "wait", partial)
-                dropped = driver.run()
+                                     cfg["ray"]["backlog_full"] == "wait", partial,
+                                     cfg["cloud"]["queue_capacity"] if follows(cfg) else None)
+                calibrated = [wait_for_actor(c.calibrate, data.image_shape) for c in clouds]
+                shares = {k: share for k, (_, share) in enumerate(calibrated) if share is not None}
+                dropped = driver.run(shares)
                 fix_lags(progress.recorder.rows, driver.pub_log, len(links))
                 extra = {"max_backlog": driver.max_backlog, "backlog_bound": driver.backlog_bound,
+                         "uplink": "follow" if follows(cfg) else "fixed", "uplink_per_edge": driver.uplink,
+                         "coalesced_deliveries": driver.coalesced,
+                         "cloud_calibrated_uploads_per_s": calibrated[0][0],
                          **({"shard_merges": driver.merges} if len(links) > 1 else {})}
         except KeyboardInterrupt:  # the records the driver has are whole batches: write them, then stop
             progress.close()
@@ -333,7 +340,9 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                  "publications": stats["publications"], "cloud_step_seconds": stats["step_seconds"],
                  "cloud_deliveries": stats["deliveries"], "cloud_ingested": stats["ingested"], "faults": faults.report(),
                  "threads": {"cloud": cloud_threads(cfg["cloud"]), "edge_host": 1},
-                 "cloud_device": stats["device"], "cloud_gpu_ids": stats["gpu_ids"], **extra}
+                 "cloud_device": stats["device"], "cloud_gpu_ids": stats["gpu_ids"],
+                 **({"cloud_uploads_per_busy_s": stats["uploads_per_busy_s"]} if stats["uploads_per_busy_s"] else {}),
+                 **extra}
         kill_actors([*clouds, *hosts])
         return progress.recorder, facts
     finally:
