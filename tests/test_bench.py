@@ -393,7 +393,8 @@ def test_fleet_quick_curve(run_yaml: Path, tmp_path: Path, ray_session) -> None:
         assert summary["num_edges"] == r["cell"]["edges"] and summary["runtime"] == "local"
         assert (r["uploaded"] > 0) == (r["method"] == "cema-fleet") and r["upload_fraction"] <= 0.3
     permuted = [json.loads((Path(r["out_dir"]) / "summary.json").read_text())["per_domain"]
-                for r in rows if r["cell"] == {"edges": 3, "order": "permute", "budget": None} and r["method"] == "bn"]
+                for r in rows if r["cell"] == {"edges": 3, "order": "permute", "budget": None, "mode": "sync"}
+                and r["method"] == "bn"]
     assert permuted  # the permuted fleet sees both domains
     md = (out / "fleet.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| ")]
@@ -401,5 +402,27 @@ def test_fleet_quick_curve(run_yaml: Path, tmp_path: Path, ray_session) -> None:
     assert (out / "fleet.png").stat().st_size > 0
     with pytest.raises(ConfigError, match="--orders"):
         bench.main(["fleet", str(run_yaml), "--orders", "sideways"])
+    with pytest.raises(ConfigError, match="--modes"):
+        bench.main(["fleet", str(run_yaml), "--modes", "later"])
     with pytest.raises(ConfigError, match="--budgets"):
         bench.main(["fleet", str(run_yaml), "--budgets", "0"])
+
+
+@pytest.mark.ray
+def test_fleet_async_mode_runs_on_ray_beside_the_sync_references(run_yaml: Path, tmp_path: Path, ray_session) -> None:
+    """`--modes async`: the method runs on the Ray runtime in async mode (the uplink following the cloud), the
+    references in sync on the local runner; the row reports what the cloud dropped, and the gap uses the references."""
+    out = tmp_path / "fleet-async"
+    argv = ["fleet", str(run_yaml), "--quick", "--edges", "3", "--orders", "same", "--budgets", "0.3",
+            "--modes", "async", "--methods", "cema-fleet", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads((out / "fleet.json").read_text())["rows"]
+    assert [(r["cell"]["mode"], r["method"]) for r in rows] == [("sync", "bn"), ("sync", "foundation-bn"),
+                                                                ("async", "cema-fleet")]
+    run = rows[-1]
+    summary = json.loads((Path(run["out_dir"]) / "summary.json").read_text())
+    assert summary["runtime"] == "ray" and summary["mode"] == "async" and summary["uplink"] == "follow"
+    assert run["status"] == "ok" and run["samples"] == 3 * 2 * 64 and run["dropped"] == summary["dropped"]
+    assert summary["uploaded"] == summary["cloud_ingested"] + summary["dropped"]
+    line = [ln for ln in (out / "fleet.md").read_text().splitlines() if "| async | cema-fleet |" in ln]
+    assert len(line) == 1 and all(c for c in cells(line[0])[:-1])  # every column filled, the gap included

@@ -6,9 +6,12 @@ order) runs two references once: `bn` (the edge model BN-adapting alone) and `fo
 foundation as the edge model: the ceiling a cloud can hand down). "Gap closed" is (method - bn) /
 (foundation-bn - bn) on the same streams. Orders: ``same`` (every edge the config's corruption order),
 ``permute`` (each edge its own order of the same corruptions), ``recurring`` (the order twice: domains come
-back). Runs use the single-process runner in sync rounds (the reference semantics); each run is written to
-``<out>/e<edges>-<order>/<method>[-b<budget>]/`` by the ordinary runner and fanned out as Ray tasks as in
-`bench methods`.
+back). Modes: ``sync`` runs use the single-process runner in sync rounds (the reference semantics) and are fanned
+out as Ray tasks as in `bench methods`; ``async`` runs use the Ray runtime (edges never wait for the cloud, the
+uplink follows the cloud's capacity: runtime/uplink.py) on ``ASYNC_HOSTS`` EdgeHosts, one run at a time after the
+sync ones, alone on the machine, since what they measure is how the edges and the cloud share it. The references
+run once per (edges, order): without uploads, BN adapt is the same in both modes. Each run is written to
+``<out>/e<edges>-<order>[-b<budget>][-async]/<method>/`` by the ordinary runner.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ from cema_ray.config import method_registry, read_yaml
 from cema_ray.errors import ConfigError
 
 ORDERS = ("same", "permute", "recurring")
+MODES = ("sync", "async")
+ASYNC_HOSTS = 2  # EdgeHosts of an async run: they and the cloud share the machine's cores
 DEFAULT_METHODS = ("cema-fleet", "cema-bank")
 QUICK_OVERRIDES = ("stream.samples_per_domain=64", "stream.corruptions=[gaussian_noise, fog]")
 REFERENCES = {"bn": "bn", "foundation-bn": "bn"}  # row -> method; foundation-bn runs the foundation as the edge
@@ -37,10 +42,12 @@ class Cell:
     edges: int
     order: str
     budget: float | None  # None: a reference (no uploads)
+    mode: str = "sync"
 
     @property
     def label(self) -> str:
-        return f"e{self.edges}-{self.order}" + ("" if self.budget is None else f"-b{self.budget:g}")
+        return (f"e{self.edges}-{self.order}" + ("" if self.budget is None else f"-b{self.budget:g}")
+                + ("" if self.mode == "sync" else f"-{self.mode}"))
 
 
 @dataclass
@@ -50,6 +57,7 @@ class FleetRow:
     run: MethodRow
     edge_accuracy: list[float]  # per edge, in edge id order
     cloud_step_seconds: float | None
+    dropped: int | None = None  # uploads the cloud never trained on (async: the backlog's drops)
 
 
 def parse_list(text: str, flag: str, kind: type, lo: float, hi: float | None = None) -> list:
@@ -70,21 +78,27 @@ def _order_overrides(order: str, corruptions: Sequence[str]) -> list[str]:
     return []
 
 
+def _mode_overrides(mode: str, edges: int) -> list[str]:
+    if mode == "async":
+        return ["runtime=ray", "mode=async", f"edges.hosts={min(edges, ASYNC_HOSTS)}", "output.progress=false"]
+    return ["runtime=local", f"edges.per_host={edges}", "edges.hosts=null"]
+
+
 def plan_fleet_runs(config: Path, overrides: Sequence[str], sizes: Sequence[int], orders: Sequence[str],
-                    budgets: Sequence[float], methods: Sequence[str], out: Path
+                    budgets: Sequence[float], methods: Sequence[str], out: Path, modes: Sequence[str] = ("sync",)
                     ) -> tuple[list[tuple[str, str, dict[str, Any]]], dict[str, Cell]]:
     """(cell label, row, validated config) per run: the references once per (edges, order), then each method
-    at each budget. Checked whole before anything runs."""
+    at each budget and mode. Checked whole before anything runs."""
     base = read_yaml(config).get("name", config.stem)
     corruptions = bench_config(config, overrides)["stream"]["corruptions"]
     plan, cells = [], {}
     for edges in sizes:
         for order in orders:
             runs = [(Cell(edges, order, None), r) for r in REFERENCES]
-            runs += [(Cell(edges, order, b), m) for b in budgets for m in methods]
+            runs += [(Cell(edges, order, b, mode), m) for mode in modes for b in budgets for m in methods]
             for cell, row in runs:
                 method = REFERENCES.get(row, row)
-                fixed = ["runtime=local", f"edges.count={edges}", f"edges.per_host={edges}", "edges.hosts=null",
+                fixed = [*_mode_overrides(cell.mode, edges), f"edges.count={edges}",
                          "edges.groups=[]", "edges.distributions={}", f"method.name={method}", "output.report=false",
                          *_order_overrides(order, corruptions),
                          *([] if cell.budget is None else [f"method.settings.upload_budget={cell.budget}"])]
@@ -115,13 +129,14 @@ def per_edge_accuracy(out_dir: str) -> list[float]:
 
 
 def _fleet_row(run: MethodRow, cells: dict[str, Cell]) -> FleetRow:
-    summary = Path(run.out_dir) / "summary.json"
-    seconds = json.loads(summary.read_text()).get("cloud_step_seconds") if summary.is_file() else None
-    return FleetRow(cells[run.protocol], run.method, run, per_edge_accuracy(run.out_dir), seconds)
+    path = Path(run.out_dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    return FleetRow(cells[run.protocol], run.method, run, per_edge_accuracy(run.out_dir),
+                    summary.get("cloud_step_seconds"), summary.get("dropped"))
 
 
-COLUMNS = ("edges", "order", "budget", "method", "accuracy (%)", "edge min / max (%)", "gap closed (%)",
-           "uploads (%)", "bytes down / edge", "cloud s / 1k samples", "status")
+COLUMNS = ("edges", "order", "budget", "mode", "method", "accuracy (%)", "edge min / max (%)", "gap closed (%)",
+           "uploads (%)", "dropped (% of uploads)", "bytes down / edge", "cloud s / 1k samples", "status")
 
 
 def fleet_markdown(rows: Sequence[FleetRow]) -> str:
@@ -129,20 +144,23 @@ def fleet_markdown(rows: Sequence[FleetRow]) -> str:
     between `bn` and `foundation-bn` on the same streams."""
     refs = {(r.cell.edges, r.cell.order, r.method): r.run.accuracy for r in rows
             if r.cell.budget is None and r.run.status == "ok"}
-    lines = ["| " + " | ".join(COLUMNS) + " |", "| ---: | --- | ---: | --- |" + " ---: |" * (len(COLUMNS) - 5) + " --- |"]
+    lines = ["| " + " | ".join(COLUMNS) + " |",
+             "| ---: | --- | ---: | --- | --- |" + " ---: |" * (len(COLUMNS) - 6) + " --- |"]
     for r in rows:
         run = r.run
         head = [str(r.cell.edges), r.cell.order, "-" if r.cell.budget is None else f"{100 * r.cell.budget:g} %",
-                r.method]
+                "-" if r.cell.budget is None else r.cell.mode, r.method]
         if run.status != "ok":
-            lines.append("| " + " | ".join(head + [""] * 6 + ["failed: " + run.error.replace("|", "/")]) + " |")
+            lines.append("| " + " | ".join(head + [""] * 7 + ["failed: " + run.error.replace("|", "/")]) + " |")
             continue
         bn, top = refs.get((r.cell.edges, r.cell.order, "bn")), refs.get((r.cell.edges, r.cell.order, "foundation-bn"))
         gap = None if r.cell.budget is None else gap_closed(run.accuracy, bn, top)
         spread = f"{_pct(min(r.edge_accuracy))} / {_pct(max(r.edge_accuracy))}" if r.edge_accuracy else ""
         cloud = "" if not r.cloud_step_seconds else f"{1000 * r.cloud_step_seconds / run.samples:.2f}"
+        dropped = "" if r.dropped is None or not run.uploaded else _pct(r.dropped / run.uploaded)
         lines.append("| " + " | ".join(head + [_pct(run.accuracy), spread, _pct(gap), _pct(run.upload_fraction),
-                                              f"{run.bytes_down // max(r.cell.edges, 1):,}", cloud, "ok"]) + " |")
+                                              dropped, f"{run.bytes_down // max(r.cell.edges, 1):,}", cloud,
+                                              "ok"]) + " |")
     return "\n".join(lines)
 
 
@@ -152,6 +170,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
 
     sizes = parse_list(args.edges, "--edges", int, 1)
     orders = _split_names(args.orders, "order", ORDERS, "--orders")
+    modes = _split_names(args.modes, "mode", MODES, "--modes")
     budgets = parse_list(args.budgets, "--budgets", float, 0.0, 1.0)
     if min(budgets) <= 0:
         raise ConfigError(f"--budgets = {args.budgets!r}: every budget must be > 0")
@@ -160,13 +179,20 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         raise ConfigError(f"--cpus-per-run = {args.cpus_per_run}: must be > 0")
     out = _out_dir(args.out, "fleet", args.config)
     user = [*(QUICK_OVERRIDES if args.quick else ()), *args.override]
-    plan, cells = plan_fleet_runs(args.config, user, sizes, orders, budgets, methods, out)
+    plan, cells = plan_fleet_runs(args.config, user, sizes, orders, budgets, methods, out, modes)
     t0 = time.perf_counter()
-    if args.serial or len(plan) == 1:
-        runs, how = run_serial(plan, run_one, args.resume, _row_line), "one after another in one process"
+    local = [p for p in plan if cells[p[0]].mode == "sync"]
+    alone = [p for p in plan if cells[p[0]].mode != "sync"]
+    if args.serial or len(local) == 1:
+        runs, how = run_serial(local, run_one, args.resume, _row_line), "one after another in one process"
     else:
-        runs = run_on_ray(plan, run_one, args.resume, _row_line, args.cpus_per_run, _failed_row)
+        runs = run_on_ray(local, run_one, args.resume, _row_line, args.cpus_per_run, _failed_row)
         how = f"as Ray tasks of {args.cpus_per_run:g} CPU each, several at once"
+    if alone:  # after the sync runs, one at a time: each starts its own Ray instance and measures the machine
+        runs += run_serial(alone, run_one, args.resume, _row_line)
+        how += f"; async runs one at a time on {ASYNC_HOSTS} EdgeHosts and a cloud actor"
+    order = {(label, row): i for i, (label, row, _) in enumerate(plan)}
+    runs = sorted(runs, key=lambda r: order[(r.protocol, r.method)])
     rows = [_fleet_row(r, cells) for r in runs]
     table = fleet_markdown(rows)
     write_fleet(rows, table, out, args.command_line, how, time.perf_counter() - t0)
@@ -179,13 +205,14 @@ def write_fleet(rows: Sequence[FleetRow], table: str, out: Path, command: str, h
     out.mkdir(parents=True, exist_ok=True)
     data = {"command": command, "executed": how,
             "rows": [{"cell": asdict(r.cell), "method": r.method, "edge_accuracy": r.edge_accuracy,
-                      "cloud_step_seconds": r.cloud_step_seconds, **asdict(r.run)} for r in rows]}
+                      "cloud_step_seconds": r.cloud_step_seconds, "dropped": r.dropped, **asdict(r.run)}
+                     for r in rows]}
     (out / "fleet.json").write_text(json.dumps(data, indent=2) + "\n")
     _plot(rows, out / "fleet.png")
-    intro = (f"Runs executed {how}; runtime local, sync rounds. Accuracy: the fleet's online accuracy over every "
+    intro = (f"Runs executed {how}. Accuracy: the fleet's online accuracy over every "
              f"edge's stream; edge min / max: the worst and best edge; gap closed: (method - bn) / "
              f"(foundation-bn - bn) on the same streams; cloud s / 1k samples: the cloud's training seconds per "
-             f"thousand edge samples.\n\n![fleet](fleet.png)\n\n{table}")
+             f"thousand edge samples; dropped: uploads the cloud never trained on (async).\n\n![fleet](fleet.png)\n\n{table}")
     (out / "fleet.md").write_text(_markdown_page("The fleet's learning curve", intro, command, seconds))
 
 
@@ -199,6 +226,7 @@ def _plot(rows: Sequence[FleetRow], path: Path) -> None:
     for r in rows:
         if r.run.status == "ok":
             name = f"{r.cell.order} {r.method}" + ("" if r.cell.budget is None else f" {100 * r.cell.budget:g}%")
+            name += "" if r.cell.mode == "sync" else f" {r.cell.mode}"
             lines.setdefault(name, []).append((r.cell.edges, 100 * r.run.accuracy))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, points in lines.items():
@@ -220,6 +248,8 @@ def add_parser(sub: Any) -> None:
     fl.add_argument("--orders", default="same,permute",
                     help=f"stream orders, comma-separated (default same,permute; allowed: {', '.join(ORDERS)})")
     fl.add_argument("--budgets", default="0.3,0.1", help="upload budgets, comma-separated (default 0.3,0.1)")
+    fl.add_argument("--modes", default="sync",
+                    help="sync (local runner, fanned out) and/or async (Ray, one run at a time); default sync")
     fl.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                     help=f"learning methods (default {','.join(DEFAULT_METHODS)}); bn and foundation-bn always run")
     fl.add_argument("--override", action="append", default=[], metavar="key=value",
