@@ -98,7 +98,7 @@ def test_uploads_teach_the_entry_of_their_key_and_the_bank_goes_down_whole() -> 
     assert cloud.on_edge_batch(0) == 2  # one chunk per entry (each its own domain)
     assert [r.steps for r in cloud.residuals] == [1, 1] and cloud.students[0].steps == 2  # one step per chunk
     wire = cloud.export(0)
-    keys, entries, base = bank_entries(wire)
+    keys, entries, base, _ = bank_entries(wire)
     assert np.array_equal(keys, np.stack([far, near])) and len(entries) == 2 and base is not None
     one = cloud.students[0].export()
     assert set(base) == set(one) and all(np.array_equal(base[k], one[k]) for k in one)
@@ -187,6 +187,27 @@ def test_edges_on_one_publication_share_entry_objects_so_they_fuse() -> None:
     assert edge.state is twin.state and edge.fuse_key() == twin.fuse_key()
 
 
+def test_a_batch_near_a_sure_entry_uploads_a_share_of_the_budget() -> None:
+    """bank_sure_steps: the publication says how many chunks trained each entry; a batch whose nearest entry took
+    at least that many uploads bank_sure_budget x the budget, a batch near an unsure one the whole budget."""
+    edge = _edge({"bank_sure_steps": 5, "bank_sure_budget": 0.5, "upload_budget": 0.5, "e_max_factor": 10.0,
+                  "upload_balance": False})
+    x = to_input(images(16, 1))
+    key = normalise(batch_keys(edge.host.model, x)[0], edge.scale)
+    state = {n: p.detach().numpy().copy() for n, p in scope_parameters(edge.host.model, "norm")}
+    uploads = {}
+    for steps in (4, 5):
+        wire = bank_wire({0: (key, state)}, steps={0: steps})
+        assert bank_entries(wire).steps.tolist() == [steps] and state_nbytes(wire) == state_nbytes(state) + 40
+        edge.apply_update(wire)
+        uploads[steps] = int(edge.process(x).upload.sum())
+    assert uploads == {4: 8, 5: 4}  # 50 % of 16, then half of that
+    cloud = bank_cloud({"bank_sure_steps": 1})
+    cloud.ingest(0, images(4, 1), key=key)
+    cloud.on_edge_batch(0)
+    assert bank_entries(cloud.export(0)).steps.tolist() == [1]
+
+
 # --- a whole local run -------------------------------------------------------------------------
 
 def test_a_local_bank_run_predicts_every_sample_once_and_publishes_its_entries(make_run_config, tmp_path) -> None:
@@ -227,7 +248,7 @@ def test_the_gate_sends_an_entry_only_while_it_beats_the_deployed_weights() -> N
     r0, r1 = cloud.residuals
     assert r0.gain.count == r1.gain.count == 1 and cloud.base_gain.count == 2  # scored before each step
     r0.gain.mean, r1.gain.mean, cloud.base_gain.mean = 0.25, -0.25, 0.1
-    keys, entries, base = bank_entries(cloud.export(0))
+    keys, entries, base, _ = bank_entries(cloud.export(0))
     assert len(keys) == 2 and entries[0] is not None and entries[1] is None and base is not None
     cloud.base_gain.mean, cloud.version = 0.0, cloud.version + 1
     wire = cloud.export(0)

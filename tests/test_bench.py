@@ -411,9 +411,10 @@ def test_fleet_quick_curve(run_yaml: Path, tmp_path: Path, ray_session) -> None:
 @pytest.mark.ray
 def test_fleet_async_mode_runs_on_ray_beside_the_sync_references(run_yaml: Path, tmp_path: Path, ray_session) -> None:
     """`--modes async`: the method runs on the Ray runtime in async mode (the uplink following the cloud), the
-    references in sync on the local runner; the row reports what the cloud dropped, and the gap uses the references."""
+    references in sync on the local runner; the row reports what the cloud dropped, and the gap uses the references.
+    A recurring order reports each visit's accuracy and uploads."""
     out = tmp_path / "fleet-async"
-    argv = ["fleet", str(run_yaml), "--quick", "--edges", "3", "--orders", "same", "--budgets", "0.3",
+    argv = ["fleet", str(run_yaml), "--quick", "--edges", "3", "--orders", "recurring", "--budgets", "0.3",
             "--modes", "async", "--methods", "cema-fleet", "--out", str(out)]
     assert bench.main(argv) == 0
     rows = json.loads((out / "fleet.json").read_text())["rows"]
@@ -422,7 +423,10 @@ def test_fleet_async_mode_runs_on_ray_beside_the_sync_references(run_yaml: Path,
     run = rows[-1]
     summary = json.loads((Path(run["out_dir"]) / "summary.json").read_text())
     assert summary["runtime"] == "ray" and summary["mode"] == "async" and summary["uplink"] == "follow"
-    assert run["status"] == "ok" and run["samples"] == 3 * 2 * 64 and run["dropped"] == summary["dropped"]
+    assert run["status"] == "ok" and run["samples"] == 3 * 4 * 64 and run["dropped"] == summary["dropped"]
     assert summary["uploaded"] == summary["cloud_ingested"] + summary["dropped"]
+    for r in rows:  # the recurring stream's two visits: each half of every edge's batches
+        acc1, up1, acc2, up2 = r["visits"]
+        assert np.isclose((acc1 + acc2) / 2, r["accuracy"]) and up1 + up2 == r["uploaded"]
     line = [ln for ln in (out / "fleet.md").read_text().splitlines() if "| async | cema-fleet |" in ln]
-    assert len(line) == 1 and all(c for c in cells(line[0])[:-1])  # every column filled, the gap included
+    assert len(line) == 1 and all(c for c in cells(line[0])[:-1])  # every column filled: the gap, the visits

@@ -12,7 +12,7 @@ neighbour. The bank is plain numpy bookkeeping: what an entry holds is its owner
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
@@ -105,20 +105,32 @@ BANK_PREFIX, BASE_PREFIX = "bank.", "base."
 State = dict[str, np.ndarray]  # an entry's parameters, as a publication carries them
 
 
-def bank_wire(entries: Mapping[int, tuple[np.ndarray, State | None]], base: State | None = None) -> State:
+def bank_wire(entries: Mapping[int, tuple[np.ndarray, State | None]], base: State | None = None,
+              steps: Mapping[int, int] | None = None) -> State:
     """A bank as one flat publication: ``bank.<slot>.key`` and ``bank.<slot>.<parameter>`` per entry (no
-    parameters: that domain runs the deployed weights), and ``base.<parameter>`` for the fleet's student (none:
-    batches near no entry run the deployed weights)."""
+    parameters: that domain runs the deployed weights), ``bank.<slot>.steps`` (the chunk steps that trained it, when
+    given: how sure the entry is), and ``base.<parameter>`` for the fleet's student (none: batches near no entry run
+    the deployed weights)."""
     flat: State = {f"{BASE_PREFIX}{n}": v for n, v in (base or {}).items()}
     for slot, (key, state) in sorted(entries.items()):
         flat[f"{BANK_PREFIX}{slot}.key"] = np.asarray(key, np.float32)
+        if steps is not None:
+            flat[f"{BANK_PREFIX}{slot}.steps"] = np.asarray([steps.get(slot, 0)], np.int64)
         flat.update({f"{BANK_PREFIX}{slot}.{n}": v for n, v in (state or {}).items()})
     return flat
 
 
-def bank_entries(flat: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[State | None], State | None]:
-    """The inverse of `bank_wire`: the keys as one (M, 2C) array, each entry's parameters by slot order (None:
-    the deployed weights), and the fleet's student (None: the deployed weights)."""
+class PublishedBank(NamedTuple):
+    """A bank publication as an edge reads it."""
+
+    keys: np.ndarray  # (M, 2C): one row per entry, in slot order
+    entries: list[State | None]  # each entry's parameters (None: the deployed weights)
+    base: State | None  # the fleet's student (None: the deployed weights)
+    steps: np.ndarray  # (M,) chunk steps that trained each entry (0 where the publication does not say)
+
+
+def bank_entries(flat: Mapping[str, np.ndarray]) -> PublishedBank:
+    """The inverse of `bank_wire`."""
     by_slot: dict[int, State] = {}
     base: State = {}
     for name, value in flat.items():
@@ -131,4 +143,5 @@ def bank_entries(flat: Mapping[str, np.ndarray]) -> tuple[np.ndarray, list[State
         by_slot.setdefault(int(slot), {})[rest] = value
     slots = sorted(by_slot)
     keys = np.stack([np.asarray(by_slot[j].pop("key"), np.float32) for j in slots]) if slots else np.zeros((0, 0))
-    return keys, [by_slot[j] or None for j in slots], base or None
+    steps = np.array([int(np.asarray(by_slot[j].pop("steps", [0]))[0]) for j in slots], np.int64)
+    return PublishedBank(keys, [by_slot[j] or None for j in slots], base or None, steps)

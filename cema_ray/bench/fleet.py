@@ -58,6 +58,7 @@ class FleetRow:
     edge_accuracy: list[float]  # per edge, in edge id order
     cloud_step_seconds: float | None
     dropped: int | None = None  # uploads the cloud never trained on (async: the backlog's drops)
+    visits: list[float] | None = None  # recurring order: [accuracy, uploads] of the first visit, then the second
 
 
 def parse_list(text: str, flag: str, kind: type, lo: float, hi: float | None = None) -> list:
@@ -128,15 +129,39 @@ def per_edge_accuracy(out_dir: str) -> list[float]:
     return [correct[e] / samples[e] for e in sorted(samples) if samples[e]]
 
 
+def visit_split(out_dir: str) -> list[float] | None:
+    """A recurring stream's two visits (each edge's first and second half of its batches): [accuracy of the
+    first, uploads of the first, accuracy of the second, uploads of the second], from the run's batches.parquet."""
+    import pyarrow.parquet as pq
+
+    path = Path(out_dir) / "batches.parquet"
+    if not path.is_file():
+        return None
+    t = pq.read_table(path, columns=["edge_id", "batch_index", "correct", "samples", "uploaded"]).to_pydict()
+    length: dict[int, int] = {}
+    for e, b in zip(t["edge_id"], t["batch_index"]):
+        length[e] = max(length.get(e, 0), b + 1)
+    sums = [[0, 0, 0], [0, 0, 0]]  # per visit: correct, samples, uploaded
+    for e, b, c, n, u in zip(t["edge_id"], t["batch_index"], t["correct"], t["samples"], t["uploaded"]):
+        visit = sums[int(2 * b >= length[e])]
+        visit[0], visit[1], visit[2] = visit[0] + c, visit[1] + n, visit[2] + u
+    if not sums[0][1] or not sums[1][1]:
+        return None
+    return [sums[0][0] / sums[0][1], sums[0][2], sums[1][0] / sums[1][1], sums[1][2]]
+
+
 def _fleet_row(run: MethodRow, cells: dict[str, Cell]) -> FleetRow:
     path = Path(run.out_dir) / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}
-    return FleetRow(cells[run.protocol], run.method, run, per_edge_accuracy(run.out_dir),
-                    summary.get("cloud_step_seconds"), summary.get("dropped"))
+    cell = cells[run.protocol]
+    visits = visit_split(run.out_dir) if cell.order == "recurring" and run.status == "ok" else None
+    return FleetRow(cell, run.method, run, per_edge_accuracy(run.out_dir), summary.get("cloud_step_seconds"),
+                    summary.get("dropped"), visits)
 
 
 COLUMNS = ("edges", "order", "budget", "mode", "method", "accuracy (%)", "edge min / max (%)", "gap closed (%)",
-           "uploads (%)", "dropped (% of uploads)", "bytes down / edge", "cloud s / 1k samples", "status")
+           "uploads (%)", "dropped (% of uploads)", "bytes down / edge", "cloud s / 1k samples",
+           "visit 1 → 2: accuracy (%), uploads", "status")
 
 
 def fleet_markdown(rows: Sequence[FleetRow]) -> str:
@@ -151,15 +176,17 @@ def fleet_markdown(rows: Sequence[FleetRow]) -> str:
         head = [str(r.cell.edges), r.cell.order, "-" if r.cell.budget is None else f"{100 * r.cell.budget:g} %",
                 "-" if r.cell.budget is None else r.cell.mode, r.method]
         if run.status != "ok":
-            lines.append("| " + " | ".join(head + [""] * 7 + ["failed: " + run.error.replace("|", "/")]) + " |")
+            lines.append("| " + " | ".join(head + [""] * 8 + ["failed: " + run.error.replace("|", "/")]) + " |")
             continue
         bn, top = refs.get((r.cell.edges, r.cell.order, "bn")), refs.get((r.cell.edges, r.cell.order, "foundation-bn"))
         gap = None if r.cell.budget is None else gap_closed(run.accuracy, bn, top)
         spread = f"{_pct(min(r.edge_accuracy))} / {_pct(max(r.edge_accuracy))}" if r.edge_accuracy else ""
         cloud = "" if not r.cloud_step_seconds else f"{1000 * r.cloud_step_seconds / run.samples:.2f}"
         dropped = "" if r.dropped is None or not run.uploaded else _pct(r.dropped / run.uploaded)
+        v = r.visits
+        visits = "" if v is None else f"{_pct(v[0])} → {_pct(v[2])}, {int(v[1]):,} → {int(v[3]):,}"
         lines.append("| " + " | ".join(head + [_pct(run.accuracy), spread, _pct(gap), _pct(run.upload_fraction),
-                                              dropped, f"{run.bytes_down // max(r.cell.edges, 1):,}", cloud,
+                                              dropped, f"{run.bytes_down // max(r.cell.edges, 1):,}", cloud, visits,
                                               "ok"]) + " |")
     return "\n".join(lines)
 
@@ -205,7 +232,8 @@ def write_fleet(rows: Sequence[FleetRow], table: str, out: Path, command: str, h
     out.mkdir(parents=True, exist_ok=True)
     data = {"command": command, "executed": how,
             "rows": [{"cell": asdict(r.cell), "method": r.method, "edge_accuracy": r.edge_accuracy,
-                      "cloud_step_seconds": r.cloud_step_seconds, "dropped": r.dropped, **asdict(r.run)}
+                      "cloud_step_seconds": r.cloud_step_seconds, "dropped": r.dropped, "visits": r.visits,
+                      **asdict(r.run)}
                      for r in rows]}
     (out / "fleet.json").write_text(json.dumps(data, indent=2) + "\n")
     _plot(rows, out / "fleet.png")

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cema_ray.algorithms.budget import PRIORITIES, apply_budget, budget_cap
-from cema_ray.algorithms.domain_bank import DomainBank, bank_entries, bank_wire, nearest
+from cema_ray.algorithms.domain_bank import DomainBank, PublishedBank, bank_entries, bank_wire, nearest
 from cema_ray.algorithms.domain_key import batch_keys, key_scale, normalise
 from cema_ray.algorithms.distill import selective_distillation_loss
 from cema_ray.algorithms.entropy import e0 as e0_of
@@ -116,6 +116,10 @@ SETTINGS: dict[str, Field] = {
                                "often than the deployed weights on chunks it has not trained on; else its domain "
                                "runs the deployed weights (BN adapt)"),
     "bank_key_samples": setting(0, "images of an edge batch its domain key is computed on (0: all)", lo=0),
+    "bank_sure_steps": setting(0, "an entry trained by at least this many chunks is sure: an edge batch whose nearest "
+                                  "entry (within reach) is sure uploads bank_sure_budget x upload_budget, so the uplink "
+                                  "goes where the bank is least sure; 0 = off", lo=0),
+    "bank_sure_budget": setting(0.5, "the share of upload_budget a batch near a sure entry uploads", lo=0, hi=1),
 }
 
 
@@ -136,6 +140,7 @@ class FleetEdge(ForwardEdge):
         self.scale = key_scale(model) if self.banked else None
         self._chosen = False  # `prepare` picked this batch's entry; `decide` closes the batch
         self._key: np.ndarray | None = None  # the current batch's domain key
+        self._sure = False  # the current batch's entry is sure (bank_sure_steps): it uploads less
 
     # the bank: an entry per batch, by its domain key -------------------------------------------
     def prepare(self, x: torch.Tensor) -> None:
@@ -146,29 +151,31 @@ class FleetEdge(ForwardEdge):
             return
         k = int(self.settings["bank_key_samples"]) or len(x)
         self._key = normalise(batch_keys(self.host.model, x[:k].to(self.host.device))[0], self.scale)
-        self._chosen = True
+        self._chosen, self._sure = True, False
         if self.bank is None:
             return
-        keys, entries, base = self._entries()
+        pub = self._entries()
         reach = float(self.settings["bank_radius"]) * float(self.settings["bank_reach"])
-        j = nearest(self._key, keys, reach)
-        self.state = base if j is None else entries[j]
+        j = nearest(self._key, pub.keys, reach)
+        self.state = pub.base if j is None else pub.entries[j]
+        sure = int(self.settings["bank_sure_steps"])
+        self._sure = j is not None and sure > 0 and int(pub.steps[j]) >= sure
 
     def process(self, x: torch.Tensor) -> EdgeResult:
         if not self._chosen:
             self.prepare(x)
         return super().process(x)
 
-    def _entries(self) -> tuple[np.ndarray, list[NormState | None], NormState | None]:
+    def _entries(self) -> PublishedBank:
         """The bank's keys and entries, parsed once per publication and host: every edge on one publication
         holds the same entry objects, so edges that pick one entry share a stacked forward."""
         memo = self.host.memo
         hit = memo.get(id(self.bank))
         if hit is None or hit[0] is not self.bank:
-            keys, entries, base = bank_entries(self.bank)
-            for entry in [e for e in [*entries, base] if e is not None]:
+            pub = bank_entries(self.bank)
+            for entry in [e for e in [*pub.entries, pub.base] if e is not None]:
                 self.host.use(entry)  # a state the model refuses fails here, naming the key
-            hit = memo[id(self.bank)] = (self.bank, (keys, entries, base))
+            hit = memo[id(self.bank)] = (self.bank, pub)
             while len(memo) > 8:
                 memo.pop(next(iter(memo)))
         return hit[1]
@@ -192,7 +199,8 @@ class FleetEdge(ForwardEdge):
             passed = self.filter.select(logits.softmax(dim=1), ent).cpu().numpy()
         preds = logits.argmax(dim=1).cpu().numpy().astype(np.int64)
         ent_np = ent.float().cpu().numpy()
-        cap = budget_cap(len(preds), self.settings["upload_budget"])
+        budget = float(self.settings["upload_budget"])
+        cap = budget_cap(len(preds), budget * float(self.settings["bank_sure_budget"]) if self._sure else budget)
         upload = apply_budget(passed, preds, ent_np, cap, self.settings["upload_priority"],
                               bool(self.settings["upload_balance"]))
         skipped = {**self.filter.last_skipped, "budget": int(passed.sum() - upload.sum())}
@@ -395,7 +403,8 @@ class FleetCloud(CloudTrainer):
                 continue
             offset = r.published()
             entries[j] = (self.bank.keys[j], {n: base[n] + offset[n].cpu().float().numpy() for n in base})
-        return bank_wire(entries, base if not gate or self.base_gain.earns else None)
+        steps = {j: r.steps for j, r in enumerate(self.residuals)} if self.settings["bank_sure_steps"] else None
+        return bank_wire(entries, base if not gate or self.base_gain.earns else None, steps)
 
     def reset(self, edge_id: int | None = None) -> None:
         """Reset-per-domain. One student: the deployed student, source foundation, empty queue and replay (for
