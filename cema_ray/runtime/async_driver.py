@@ -41,7 +41,9 @@ class AsyncDriver:
 
     Uploads wait in a bounded backlog while the cloud is busy (at most `CLOUD_IN_FLIGHT` deliveries
     outstanding) or down; past the bound the oldest are dropped and counted, so a slow or dead cloud
-    never stalls the edges nor grows memory without bound. With `ray.backlog_full: wait` a host gets its
+    never stalls the edges nor grows memory without bound. With `ray.uplink: follow` (runtime/uplink.py) the
+    edges already send what the cloud trains, and past the bound the two oldest deliveries merge into one cloud
+    call instead (up to `cloud.queue_capacity` uploads; drops only beyond). With `ray.backlog_full: wait` a host gets its
     next step only while the deliveries the cloud has not taken (backlog plus steps in flight) are
     below the bound (backpressure): nothing is dropped, and edges stay within a few steps of the cloud.
     A dead cloud is restarted from its checkpoint in the background: the driver keeps the hosts stepping
