@@ -221,7 +221,8 @@ class AsyncDriver:
                              for p in delivery.pubs]
         if delivery.pubs or uplink:
             self.pool.broadcast(ray.put(delivery.pubs), uplink)  # put once; every host gets the same reference
-            self.uplink = delivery.uplink if uplink else self.uplink
+        if uplink:
+            self.uplink = delivery.uplink
         for rec, steps, refused in zip(records, delivery.item_steps, delivery.item_refused, strict=True):
             self.progress.add(dict(rec, cloud_steps=steps, dropped=refused))  # per batch, as sent
 

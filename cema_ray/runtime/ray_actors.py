@@ -153,7 +153,7 @@ class EdgeHost:
                     edge.share.set_rate(rate, now)
         updated = 0
         for pub in pubs:
-            for edge in pub.targets(self.by_id, self.cfg["cloud"]["shards"]):
+            for edge in pub.targets(self.by_id, shards):
                 before = edge.version
                 edge.apply_update(pub.state, pub.version)
                 updated += edge.version != before
@@ -337,20 +337,21 @@ class CloudActor:
             refused[edge_id] = refused.get(edge_id, 0) + item_refused[i]
         mine = steps if edge_ids is None else [e for e in edge_ids if shard_of(e, self.shards) == self.shard]
         pubs = self.service.end_round(sorted(mine))
-        self.metrics.record(sum(len(it[2]) for it in items), sum(refused.values()), sum(steps.values()),
+        uploads = sum(len(it[2]) for it in items)
+        self.metrics.record(uploads, sum(refused.values()), sum(steps.values()),
                             self.service.stats.step_seconds - trained, len(pubs), self.service.trainer.queued(),
                             time.perf_counter() - t0)
         shared = self.service.share() if self.shards > 1 and self.service.rounds % self.sync_every == 0 else None
         uplink = None
         if self.capacity is not None:
-            self.capacity.record(sum(len(it[2]) for it in items) - sum(refused.values()), time.perf_counter() - started,
-                                 steps, time.monotonic())
+            self.capacity.record(uploads - sum(refused.values()), time.perf_counter() - started, steps.keys(),
+                                 time.monotonic())
             uplink = self.capacity.per_edge()
         return Delivery(steps, pubs, self.checkpointed, time.time(), refused, item_steps, item_refused, shared, uplink)
 
     def stats(self) -> dict[str, Any]:
         s = self.service.stats
         return {"steps": s.steps, "ingested": s.ingested, "dropped": s.dropped, "publications": s.publications,
-                "step_seconds": s.step_seconds,
-                "uploads_per_busy_s": None if self.capacity is None else self.capacity.rate(), "deliveries": self.service.rounds, "device": self.service.device,
+                "step_seconds": s.step_seconds, "deliveries": self.service.rounds, "device": self.service.device,
+                "uploads_per_busy_s": None if self.capacity is None else self.capacity.rate(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}

@@ -171,7 +171,8 @@ def free_cpus(cfg: dict[str, Any]) -> float:
 
 
 def shard_stats(stats: list[dict[str, Any]]) -> dict[str, Any]:
-    """The cloud shards' counters added up (deliveries, device and GPUs are the first shard's)."""
+    """The cloud shards' counters added up (deliveries, device, GPUs and uploads per busy second are the first
+    shard's)."""
     total = dict(stats[0])
     for other in stats[1:]:
         for key in ("steps", "ingested", "dropped", "publications", "step_seconds"):
@@ -314,6 +315,7 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                 driver = AsyncDriver(links, pool, progress, cfg["ray"]["max_in_flight_per_host"],
                                      cfg["ray"]["backlog_full"] == "wait", partial,
                                      cfg["cloud"]["queue_capacity"] if follows(cfg) else None)
+                # one shard after another: timed side by side on one node, they would share its cores
                 calibrated = [wait_for_actor(c.calibrate, data.image_shape) for c in clouds]
                 shares = {k: share for k, (_, share) in enumerate(calibrated) if share is not None}
                 dropped = driver.run(shares)
@@ -321,7 +323,7 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                 extra = {"max_backlog": driver.max_backlog, "backlog_bound": driver.backlog_bound,
                          "uplink": "follow" if follows(cfg) else "fixed", "uplink_per_edge": driver.uplink,
                          "coalesced_deliveries": driver.coalesced,
-                         "cloud_calibrated_uploads_per_s": calibrated[0][0],
+                         "cloud_calibrated_uploads_per_s": calibrated[0][0],  # the first shard's
                          **({"shard_merges": driver.merges} if len(links) > 1 else {})}
         except KeyboardInterrupt:  # the records the driver has are whole batches: write them, then stop
             progress.close()
