@@ -258,6 +258,7 @@ def test_scale_measures_ray_and_local_side_by_side(run_yaml: Path, tmp_path: Pat
     out = tmp_path / "scale"
     code = bench.main(["scale", str(run_yaml), "--edges", "2", "--hosts", "2", "--modes", "sync",
                        "--local-up-to", "2", "--override", "stream.samples_per_domain=32", "--limit-seconds", "0.05",
+                       "--override", "stream.corruptions=[gaussian_noise,fog,snow]", "--limit-batches", "32,128",
                        "--override", "method.name=upload-all", "--override", "method.settings={}",
                        "--out", str(out)])
     assert code == 0

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the whole sequence N times, runtimes interleaved; tables quote medians (default 1)")
     sca.add_argument("--limit-seconds", type=float, default=1.5,
                      help="seconds of forwards per batch size when measuring the edge model's forward limit")
+    sca.add_argument("--limit-batches", default="32,128,512,2048",
+                     help="batch sizes the forward limit tries, comma-separated (the fastest counts; default "
+                          "32,128,512,2048)")
     sca.add_argument("--out", type=Path, default=None, help="output folder (default: runs/bench-scale-<time>)")
     sca.set_defaults(func=cmd_scale)
     clo = sub.add_parser("cloud", help="the cloud's step in this process, in concurrent processes and in a Ray task")
@@ -159,8 +162,14 @@ def cmd_scale(args: argparse.Namespace) -> int:
         raise ConfigError(f"--repeat = {args.repeat}: must be >= 1")
     if not args.limit_seconds > 0:
         raise ConfigError(f"--limit-seconds = {args.limit_seconds}: must be > 0")
+    try:
+        batches = tuple(int(x) for x in args.limit_batches.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--limit-batches = {args.limit_batches!r}: give comma-separated integers") from None
+    if not batches or min(batches) < 1:
+        raise ConfigError(f"--limit-batches = {args.limit_batches!r}: needs batch sizes >= 1")
     rows = run_scale(cfg, counts, out, args.hosts, modes, args.local_up_to, args.local_threads, args.repeat,
-                     args.limit_seconds)
+                     args.limit_seconds, batches)
     return _write_table(out, "scale", "Ray runtime scaling", rows, markdown(rows, args.command_line),
                         args.command_line, t0)
 

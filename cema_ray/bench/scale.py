@@ -22,7 +22,7 @@ import psutil
 import pyarrow.parquet as pq
 import torch
 
-from cema_ray.bench.forward_limit import forward_limit
+from cema_ray.bench.forward_limit import BATCHES, forward_limit
 from cema_ray.runtime import run_experiment
 
 
@@ -119,7 +119,8 @@ def cloud_load(cfg: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
 
 def run_scale(base: dict[str, Any], edge_counts: list[int], out: Path, max_hosts: int | None,
               modes: list[str], local_up_to: int, local_threads: int | None = None,
-              repeats: int = 1, limit_seconds: float = 1.5) -> list[dict[str, Any]]:
+              repeats: int = 1, limit_seconds: float = 1.5,
+              limit_batches: tuple[int, ...] = BATCHES) -> list[dict[str, Any]]:
     """Measure every (edges, mode) on Ray, and the local runner for fleets up to `local_up_to` edges.
 
     ``local_threads``: torch threads of the local runner (None: torch's default, one per core). On a
@@ -138,7 +139,7 @@ def run_scale(base: dict[str, Any], edge_counts: list[int], out: Path, max_hosts
             for mode in modes:
                 cfg = scale_config(base, edges, max_hosts, mode, "ray")
                 row = dict(measure(cfg, out / f"ray-{mode}-{edges}{suffix}"), repeat=rep)
-                _add(rows, row, base, out, limit_seconds)
+                _add(rows, row, base, out, limit_seconds, limit_batches)
             if edges <= local_up_to:
                 cfg = scale_config(base, edges, max_hosts, "sync", "local")
                 threads = torch.get_num_threads()
@@ -148,15 +149,15 @@ def run_scale(base: dict[str, Any], edge_counts: list[int], out: Path, max_hosts
                 finally:
                     torch.set_num_threads(threads)
                 row["threads"] = local_threads or threads
-                _add(rows, row, base, out, limit_seconds)
+                _add(rows, row, base, out, limit_seconds, limit_batches)
     return rows
 
 
 def _add(rows: list[dict[str, Any]], row: dict[str, Any], base: dict[str, Any], out: Path,
-         limit_seconds: float) -> None:
+         limit_seconds: float, limit_batches: tuple[int, ...]) -> None:
     """The row with its forward limit and limit ratio, kept, printed and appended to scale.jsonl."""
     cores = max(1, min(row["hosts"] or 1, os.cpu_count() or 1)) if row["runtime"] == "ray" else row.get("threads", 1)
-    row.update(forward_limit(base, cores, limit_seconds))  # right after the run: a shared machine's speed drifts
+    row.update(forward_limit(base, cores, limit_seconds, limit_batches))  # right after the run: a shared machine's speed drifts
     edge_rate = row.get("edge_samples_per_s")
     row["limit_ratio"] = edge_rate / row["forward_limit_samples_per_s"] if edge_rate else None
     rows.append(row)
