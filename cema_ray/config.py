@@ -157,6 +157,9 @@ RUN_SCHEMA = Section({
         "publish_every": integer(1, "cloud publishes norm parameters every K edge batches", lo=1),
         "student_scope": string("shared", "one student for all edges, or one per edge",
                               choices=("shared", "per_edge")),
+        "lanes": string("fleet", "fleet: one cloud trainer for every edge; group: one per edge group "
+                                 "(edges.groups), so groups never share a student, a bank or a reset",
+                        choices=("fleet", "group")),
         "settings": Field("dict", {}, "method settings, checked against the method's declarations "
                                       "(cema-ray list <method>)"),
     }),
@@ -328,6 +331,13 @@ def _check_settings(cfg: dict[str, Any]) -> None:
             fail(f"method.settings.{name}", given[name], f"conflicts with {source} = {fmt(value)}; set {source} only")
         given[name] = value
     method["settings"] = dict(spec.resolve(given, num_classes=_num_classes(cfg["data"])))
+
+
+def _check_lanes(cfg: dict[str, Any]) -> None:
+    """A lane per group needs a shared student inside each lane (per-edge students keep groups apart already)."""
+    if cfg["method"]["lanes"] == "group" and cfg["method"]["student_scope"] == "per_edge":
+        fail("method.lanes", "group", "needs method.student_scope: shared (per-edge students already keep the "
+             "groups apart)")
 
 
 def _num_classes(data: dict[str, Any]) -> int | None:
@@ -532,6 +542,7 @@ def validate_run_config(raw: dict[str, Any], *, check_paths: bool = True) -> dic
     _check_groups(cfg["edges"])
     _check_distributions(cfg["edges"])
     _check_settings(cfg)
+    _check_lanes(cfg)
     _check_faults(cfg)
     _check_device(cfg)
     cfg["data"]["root"] = resolve_data_root(cfg["data"]["source"], cfg["data"]["root"], check=check_paths)

@@ -37,6 +37,7 @@ def tiny_edge() -> nn.Module:
 
 def bank_cloud(settings: dict | None = None):
     return METHODS.get("cema-bank").make_cloud(tiny(6, 1), tiny(4, 2), {"chunk_size": 4, "bank_gate": False,
+                                                                         "bank_sure_steps": 0,
                                                                          **(settings or {})},
                                                torch.Generator().manual_seed(0))
 

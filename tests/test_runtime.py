@@ -72,7 +72,9 @@ def test_ray_sync_reproduces_local(ray_session, make_run_config, tmp_path, metho
     """Same seed, same config: the Ray runtime's predictions, uploads and versions equal the local runner's."""
     torch.set_num_threads(1)  # hosts and cloud run one thread each; keep float reductions identical
     common = (f"method.name={method}", f"edges.count={edges}", f"edges.per_host={per_host}",
-              *(["method.settings={bank_gate: false}"] if method == "cema-bank" else []),  # random models: entries
+              *(["method.settings={bank_gate: false}", "method.lanes=group",  # random models: entries; a lane
+                 "edges.groups=[{name: a, fraction: 0.5}, {name: b, fraction: 0.5, stream: {corruptions: [fog]}}]"]
+                if method == "cema-bank" else []),  # per group, each its own bank
               *(["stream.samples_per_domain=32"] if edges == 5 else []))  # 3 hosts, one partial: a short stream
     local = run_experiment(make_run_config("runtime=local", *common), tmp_path / "local")
     remote = run_experiment(make_run_config("runtime=ray", *common), tmp_path / "ray")

@@ -482,10 +482,11 @@ PRESETS: dict[str, tuple[dict[str, Any], str, bool]] = {
                        "a scoped student with chunk-wise replay, a hard upload budget", True),
     "oracle": ({"teacher": "labels"}, "reference: cema-fleet's student trained on the uploads' true labels "
                                       "(what the edge model can hold at this budget); runtime=local only", False),
-    "cema-bank": ({"bank_size": 16, "lr_foundation": 0.0}, "cema-fleet with a bank keyed by domain: each entry the fleet's student plus "
-                                     "an offset only its domain's uploads train; each edge batch runs the entry "
-                                     "nearest its own domain key; the teacher only BN-adapts (its entropy steps collapse it over a "
-                                     "fleet's thousands of chunks)", True),
+    "cema-bank": ({"bank_size": 16, "lr_foundation": 0.0, "bank_sure_steps": 16, "bank_sure_budget": 0.25},
+                  "cema-fleet with a bank keyed by domain: each entry the fleet's student plus an offset only its "
+                  "domain's uploads train; each edge batch runs the entry nearest its own domain key and uploads a "
+                  "quarter of its budget near an entry 16 chunks have trained; the teacher only BN-adapts (its "
+                  "entropy steps collapse it over a fleet's thousands of chunks)", True),
 }
 
 

@@ -10,11 +10,13 @@ from typing import Any
 
 from torch import nn
 
+from cema_ray.methods.lanes import LanedCloud
 from cema_ray.runtime.cloud import CloudService
 from cema_ray.runtime.device import autocast, resolve_device
 from cema_ray.runtime.edge import EdgeDevice
 from cema_ray.runtime.shards import CloudShards
-from cema_ray.runtime.fleet import DataContext, EdgePlan, fresh_copy, load_model, make_generator, method_settings
+from cema_ray.runtime.fleet import (DataContext, EdgePlan, edge_plans, fresh_copy, load_model, make_generator,
+                                    method_settings)
 
 
 def load_edge_model(cfg: dict[str, Any]) -> nn.Module:
@@ -36,7 +38,14 @@ def build_cloud(cfg: dict[str, Any], edge_model: nn.Module, foundation: nn.Modul
     device = resolve_device(cfg["cloud"]["device"])
     student = fresh_copy(edge_model).to(device)
     foundation = fresh_copy(foundation).to(device) if foundation is not None else None
-    trainer = spec.make_cloud(foundation, student, settings, make_generator(cfg["seed"], 1, *([shard] if shard else [])))
+    seed = (cfg["seed"], 1, *([shard] if shard else []))
+    lanes = edge_lanes(cfg, edge_plans(cfg))
+    if lanes is None:
+        trainer = spec.make_cloud(foundation, student, settings, make_generator(*seed))
+    else:  # a trainer per lane, each on its own copies, its generator seeded by its lane past the first
+        trainer = LanedCloud(lambda i: spec.make_cloud(fresh_copy(foundation) if foundation is not None else None,
+                                                       fresh_copy(student), settings,
+                                                       make_generator(*seed, *([100 + i] if i else []))), lanes)
     return CloudService(trainer, cfg["method"]["student_scope"], cfg["method"]["publish_every"],
                         cfg["cloud"]["queue_capacity"], autocast=lambda: autocast(device, cfg["cloud"]["amp"]),
                         device=str(device), shard=shard)
@@ -64,5 +73,16 @@ def build_edges(cfg: dict[str, Any], data: DataContext, edge_model: nn.Module, p
     first = spec.make_edge(fresh_copy(edge_model), settings)
     policies = [first] + [first.fork() for _ in plans[1:]]
     shape = data.image_shape
-    return [EdgeDevice(p.edge_id, data.stream(p), policy, p.profile, shape, data.num_classes, p.bad_batches)
+    lanes = edge_lanes(cfg, edge_plans(cfg)) or {}
+    return [EdgeDevice(p.edge_id, data.stream(p), policy, p.profile, shape, data.num_classes, p.bad_batches,
+                       lane=lanes.get(p.edge_id))
             for p, policy in zip(plans, policies)]
+
+
+def edge_lanes(cfg: dict[str, Any], plans: list[EdgePlan]) -> dict[int, int] | None:
+    """``method.lanes: group``: each edge's lane, its group's index in order of first appearance; None for one
+    trainer for the fleet. Taken from every plan of the run, so a host's subset of edges agrees with the cloud."""
+    if cfg["method"]["lanes"] != "group":
+        return None
+    order: dict[str, int] = {}
+    return {p.edge_id: order.setdefault(p.profile.group, len(order)) for p in plans}

@@ -17,6 +17,7 @@ from cema_ray.algorithms.budget import SKIP_REASONS, apply_budget
 from cema_ray.data.streams import Batch, EdgeStream
 from cema_ray.errors import BatchRejected
 from cema_ray.methods.base import EdgePolicy, EdgeResult, NormState
+from cema_ray.methods.lanes import lane_view
 from cema_ray.models.norm import state_nbytes
 from cema_ray.models.preprocess import to_input
 from cema_ray.runtime.faults import malform
@@ -91,9 +92,13 @@ class EdgeDevice:
         image_shape: tuple[int, ...],
         num_classes: int,
         bad_batches: tuple[tuple[float, str], ...] = (),
+        lane: int | None = None,
     ) -> None:
-        """``bad_batches``: fault injection, (position in the stream as a fraction, kind) pairs."""
+        """``bad_batches``: fault injection, (position in the stream as a fraction, kind) pairs; ``lane``: the cloud
+        trainer that serves this edge (`method.lanes: group`; None: the fleet's one), whose part of a publication
+        it loads."""
         self.edge_id = edge_id
+        self.lane = lane
         self.stream = stream
         self.policy = policy
         self.profile = profile
@@ -207,6 +212,11 @@ class EdgeDevice:
         """Load published parameters unless they are older than what this edge already has."""
         if version <= self.version:
             return
+        if self.lane is not None:
+            state = lane_view(state, self.lane)
+            if state is None:  # another lane's news: this edge already holds its own lane's newest
+                self.version = version
+                return
         with torch.inference_mode():
             self.policy.apply_update(state)
         self.version = version
