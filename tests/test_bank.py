@@ -82,6 +82,20 @@ def test_bank_routes_near_keys_together_starts_far_ones_and_merges_the_nearest_p
     assert copy.route(d + 0.01).slot == bank.route(d + 0.01).slot == 1
 
 
+def test_evicting_the_smallest_merges_a_stray_entry_and_keeps_busy_domains_apart() -> None:
+    bank = DomainBank(capacity=3, radius=0.1, evict="smallest")
+    a, b, stray, d = (np.full(4, v, np.float32) for v in (0.0, 1.0, 3.0, -5.0))
+    for _ in range(3):
+        bank.route(a), bank.route(b)  # two busy domains, 3 keys each
+    assert bank.route(stray).slot == 2
+    r = bank.route(d)  # full: the stray (1 key) merges into its nearest, b, and its slot takes d
+    assert r.new and r.slot == 2 and r.merged_into == 1 and r.weights == (3, 1)
+    assert np.allclose(bank.keys[0], 0.0) and np.allclose(bank.keys[1], (3 * 1.0 + 3.0) / 4)
+    assert np.allclose(bank.keys[2], -5.0) and bank.counts == [3, 4, 1]
+    with pytest.raises(ValueError, match="evict"):
+        DomainBank(3, 0.1, evict="oldest")
+
+
 def test_nearest_respects_its_reach() -> None:
     keys = np.array([[0.0, 0.0], [1.0, 1.0]], np.float32)
     assert nearest(np.array([0.9, 0.9], np.float32), keys, reach=0.1) == 1

@@ -18,6 +18,8 @@ import numpy as np
 
 from cema_ray.algorithms.domain_key import key_distance
 
+EVICTIONS = ("pair", "smallest")
+
 
 @dataclass(frozen=True)
 class Route:
@@ -33,12 +35,15 @@ class Route:
 class DomainBank:
     """Up to ``capacity`` entries, each a key (the running mean of the keys routed to it) in a fixed slot."""
 
-    def __init__(self, capacity: int, radius: float, key_window: int = 100) -> None:
+    def __init__(self, capacity: int, radius: float, key_window: int = 100, evict: str = "pair") -> None:
         """``key_window``: an entry's key is the mean of its first keys, then an exponential mean of the last
-        ~this many (so a slowly drifting domain keeps its entry)."""
-        if capacity < 1 or not radius > 0 or key_window < 1:
-            raise ValueError("a domain bank needs capacity >= 1, radius > 0 and key_window >= 1")
+        ~this many (so a slowly drifting domain keeps its entry). ``evict``: which entry a full bank frees for a
+        new key: "pair" merges the two entries nearest each other; "smallest" merges the entry fewest keys
+        reached into its nearest neighbour (a stray key's entry goes first, and two busy domains stay apart)."""
+        if capacity < 1 or not radius > 0 or key_window < 1 or evict not in EVICTIONS:
+            raise ValueError(f"a domain bank needs capacity >= 1, radius > 0, key_window >= 1 and evict in {EVICTIONS}")
         self.capacity, self.radius, self.key_window = int(capacity), float(radius), int(key_window)
+        self.evict = evict
         self.keys: list[np.ndarray] = []
         self.counts: list[int] = []
         self.created = 0  # entries ever made
@@ -64,13 +69,20 @@ class DomainBank:
             self.keys.append(key.copy())
             self.counts.append(1)
             return Route(len(self.keys) - 1, True)
-        a, b = self._closest_pair()
+        a, b = self._closest_pair() if self.evict == "pair" else self._smallest()
         ca, cb = self.counts[a], self.counts[b]
         self.keys[a] = ((ca * self.keys[a] + cb * self.keys[b]) / (ca + cb)).astype(np.float32)
         self.counts[a] = ca + cb
         self.keys[b], self.counts[b] = key.copy(), 1
         self.merges += 1
         return Route(b, True, merged_into=a, weights=(ca, cb))
+
+    def _smallest(self) -> tuple[int, int]:
+        """(its nearest neighbour, the entry fewest keys reached): the latter is merged into the former."""
+        b = int(np.argmin(self.counts))  # ties: the oldest slot
+        d = key_distance(self.keys[b], np.stack(self.keys))
+        d[b] = np.inf
+        return int(np.argmin(d)), b
 
     def _closest_pair(self) -> tuple[int, int]:
         keys = np.stack(self.keys)

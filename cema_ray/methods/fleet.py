@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cema_ray.algorithms.budget import PRIORITIES, apply_budget, budget_cap
-from cema_ray.algorithms.domain_bank import DomainBank, PublishedBank, bank_entries, bank_wire, nearest
+from cema_ray.algorithms.domain_bank import EVICTIONS, DomainBank, PublishedBank, bank_entries, bank_wire, nearest
 from cema_ray.algorithms.domain_key import batch_keys, key_scale, normalise
 from cema_ray.algorithms.distill import selective_distillation_loss
 from cema_ray.algorithms.entropy import e0 as e0_of
@@ -115,6 +115,9 @@ SETTINGS: dict[str, Field] = {
     "bank_gate": setting(False, "send an entry (and the fleet's student) only while it agrees with the teacher more "
                                "often than the deployed weights on chunks it has not trained on; else its domain "
                                "runs the deployed weights (BN adapt)"),
+    "bank_evict": setting("pair", "a full bank frees a slot for a new key by merging the two entries nearest each "
+                                  "other (pair) or the entry fewest keys reached into its nearest (smallest)",
+                          choices=EVICTIONS),
     "bank_key_samples": setting(0, "images of an edge batch its domain key is computed on (0: all)", lo=0),
     "bank_sure_steps": setting(0, "an entry trained by at least this many chunks is sure: an edge batch whose nearest "
                                   "entry (within reach) is sure uploads bank_sure_budget x upload_budget, so the uplink "
@@ -248,7 +251,7 @@ class FleetCloud(CloudTrainer):
                                          momentum=float(s["momentum"]))
             self._f_source = tensor_state(self.foundation)
         size = int(s["bank_size"])
-        self.bank = DomainBank(size, float(s["bank_radius"])) if size > 1 else None
+        self.bank = DomainBank(size, float(s["bank_radius"]), evict=s["bank_evict"]) if size > 1 else None
         self.takes_keys = self.bank is not None
         self.students: list[Student] = [Student(student_template, s, generator)]  # the fleet's student
         self.residuals: list[Residual] = []  # a bank entry's offset to it, by slot
