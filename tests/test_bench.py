@@ -410,6 +410,27 @@ def test_fleet_quick_curve(run_yaml: Path, tmp_path: Path, ray_session) -> None:
 
 
 @pytest.mark.ray
+def test_fleet_groups_order_keeps_the_configs_groups_and_compares_each_with_its_own_bn(run_yaml: Path,
+                                                                                      tmp_path: Path) -> None:
+    """`--orders groups`: the config's edge groups stay (here with a lane each); every run reports each group's
+    accuracy, and the table gives the worst group's difference to the same group under `bn`."""
+    out = tmp_path / "fleet-groups"
+    argv = ["fleet", str(run_yaml), "--quick", "--edges", "4", "--orders", "groups", "--budgets", "0.3",
+            "--methods", "cema-fleet", "--serial", "--override", "method.lanes=group", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = json.loads((out / "fleet.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["bn", "foundation-bn", "cema-fleet"]
+    groups = [r["group_accuracy"] for r in rows]
+    assert all(g is not None and len(g) == 2 and set(g) == set(groups[0]) for g in groups)  # the config's 2 groups
+    fleet, bn = groups[2], groups[0]
+    line = [ln for ln in (out / "fleet.md").read_text().splitlines() if "| cema-fleet |" in ln][0]
+    assert cells(line)[-2] == f"{100 * min(fleet[g] - bn[g] for g in fleet):+.2f}"
+    summary = json.loads((Path(rows[2]["out_dir"]) / "summary.json").read_text())
+    assert len(set(summary["edge_groups"].values())) == 2
+    with pytest.raises(ConfigError, match="--orders groups: .* has no edges.groups"):
+        bench.main(["fleet", str(run_yaml), "--orders", "groups", "--override", "edges.groups=[]"])
+
+
 def test_fleet_async_mode_runs_on_ray_beside_the_sync_references(run_yaml: Path, tmp_path: Path, ray_session) -> None:
     """`--modes async`: the method runs on the Ray runtime in async mode (the uplink following the cloud), the
     references in sync on the local runner; the row reports what the cloud dropped, and the gap uses the references.
@@ -430,4 +451,4 @@ def test_fleet_async_mode_runs_on_ray_beside_the_sync_references(run_yaml: Path,
         acc1, up1, acc2, up2 = r["visits"]
         assert np.isclose((acc1 + acc2) / 2, r["accuracy"]) and up1 + up2 == r["uploaded"]
     line = [ln for ln in (out / "fleet.md").read_text().splitlines() if "| async | cema-fleet |" in ln]
-    assert len(line) == 1 and all(c for c in cells(line[0])[:-1])  # every column filled: the gap, the visits
+    assert len(line) == 1 and all(c for c in cells(line[0])[:-2])  # filled up to the groups column: the gap, visits

@@ -6,7 +6,8 @@ order) runs two references once: `bn` (the edge model BN-adapting alone) and `fo
 foundation as the edge model: the ceiling a cloud can hand down). "Gap closed" is (method - bn) /
 (foundation-bn - bn) on the same streams. Orders: ``same`` (every edge the config's corruption order),
 ``permute`` (each edge its own order of the same corruptions), ``recurring`` (the order twice: domains come
-back). Modes: ``sync`` runs use the single-process runner in sync rounds (the reference semantics) and are fanned
+back), ``groups`` (the config's own edge groups, each with its streams, as in the quick start: each group's
+accuracy is compared with its own under `bn`, and the row gives the worst group's difference). Modes: ``sync`` runs use the single-process runner in sync rounds (the reference semantics) and are fanned
 out as Ray tasks as in `bench methods`; ``async`` runs use the Ray runtime (edges never wait for the cloud, the
 uplink follows the cloud's capacity: runtime/uplink.py) on ``ASYNC_HOSTS`` EdgeHosts, one run at a time after the
 sync ones, alone on the machine, since what they measure is how the edges and the cloud share it. The references
@@ -27,7 +28,7 @@ from cema_ray.bench.methods import MethodRow, gap_closed, run_one
 from cema_ray.config import method_registry, read_yaml
 from cema_ray.errors import ConfigError
 
-ORDERS = ("same", "permute", "recurring")
+ORDERS = ("same", "permute", "recurring", "groups")
 MODES = ("sync", "async")
 ASYNC_HOSTS = 2  # EdgeHosts of an async run: they and the cloud share the machine's cores
 DEFAULT_METHODS = ("cema-fleet", "cema-bank")
@@ -59,6 +60,7 @@ class FleetRow:
     cloud_step_seconds: float | None
     dropped: int | None = None  # uploads the cloud never trained on (async: the backlog's drops)
     visits: list[float] | None = None  # recurring order: [accuracy, uploads] of the first visit, then the second
+    group_accuracy: dict[str, float] | None = None  # groups order: each edge group's accuracy
 
 
 def parse_list(text: str, flag: str, kind: type, lo: float, hi: float | None = None) -> list:
@@ -92,6 +94,8 @@ def plan_fleet_runs(config: Path, overrides: Sequence[str], sizes: Sequence[int]
     at each budget and mode. Checked whole before anything runs."""
     base = read_yaml(config).get("name", config.stem)
     corruptions = bench_config(config, overrides)["stream"]["corruptions"]
+    if "groups" in orders and not bench_config(config, overrides)["edges"]["groups"]:
+        raise ConfigError(f"--orders groups: {config} has no edges.groups to keep")
     plan, cells = [], {}
     for edges in sizes:
         for order in orders:
@@ -99,8 +103,9 @@ def plan_fleet_runs(config: Path, overrides: Sequence[str], sizes: Sequence[int]
             runs += [(Cell(edges, order, b, mode), m) for mode in modes for b in budgets for m in methods]
             for cell, row in runs:
                 method = REFERENCES.get(row, row)
+                own = [] if order == "groups" else ["edges.groups=[]", "edges.distributions={}"]
                 fixed = [*_mode_overrides(cell.mode, edges), f"edges.count={edges}",
-                         "edges.groups=[]", "edges.distributions={}", f"method.name={method}", "output.report=false",
+                         *own, f"method.name={method}", "output.report=false",
                          *_order_overrides(order, corruptions),
                          *([] if cell.budget is None else [f"method.settings.upload_budget={cell.budget}"])]
                 cfg = bench_config(config, overrides, fixed)
@@ -129,6 +134,28 @@ def per_edge_accuracy(out_dir: str) -> list[float]:
     return [correct[e] / samples[e] for e in sorted(samples) if samples[e]]
 
 
+def group_accuracy(out_dir: str) -> dict[str, float] | None:
+    """Each edge group's online accuracy (its samples over all its edges), from the run's batches.parquet."""
+    import pyarrow.parquet as pq
+
+    path = Path(out_dir) / "batches.parquet"
+    if not path.is_file():
+        return None
+    t = pq.read_table(path, columns=["group", "correct", "samples"]).to_pydict()
+    sums: dict[str, list[int]] = {}
+    for g, c, n in zip(t["group"], t["correct"], t["samples"]):
+        acc = sums.setdefault(g, [0, 0])
+        acc[0], acc[1] = acc[0] + c, acc[1] + n
+    return {g: c / n for g, (c, n) in sorted(sums.items()) if n}
+
+
+def worst_group(groups: dict[str, float] | None, bn: dict[str, float] | None) -> float | None:
+    """The smallest (group's accuracy - that group's under `bn`): below 0, some group lost to its own BN."""
+    if not groups or not bn or set(groups) != set(bn):
+        return None
+    return min(groups[g] - bn[g] for g in groups)
+
+
 def visit_split(out_dir: str) -> list[float] | None:
     """A recurring stream's two visits (each edge's first and second half of its batches): [accuracy of the
     first, uploads of the first, accuracy of the second, uploads of the second], from the run's batches.parquet."""
@@ -155,13 +182,14 @@ def _fleet_row(run: MethodRow, cells: dict[str, Cell]) -> FleetRow:
     summary = json.loads(path.read_text()) if path.is_file() else {}
     cell = cells[run.protocol]
     visits = visit_split(run.out_dir) if cell.order == "recurring" and run.status == "ok" else None
+    groups = group_accuracy(run.out_dir) if cell.order == "groups" and run.status == "ok" else None
     return FleetRow(cell, run.method, run, per_edge_accuracy(run.out_dir), summary.get("cloud_step_seconds"),
-                    summary.get("dropped"), visits)
+                    summary.get("dropped"), visits, groups)
 
 
 COLUMNS = ("edges", "order", "budget", "mode", "method", "accuracy (%)", "edge min / max (%)", "gap closed (%)",
            "uploads (%)", "dropped (% of uploads)", "bytes down / edge", "cloud s / 1k samples",
-           "visit 1 → 2: accuracy (%), uploads", "status")
+           "visit 1 → 2: accuracy (%), uploads", "worst group - its bn (points)", "status")
 
 
 def fleet_markdown(rows: Sequence[FleetRow]) -> str:
@@ -169,6 +197,8 @@ def fleet_markdown(rows: Sequence[FleetRow]) -> str:
     between `bn` and `foundation-bn` on the same streams."""
     refs = {(r.cell.edges, r.cell.order, r.method): r.run.accuracy for r in rows
             if r.cell.budget is None and r.run.status == "ok"}
+    bn_groups = {(r.cell.edges, r.cell.order): r.group_accuracy for r in rows
+                 if r.method == "bn" and r.cell.budget is None and r.run.status == "ok"}
     lines = ["| " + " | ".join(COLUMNS) + " |",
              "| ---: | --- | ---: | --- | --- |" + " ---: |" * (len(COLUMNS) - 6) + " --- |"]
     for r in rows:
@@ -176,7 +206,7 @@ def fleet_markdown(rows: Sequence[FleetRow]) -> str:
         head = [str(r.cell.edges), r.cell.order, "-" if r.cell.budget is None else f"{100 * r.cell.budget:g} %",
                 "-" if r.cell.budget is None else r.cell.mode, r.method]
         if run.status != "ok":
-            lines.append("| " + " | ".join(head + [""] * 8 + ["failed: " + run.error.replace("|", "/")]) + " |")
+            lines.append("| " + " | ".join(head + [""] * 9 + ["failed: " + run.error.replace("|", "/")]) + " |")
             continue
         bn, top = refs.get((r.cell.edges, r.cell.order, "bn")), refs.get((r.cell.edges, r.cell.order, "foundation-bn"))
         gap = None if r.cell.budget is None else gap_closed(run.accuracy, bn, top)
@@ -185,9 +215,10 @@ def fleet_markdown(rows: Sequence[FleetRow]) -> str:
         dropped = "" if r.dropped is None or not run.uploaded else _pct(r.dropped / run.uploaded)
         v = r.visits
         visits = "" if v is None else f"{_pct(v[0])} → {_pct(v[2])}, {int(v[1]):,} → {int(v[3]):,}"
+        worst = None if r.method == "bn" else worst_group(r.group_accuracy, bn_groups.get((r.cell.edges, r.cell.order)))
         lines.append("| " + " | ".join(head + [_pct(run.accuracy), spread, _pct(gap), _pct(run.upload_fraction),
                                               dropped, f"{run.bytes_down // max(r.cell.edges, 1):,}", cloud, visits,
-                                              "ok"]) + " |")
+                                              "" if worst is None else f"{100 * worst:+.2f}", "ok"]) + " |")
     return "\n".join(lines)
 
 
@@ -233,6 +264,7 @@ def write_fleet(rows: Sequence[FleetRow], table: str, out: Path, command: str, h
     data = {"command": command, "executed": how,
             "rows": [{"cell": asdict(r.cell), "method": r.method, "edge_accuracy": r.edge_accuracy,
                       "cloud_step_seconds": r.cloud_step_seconds, "dropped": r.dropped, "visits": r.visits,
+                      "group_accuracy": r.group_accuracy,
                       **asdict(r.run)}
                      for r in rows]}
     (out / "fleet.json").write_text(json.dumps(data, indent=2) + "\n")
