@@ -315,10 +315,10 @@ def test_scale_bytes_per_edge_compare_fleets_with_as_many_hosts() -> None:
 def test_cloud_bench_times_every_placement(run_yaml: Path, tmp_path: Path, ray_session) -> None:
     """Four placements of the same cloud step; each timed step really stepped the cloud."""
     out = tmp_path / "cloud"
-    argv = ["cloud", str(run_yaml), "--threads", "2", "--steps", "2", "--fill", "400", "--out", str(out)]
+    argv = ["cloud", str(run_yaml), "--threads", "2", "--steps", "2", "--fill", "64", "--out", str(out)]
     assert bench.main(argv) == 0
     rows = json.loads((out / "cloud.json").read_text())
-    assert {r["fill"] for r in rows} == {400}
+    assert {r["fill"] for r in rows} == {64}
     assert [(r["where"], r["processes"], r["threads"]) for r in rows] == [
         ("this process", 1, 1), ("this process", 1, 2), ("concurrent processes", 2, 1), ("Ray task", 1, 2)]
     assert [r["steps"] for r in rows] == [2, 2, 4, 2]

@@ -151,7 +151,7 @@ def test_slow_cloud_bounds_the_backlog_and_counts_what_it_drops(ray_session, mak
     """The cloud sleeps 1 s per delivery while hosts step in milliseconds: no deadlock, the backlog never
     passes its bound, the excess is dropped oldest first and counted, and every sample is still predicted."""
     cfg = make_run_config("runtime=ray", "mode=async", "method.name=upload-all", "edges.count=4",
-                          "edges.per_host=2", "stream.samples_per_domain=128", "faults.slow_cloud_s=1.0",
+                          "edges.per_host=2", "stream.samples_per_domain=64", "faults.slow_cloud_s=1.0",
                           "ray.uplink=fixed")
     summary = run_experiment(cfg, tmp_path / "s")
     t = batch_table(tmp_path / "s")
@@ -167,7 +167,7 @@ def test_slow_cloud_with_backpressure_drops_nothing(ray_session, make_run_config
     """ray.backlog_full=wait: the same slow cloud, but hosts pause while the backlog is full, so every upload
     reaches the cloud and the edges never run more than the backlog's bound ahead of it."""
     cfg = make_run_config("runtime=ray", "mode=async", "method.name=upload-all", "edges.count=4",
-                          "edges.per_host=2", "stream.samples_per_domain=128", "faults.slow_cloud_s=0.5",
+                          "edges.per_host=2", "stream.samples_per_domain=64", "faults.slow_cloud_s=0.5",
                           "ray.backlog_full=wait")
     summary = run_experiment(cfg, tmp_path / "w")
     t = batch_table(tmp_path / "w")
