@@ -22,7 +22,7 @@ from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore
 
 from batch_tables import COMPARED, batch_table
 
-COMMON = ["method.name=cema-fleet", "edges.count=3", "edges.per_host=2", "stream.samples_per_domain=256",
+COMMON = ["method.name=cema-fleet", "edges.count=3", "edges.per_host=2", "stream.samples_per_domain=192",
           "cloud.checkpoint_every=3"]
 
 
@@ -43,7 +43,7 @@ def test_a_killed_driver_leaves_a_readable_run_that_resumes_to_the_same_records(
     # on a stream half as long (8 rounds; checkpoints at 3 and 6)
     common = COMMON if shards == 1 else [*COMMON, "method.name=upload-all", "stream.samples_per_domain=128",
                                          "cloud.shards=2", "cloud.num_cpus=0.5"]
-    per_domain = 256 if shards == 1 else 128
+    per_domain = 192 if shards == 1 else 128
     run_experiment(load_config(config, ["runtime=local", *common]), tmp_path / "local")
     out = tmp_path / "ray"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -51,7 +51,7 @@ def test_a_killed_driver_leaves_a_readable_run_that_resumes_to_the_same_records(
                 "--out", str(out))
     driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
-    # round 6 of 16: the cloud checkpointed twice
+    # round 6 of 12: the cloud checkpointed twice
     marker = (out / "resume" / "hosts" / "state-00000006.json" if shards == 1
               else out / "cloud_checkpoints" / "shard-0" / "state-00000006.json")
     deadline = time.monotonic() + 240
