@@ -96,11 +96,10 @@ def test_a_local_run_with_lanes_feeds_each_group_its_own_lane(make_run_config, t
     lane's bytes (each publication a lane's norm state: what one student sends)."""
     from cema_ray.runtime import run_experiment
     from cema_ray.runtime.assembly import edge_lanes
-    from cema_ray.runtime.fleet import edge_plans
 
     groups = "edges.groups=[{name: a, fraction: 0.5}, {name: b, fraction: 0.5, stream: {corruptions: [fog]}}]"
     cfg = make_run_config("method.name=cema-fleet", "method.lanes=group", "edges.count=4", groups)
-    lanes = edge_lanes(cfg, edge_plans(cfg))
+    lanes = edge_lanes(cfg)
     assert sorted(set(lanes.values())) == [0, 1]
     summary = run_experiment(cfg, tmp_path / "lanes")
     plain = run_experiment(make_run_config("method.name=cema-fleet", "edges.count=4", groups), tmp_path / "fleet")

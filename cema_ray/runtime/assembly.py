@@ -39,7 +39,7 @@ def build_cloud(cfg: dict[str, Any], edge_model: nn.Module, foundation: nn.Modul
     student = fresh_copy(edge_model).to(device)
     foundation = fresh_copy(foundation).to(device) if foundation is not None else None
     seed = (cfg["seed"], 1, *([shard] if shard else []))
-    lanes = edge_lanes(cfg, edge_plans(cfg))
+    lanes = edge_lanes(cfg)
     if lanes is None:
         trainer = spec.make_cloud(foundation, student, settings, make_generator(*seed))
     else:  # a trainer per lane, each on its own copies, its generator seeded by its lane past the first
@@ -73,16 +73,17 @@ def build_edges(cfg: dict[str, Any], data: DataContext, edge_model: nn.Module, p
     first = spec.make_edge(fresh_copy(edge_model), settings)
     policies = [first] + [first.fork() for _ in plans[1:]]
     shape = data.image_shape
-    lanes = edge_lanes(cfg, edge_plans(cfg)) or {}
+    lanes = edge_lanes(cfg) or {}
     return [EdgeDevice(p.edge_id, data.stream(p), policy, p.profile, shape, data.num_classes, p.bad_batches,
                        lane=lanes.get(p.edge_id))
             for p, policy in zip(plans, policies)]
 
 
-def edge_lanes(cfg: dict[str, Any], plans: list[EdgePlan]) -> dict[int, int] | None:
+def edge_lanes(cfg: dict[str, Any]) -> dict[int, int] | None:
     """``method.lanes: group``: each edge's lane, its group's index in order of first appearance; None for one
-    trainer for the fleet. Taken from every plan of the run, so a host's subset of edges agrees with the cloud."""
+    trainer for the fleet (the plans are not even built). Taken from every plan of the run, so a host's subset of
+    edges agrees with the cloud."""
     if cfg["method"]["lanes"] != "group":
         return None
     order: dict[str, int] = {}
-    return {p.edge_id: order.setdefault(p.profile.group, len(order)) for p in plans}
+    return {p.edge_id: order.setdefault(p.profile.group, len(order)) for p in edge_plans(cfg)}
