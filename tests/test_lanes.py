@@ -4,26 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from cema_ray.errors import ConfigError
 from cema_ray.methods.base import METHODS
 from cema_ray.methods.lanes import LanedCloud, lane_view, lane_wire
 
 from batch_tables import batch_table
-
-torch.set_num_threads(1)
-C = 10
-
-
-def tiny(width: int, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, C))
-
-
-def images(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (n, 6, 6, 3), dtype=np.uint8)
+from test_bank import images, tiny  # the tiny conv+BN model and uint8 uploads the bank's tests use
 
 
 def fleet_cloud(lane: int = 0):

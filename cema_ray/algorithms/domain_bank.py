@@ -41,7 +41,8 @@ class DomainBank:
         new key: "pair" merges the two entries nearest each other; "smallest" merges the entry fewest keys
         reached into its nearest neighbour (a stray key's entry goes first, and two busy domains stay apart)."""
         if capacity < 1 or not radius > 0 or key_window < 1 or evict not in EVICTIONS:
-            raise ValueError(f"a domain bank needs capacity >= 1, radius > 0, key_window >= 1 and evict in {EVICTIONS}")
+            raise ValueError("a domain bank needs capacity >= 1, radius > 0, key_window >= 1 and evict in "
+                             f"{EVICTIONS}")
         self.capacity, self.radius, self.key_window = int(capacity), float(radius), int(key_window)
         self.evict = evict
         self.keys: list[np.ndarray] = []

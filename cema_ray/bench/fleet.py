@@ -7,11 +7,12 @@ foundation as the edge model: the ceiling a cloud can hand down). "Gap closed" i
 (foundation-bn - bn) on the same streams. Orders: ``same`` (every edge the config's corruption order),
 ``permute`` (each edge its own order of the same corruptions), ``recurring`` (the order twice: domains come
 back), ``groups`` (the config's own edge groups, each with its streams, as in the quick start: each group's
-accuracy is compared with its own under `bn`, and the row gives the worst group's difference). Modes: ``sync`` runs use the single-process runner in sync rounds (the reference semantics) and are fanned
-out as Ray tasks as in `bench methods`; ``async`` runs use the Ray runtime (edges never wait for the cloud, the
-uplink follows the cloud's capacity: runtime/uplink.py) on ``ASYNC_HOSTS`` EdgeHosts, one run at a time after the
-sync ones, alone on the machine, since what they measure is how the edges and the cloud share it. The references
-run once per (edges, order): without uploads, BN adapt is the same in both modes. Each run is written to
+accuracy is compared with its own under `bn`, and the row gives the worst group's difference). Modes: ``sync``
+runs use the single-process runner in sync rounds (the reference semantics) and are fanned out as Ray tasks as
+in `bench methods`; ``async`` runs use the Ray runtime (edges never wait for the cloud, the uplink follows the
+cloud's capacity: runtime/uplink.py) on ``ASYNC_HOSTS`` EdgeHosts, one run at a time after the sync ones, alone
+on the machine, since what they measure is how the edges and the cloud share it. The references run once per
+(edges, order): without uploads, BN adapt is the same in both modes. Each run is written to
 ``<out>/e<edges>-<order>[-b<budget>][-async]/<method>/`` by the ordinary runner.
 """
 from __future__ import annotations
@@ -93,8 +94,9 @@ def plan_fleet_runs(config: Path, overrides: Sequence[str], sizes: Sequence[int]
     """(cell label, row, validated config) per run: the references once per (edges, order), then each method
     at each budget and mode. Checked whole before anything runs."""
     base = read_yaml(config).get("name", config.stem)
-    corruptions = bench_config(config, overrides)["stream"]["corruptions"]
-    if "groups" in orders and not bench_config(config, overrides)["edges"]["groups"]:
+    given = bench_config(config, overrides)
+    corruptions = given["stream"]["corruptions"]
+    if "groups" in orders and not given["edges"]["groups"]:
         raise ConfigError(f"--orders groups: {config} has no edges.groups to keep")
     plan, cells = [], {}
     for edges in sizes:
@@ -215,7 +217,8 @@ def fleet_markdown(rows: Sequence[FleetRow]) -> str:
         dropped = "" if r.dropped is None or not run.uploaded else _pct(r.dropped / run.uploaded)
         v = r.visits
         visits = "" if v is None else f"{_pct(v[0])} → {_pct(v[2])}, {int(v[1]):,} → {int(v[3]):,}"
-        worst = None if r.method == "bn" else worst_group(r.group_accuracy, bn_groups.get((r.cell.edges, r.cell.order)))
+        own_bn = bn_groups.get((r.cell.edges, r.cell.order))
+        worst = None if r.method == "bn" else worst_group(r.group_accuracy, own_bn)
         lines.append("| " + " | ".join(head + [_pct(run.accuracy), spread, _pct(gap), _pct(run.upload_fraction),
                                               dropped, f"{run.bytes_down // max(r.cell.edges, 1):,}", cloud, visits,
                                               "" if worst is None else f"{100 * worst:+.2f}", "ok"]) + " |")

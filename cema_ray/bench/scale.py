@@ -157,7 +157,8 @@ def _add(rows: list[dict[str, Any]], row: dict[str, Any], base: dict[str, Any], 
          limit_seconds: float, limit_batches: tuple[int, ...]) -> None:
     """The row with its forward limit and limit ratio, kept, printed and appended to scale.jsonl."""
     cores = max(1, min(row["hosts"] or 1, os.cpu_count() or 1)) if row["runtime"] == "ray" else row.get("threads", 1)
-    row.update(forward_limit(base, cores, limit_seconds, limit_batches))  # right after the run: a shared machine's speed drifts
+    # right after the run: a shared machine's speed drifts
+    row.update(forward_limit(base, cores, limit_seconds, limit_batches))
     edge_rate = row.get("edge_samples_per_s")
     row["limit_ratio"] = edge_rate / row["forward_limit_samples_per_s"] if edge_rate else None
     rows.append(row)

@@ -16,9 +16,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cema_ray.methods.base import CloudTrainer
-
-NormState = dict[str, np.ndarray]
+from cema_ray.methods.base import CloudTrainer, NormState
 
 LANE_PREFIX = "lane."
 
