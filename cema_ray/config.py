@@ -54,6 +54,20 @@ def _check_source(key: str, name: str) -> None:
         fail(key, name, f"unknown data source{suggest(name, known)}; known: {', '.join(known)}")
 
 
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+"""Ray's built-in resources: reserved with cloud.num_cpus / num_gpus and ray.host_* instead of *.resources."""
+
+
+def check_resources(key: str, value: dict[str, Any]) -> None:
+    """A custom-resource mapping as Ray takes it: names to non-negative amounts, no built-in resource."""
+    for name, amount in value.items():
+        if name in RAY_BUILTIN_RESOURCES or name.startswith("node:"):
+            raise ConfigError(f"{key}.{name}: a resource Ray defines itself; reserve CPUs, GPUs and memory with the "
+                              f"section's num_cpus / num_gpus / memory keys and name only custom resources here")
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+            raise ConfigError(f"{key}.{name} = {amount!r}: must be a non-negative number (the amount reserved)")
+
+
 def _check_method(key: str, name: str) -> None:
     methods = method_registry()
     if name not in methods:
@@ -182,6 +196,9 @@ RUN_SCHEMA = Section({
         "sync_every": integer(1, "with shards > 1: average the shards' foundations (norm layers) every N rounds "
                                  "(async: a shard shares every N of its deliveries, one share in flight)",
                               lo=1),
+        "resources": Field("dict", {}, "Ray runtime: custom resources each cloud shard reserves, e.g. {cloud: 1}: it "
+                                       "starts only on nodes that offer them (ray start --resources)",
+                           check=check_resources),
         "checkpoint_dir": string(None, "folder of the cloud's checkpoints, which the node that restarts the cloud must "
                                      "read (null: <output folder>/cloud_checkpoints, the local staging folder for a "
                                      "URI); on a multi-node cluster it must be an absolute path on a shared file "
@@ -196,6 +213,8 @@ RUN_SCHEMA = Section({
         "host_num_cpus": number(0.5, "CPUs reserved per EdgeHost actor", lo=0, lo_open=True),
         "host_num_gpus": number(0.0, "GPUs reserved per EdgeHost actor (the edges compute on CPU; for placement)",
                                 lo=0),
+        "host_resources": Field("dict", {}, "custom resources each EdgeHost reserves, e.g. {edge: 1}: hosts start "
+                                           "only on nodes that offer them", check=check_resources),
         "host_memory_mb": integer(700, "memory reserved per EdgeHost actor, MiB (admission only)", lo=0),
         "max_in_flight_per_host": integer(2, "outstanding step calls per host", lo=1),
         "host_step_edges": integer(512, "async mode: at most this many of a host's due edges predict in one step "

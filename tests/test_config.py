@@ -50,9 +50,9 @@ def test_defaults_filled(base: Path) -> None:
                                          "d_margin": 0.4}
     assert cfg["cloud"] == {"queue_capacity": 8192, "num_cpus": 1.0, "threads": None, "checkpoint_every": 10,
                             "max_restarts": -1, "device": "cpu", "num_gpus": 0.0, "amp": False, "checkpoint_dir": None,
-                            "shards": 1, "sync_every": 1}
+                            "shards": 1, "sync_every": 1, "resources": {}}
     assert cfg["edges"]["fuse_samples"] == 128 and cfg["ray"]["host_step_edges"] == 512
-    assert cfg["ray"]["host_num_gpus"] == 0.0
+    assert cfg["ray"]["host_num_gpus"] == 0.0 and cfg["ray"]["host_resources"] == {}
     assert cfg["ray"]["object_store_memory_mb"] == 256 and cfg["ray"]["dashboard_host"] == "127.0.0.1"
     assert cfg["faults"] == {"kill_hosts": 0, "kill_cloud": 0, "bad_batches": 0, "raise_in_hosts": 0, "slow_cloud_s": 0.0,
                              "seed": 0}

@@ -28,6 +28,17 @@ def card_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def card_sha(path: str | Path) -> str | None:
+    """The sha256 a checkpoint's card vouches for (None: no card, or a card without one)."""
+    cpath = card_path(path)
+    if not cpath.is_file():
+        return None
+    try:
+        return json.loads(cpath.read_text()).get("sha256")
+    except (OSError, ValueError):
+        return None
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -9,6 +9,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from cema_ray.runtime.actor_calls import MAX_RECOVERIES_PER_ROUND, backoff_s, project_error, wait_for_actor
 from cema_ray.runtime.faults import FaultSchedule
+from cema_ray.runtime.placement import NodeWatch
 from cema_ray.runtime.ray_actors import Delivery
 
 
@@ -20,9 +21,12 @@ class CloudLink:
     those replays produce were broadcast the first time and are dropped.
     """
 
-    def __init__(self, cloud: Any, faults: FaultSchedule, checkpointing: bool, kills: bool = True) -> None:
-        """``kills``: this link's cloud is the one `faults.kill_cloud` kills (the first shard's)."""
+    def __init__(self, cloud: Any, faults: FaultSchedule, checkpointing: bool, kills: bool = True,
+                 watch: NodeWatch | None = None, label: str = "the cloud") -> None:
+        """``kills``: this link's cloud is the one `faults.kill_cloud` kills (the first shard's); ``watch``
+        names a lost node when the cloud fails with it; ``label``: the cloud or shard, as messages name it."""
         self.cloud, self.faults, self.checkpointing, self.kills = cloud, faults, checkpointing, kills
+        self.watch, self.label = watch, label
         # seq -> (edge ids, upload refs, the shards' averaged foundation to load first or None)
         self.log: dict[int, tuple[list[int] | None, list[Any], Any]] = {}
         self.next_seq = 0
@@ -73,6 +77,8 @@ class CloudLink:
         Faults come in bursts: a cloud that dies again during its replay is waited for and replayed
         again, from whatever checkpoint it then restores, up to MAX_RECOVERIES_PER_ROUND attempts."""
         self.faults.cloud_seen += 1
+        if self.watch is not None:
+            self.watch.failed(self.label)
         if not self.checkpointing:
             raise RuntimeError("the cloud actor died and cloud.checkpoint_every is 0: there is no checkpoint to "
                                "restart it from (set cloud.checkpoint_every > 0)")
@@ -85,6 +91,8 @@ class CloudLink:
                 time.sleep(backoff_s(attempt))
                 continue
             self.faults.cloud_recovered += 1
+            if self.watch is not None:
+                self.watch.moved(self.label, wait_for_actor(self.cloud.node_id, where=self.label))
             self.faults.restored_from.append(-1 if restored is None else restored)
             return
         raise RuntimeError(f"the cloud kept failing while it recovered: gave up after {MAX_RECOVERIES_PER_ROUND} "

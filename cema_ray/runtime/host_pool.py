@@ -16,6 +16,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from cema_ray.runtime.actor_calls import MAX_RECOVERIES_PER_ROUND, project_error, wait_for_actor
 from cema_ray.runtime.cloud import Publication
 from cema_ray.runtime.faults import FaultSchedule
+from cema_ray.runtime.placement import NodeWatch
 
 StepCall = tuple[Any, Any, Any]  # (records ref, uploads ref, snapshot ref) of one step_and_snapshot call
 
@@ -23,8 +24,9 @@ StepCall = tuple[Any, Any, Any]  # (records ref, uploads ref, snapshot ref) of o
 class HostPool:
     """Hosts, the last snapshot each handed back, and their outstanding steps in submission order."""
 
-    def __init__(self, hosts: list[Any], faults: FaultSchedule, clean_ref: Any = None) -> None:
-        self.hosts, self.faults = hosts, faults
+    def __init__(self, hosts: list[Any], faults: FaultSchedule, clean_ref: Any = None,
+                 watch: NodeWatch | None = None) -> None:
+        self.hosts, self.faults, self.watch = hosts, faults, watch
         self.clean_ref = clean_ref  # what a restarted host builds its edges from
         # every host's state before its first step; a host killed since it was armed comes back at batch 0
         # too (Ray reruns its constructor), so its snapshot is the same and its first step asks to be restored
@@ -67,12 +69,16 @@ class HostPool:
             del self.owner[call[0]]
         self.in_flight[i].clear()
         self.faults.seen += 1
+        if self.watch is not None and isinstance(exc, RayActorError):
+            self.watch.failed(f"edge host {i}")
         if isinstance(exc, RayTaskError) and "HostNeedsRestore" not in str(exc):
             if "InjectedFault" in str(exc):
                 self.faults.raised(i)
             ray.kill(self.hosts[i], no_restart=False)
         wait_for_actor(self.hosts[i].restore, self.snapshots[i], pubs, self.clean_ref, where=f"edge host {i}",
                        on_retry=self.faults.host_retry)
+        if self.watch is not None:
+            self.watch.moved(f"edge host {i}", wait_for_actor(self.hosts[i].node_id, where=f"edge host {i}"))
         self.faults.recovered += 1
 
     def result(self, i: int, call: StepCall, pubs: list[Publication], retry: Any) -> tuple[list, Any, dict]:

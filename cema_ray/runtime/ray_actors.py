@@ -298,6 +298,10 @@ class CloudActor:
             raise self.init_error
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this cloud (shard) runs on (`cloud.resources` places it)."""
+        return ray.get_runtime_context().get_node_id()
+
     def position(self) -> tuple[int, int | None]:
         """(deliveries applied, the checkpoint position this instance was restored from or None)."""
         if self.init_error is not None:

@@ -27,9 +27,10 @@ from cema_ray.runtime.actor_calls import kill_actors, project_error, wait_for_ac
 from cema_ray.runtime.async_driver import AsyncDriver, fix_lags
 from cema_ray.runtime.cloud_link import CloudLink
 from cema_ray.runtime.faults import FaultSchedule
-from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans, verify_models
+from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans, method_settings, verify_models
 from cema_ray.runtime.host_pool import HostPool
 from cema_ray.runtime.journal import PartialWriter, ResumeJournal
+from cema_ray.runtime.placement import NodeWatch, cloud_key, node_facts, preflight
 from cema_ray.runtime.progress import RunProgress
 from cema_ray.runtime.ray_actors import CloudActor, EdgeHost
 from cema_ray.runtime.shards import average_states
@@ -122,7 +123,7 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
     clouds = [
         ray.remote(CloudActor).options(
             name=cloud_name(prefix, k, shards), namespace=NAMESPACE, num_cpus=cfg["cloud"]["num_cpus"],
-            num_gpus=cfg["cloud"]["num_gpus"] or None,
+            num_gpus=cfg["cloud"]["num_gpus"] or None, resources=cfg["cloud"]["resources"] or None,
             max_restarts=cfg["cloud"]["max_restarts"] if checkpoint_dir else 0,
             max_task_retries=0,  # the driver re-delivers, in order, after a restart
         ).remote(cfg, cloud_threads(cfg["cloud"]), shard_folder(checkpoint_dir, k, shards), run_id, prefix, k)
@@ -131,7 +132,7 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
     hosts = [
         ray.remote(EdgeHost).options(
             name=f"{prefix}-edgehost-{i:03d}", namespace=NAMESPACE, num_cpus=rcfg["host_num_cpus"],
-            num_gpus=rcfg["host_num_gpus"] or None,
+            num_gpus=rcfg["host_num_gpus"] or None, resources=rcfg["host_resources"] or None,
             memory=int(rcfg["host_memory_mb"]) * 2**20 or None, scheduling_strategy="SPREAD",
             max_restarts=-1, max_task_retries=0,  # restarted by Ray, restored by the driver
         ).remote(i, cfg, range(plans[0].edge_id, plans[-1].edge_id + 1), None, 1, int(rcfg["host_nice"]), True, prefix)
@@ -140,7 +141,7 @@ def start_actors(cfg: dict[str, Any], groups: list[list[EdgePlan]], clean_ref: A
     try:  # arms every host; an actor killed meanwhile is waited for (faults do not wait for the start-up)
         refs = [h.restore.remote({}, [], clean_ref) for h in hosts]  # all at once: the hosts build in parallel
         for k, cloud in enumerate(clouds):
-            wait_for_actor(cloud.ping, where=cloud_label(k, shards))
+            wait_for_actor(cloud.ping, where=cloud_key(k, shards))
         for i, (h, ref) in enumerate(zip(hosts, refs)):
             try:
                 ray.get(ref)
@@ -185,11 +186,6 @@ def cloud_name(prefix: str, shard: int, shards: int) -> str:
     return f"{prefix}-cloud" if shards == 1 else f"{prefix}-cloud-{shard}"
 
 
-def cloud_label(shard: int, shards: int) -> str:
-    """The cloud (or shard) as a message names it."""
-    return "the cloud" if shards == 1 else f"cloud shard {shard}"
-
-
 def shard_folder(checkpoint_dir: str | None, shard: int, shards: int) -> str | None:
     """Each shard checkpoints into its own folder (`shard-<k>` below the run's) when there are several."""
     if checkpoint_dir is None or shards == 1:
@@ -221,7 +217,7 @@ def resume_hosts(clouds: list[Any], hosts: list[Any], groups: list[list[EdgePlan
     A sharded cloud resumes at the oldest of its shards' newest checkpoints (the driver may have died while
     the shards were checkpointing one round; each keeps the one before too), and the mean of the shards'
     pending shares is the merge the dead driver would have sent with round P."""
-    found = [wait_for_actor(c.position, where=cloud_label(k, len(clouds))) for k, c in enumerate(clouds)]
+    found = [wait_for_actor(c.position, where=cloud_key(k, len(clouds))) for k, c in enumerate(clouds)]
     if any(restored is None for _, restored in found):
         raise ConfigError(f"cannot resume: no cloud checkpoint of this run in {out / 'cloud_checkpoints'}")
     position = min(p for p, _ in found)
@@ -264,6 +260,7 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
     tmp = None
     try:
         t_start = time.perf_counter() - t_data  # start-up: data and actors (not Ray's own start)
+        checked_nodes = preflight(cfg, data.clean, method_settings(cfg)[0].uses_foundation)
         clean_ref = ray.put(data.clean) if data.clean is not None else None
         plans = edge_plans(cfg)
         count = host_count(len(plans), cfg["edges"]["per_host"], cfg["edges"].get("hosts"),
@@ -289,7 +286,9 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                   file=sys.stderr, flush=True)
         clouds, hosts = start_actors(cfg, groups, clean_ref, ckpt_dir, run_id)
         startup = time.perf_counter() - t_start
-        host_nodes = len({wait_for_actor(h.node_id, where=f"edge host {i}") for i, h in enumerate(hosts)})
+        host_node_ids = [wait_for_actor(h.node_id, where=f"edge host {i}") for i, h in enumerate(hosts)]
+        cloud_node_ids = [wait_for_actor(c.node_id, where=cloud_key(k, len(clouds))) for k, c in enumerate(clouds)]
+        placement = node_facts(cloud_node_ids, host_node_ids)
         lengths = {p.edge_id: stream_length(p.spec) for p in plans}
         total = sum(lengths.values())
         progress = RunProgress(f"{cfg['name']} [ray {cfg['mode']}]", total, cfg["output"]["progress"],
@@ -299,8 +298,10 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                                     fcfg["kill_cloud"], fcfg["raise_in_hosts"])
         extra: dict[str, Any] = {}
         try:
-            links = [CloudLink(c, faults, checkpointing, kills=k == 0) for k, c in enumerate(clouds)]
-            pool = HostPool(hosts, faults, clean_ref)
+            watch = NodeWatch(host_node_ids, cloud_node_ids)
+            links = [CloudLink(c, faults, checkpointing, kills=k == 0, watch=watch, label=cloud_key(k, len(clouds)))
+                     for k, c in enumerate(clouds)]
+            pool = HostPool(hosts, faults, clean_ref, watch)
             if cfg["mode"] == "sync":
                 start = (resume_hosts(clouds, hosts, groups, journal, Path(out_dir), lengths, progress, clean_ref)
                          if resume else None)
@@ -337,7 +338,8 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
         progress.close()
         stats = shard_stats([wait_for_actor(c.stats) for c in clouds])
         facts = {"wall_seconds": progress.elapsed, "startup_seconds": startup, "num_hosts": len(hosts),
-                 "host_nodes": host_nodes, "ray_run": actor_prefix(cfg["name"], run_id),
+                 "host_nodes": len(set(host_node_ids)), "preflight_nodes": checked_nodes,
+                 "placement": placement, "nodes_lost": watch.lost, "ray_run": actor_prefix(cfg["name"], run_id),
                  "dropped": stats["dropped"] + dropped, "cloud_steps": stats["steps"],
                  "publications": stats["publications"], "cloud_step_seconds": stats["step_seconds"],
                  "cloud_deliveries": stats["deliveries"], "cloud_ingested": stats["ingested"], "faults": faults.report(),
