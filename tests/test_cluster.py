@@ -1,6 +1,10 @@
-"""A two-node cluster (`ray.cluster_utils.Cluster`): EdgeHosts spread across nodes and the run completes.
+"""A three-node cluster on one machine (`ray.cluster_utils.Cluster`, Ray's own way to test multi-node code).
 
-The driver runs in a subprocess, because this test session already holds a Ray connection of its own.
+The head offers a custom resource `cloud`, the two workers `edge`: the tests place the cloud and the hosts
+with `cloud.resources` / `ray.host_resources`, check the pre-flight check ran on the other nodes, and remove
+a worker node mid-run. One cluster serves the module (nodes take seconds to start); the node-loss test runs
+last and leaves the cluster with one worker fewer. Drivers run in subprocesses, because this test session
+already holds a Ray connection of its own.
 """
 from __future__ import annotations
 
@@ -9,38 +13,106 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+from cema_ray.config import load_config
+from cema_ray.runtime import run_experiment
+
+from batch_tables import COMPARED, batch_table
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
+CLI = Path(sys.executable).parent / "cema-ray"
 
-@pytest.mark.timeout(400)
-def test_hosts_spread_over_two_nodes(tmp_path, tiny_raw_config):
+
+@pytest.fixture(scope="module")
+def cluster():
     from ray.cluster_utils import Cluster
 
     short_tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # AF_UNIX socket paths must stay short
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 2, "object_store_memory": 100 * 2**20, "temp_dir": short_tmp,
-                                      "include_dashboard": False})
+    nodes = Cluster(initialize_head=True, connect=False,
+                    head_node_args={"num_cpus": 1, "resources": {"cloud": 1}, "object_store_memory": 100 * 2**20,
+                                    "temp_dir": short_tmp, "include_dashboard": False,
+                                    # a removed node is declared dead in about a second, not Ray's 30 s
+                                    "_system_config": {"health_check_period_ms": 500,
+                                                       "health_check_failure_threshold": 2}})
     try:
-        cluster.add_node(num_cpus=2, object_store_memory=100 * 2**20)
-        cluster.wait_for_nodes()
-        config = tiny_raw_config()
-        config.update(name="cluster", runtime="ray", edges={"count": 4, "per_host": 2}, cloud={"num_cpus": 1.0},
-                      ray={"host_num_cpus": 1.0, "address": cluster.address})
-        config["stream"]["corruptions"] = ["fog"]
-        path = tmp_path / "cluster.yaml"
-        path.write_text(yaml.safe_dump(config))
-        cli = Path(sys.executable).parent / "cema-ray"
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        run = subprocess.run([str(cli), "run", str(path), "--out", str(tmp_path / "out")], env=env,
-                             capture_output=True, text=True, timeout=360)
-        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-        assert summary["num_hosts"] == 2 and summary["host_nodes"] == 2  # SPREAD put one host per node
-        assert summary["samples"] == 4 * 64
+        workers = [nodes.add_node(num_cpus=2, resources={"edge": 2}, object_store_memory=100 * 2**20)
+                   for _ in range(2)]
+        nodes.wait_for_nodes()
+        nodes.workers = workers
+        yield nodes
     finally:
-        cluster.shutdown()
+        nodes.shutdown()
+
+
+def _config(tiny_raw_config, tmp_path: Path, cluster, name: str, **extra) -> Path:
+    config = tiny_raw_config()
+    config.update(name=name, runtime="ray", edges={"count": 4, "per_host": 2},
+                  cloud={"num_cpus": 1.0, "resources": {"cloud": 1}, "checkpoint_dir": str(tmp_path / "ckpt")},
+                  ray={"host_num_cpus": 1.0, "host_resources": {"edge": 1}, "address": cluster.address})
+    config["stream"]["corruptions"] = ["fog"]
+    for key, value in extra.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+@pytest.mark.timeout(400)
+def test_the_cloud_and_the_hosts_run_where_their_resources_are(tmp_path, tiny_raw_config, cluster):
+    path = _config(tiny_raw_config, tmp_path, cluster, "placed")
+    run = subprocess.run([str(CLI), "run", str(path), "--out", str(tmp_path / "out")], env=_env(),
+                         capture_output=True, text=True, timeout=360)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    placed = summary["placement"]
+    assert "cloud" in placed["nodes"][placed["cloud"][0]]["resources"]
+    assert all("edge" in placed["nodes"][n]["resources"] for n in placed["hosts"])
+    assert summary["num_hosts"] == 2 and summary["host_nodes"] == 2  # SPREAD: one host per edge node
+    assert summary["preflight_nodes"] == 2  # every node but the driver's own that may run an actor
+    assert summary["samples"] == 4 * 64 and summary["nodes_lost"] == []
+
+
+@pytest.mark.timeout(500)
+def test_a_worker_node_lost_mid_run_changes_no_record(tmp_path, tiny_raw_config, cluster):
+    """Sync: a worker node dies (not gracefully) after the cloud's first checkpoint; its host restarts on the
+    other worker, and the records equal the one-process run's; the log and summary.json name the node."""
+    slow = {"faults": {"slow_cloud_s": 0.25}, "stream": {"corruptions": ["fog"], "samples_per_domain": 640,
+                                                       "batch_size": 32, "severity": 5},
+            "method": {"name": "cema-fleet"}}
+    path = _config(tiny_raw_config, tmp_path, cluster, "lossy", **slow)
+    out = tmp_path / "out"
+    driver = subprocess.Popen([str(CLI), "run", str(path), "--out", str(out)], env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not list((tmp_path / "ckpt").glob("*.json")) and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run ended before the node could be removed"
+        cluster.remove_node(cluster.workers[1], allow_graceful=False)
+        stdout, stderr = driver.communicate(timeout=360)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    lost = summary["nodes_lost"]
+    assert len(lost) == 1 and lost[0]["node"] == cluster.workers[1].node_id, lost
+    assert lost[0]["actors"] and all(a.startswith("edge host") for a in lost[0]["actors"])
+    assert f"({lost[0]['node'][:8]}) lost: " in stderr
+    assert summary["faults"]["host_recoveries"] >= 1 and summary["samples"] == 4 * 640
+    torch.set_num_threads(1)  # as the hosts and the cloud: float reductions identical
+    run_experiment(load_config(path, ["runtime=local", "faults.slow_cloud_s=0"]), tmp_path / "local")
+    a, b = batch_table(tmp_path / "local"), batch_table(out)
+    for col in COMPARED:
+        assert a[col] == b[col], col

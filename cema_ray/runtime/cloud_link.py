@@ -77,8 +77,6 @@ class CloudLink:
         Faults come in bursts: a cloud that dies again during its replay is waited for and replayed
         again, from whatever checkpoint it then restores, up to MAX_RECOVERIES_PER_ROUND attempts."""
         self.faults.cloud_seen += 1
-        if self.watch is not None:
-            self.watch.failed(self.label)
         if not self.checkpointing:
             raise RuntimeError("the cloud actor died and cloud.checkpoint_every is 0: there is no checkpoint to "
                                "restart it from (set cloud.checkpoint_every > 0)")

@@ -69,8 +69,6 @@ class HostPool:
             del self.owner[call[0]]
         self.in_flight[i].clear()
         self.faults.seen += 1
-        if self.watch is not None and isinstance(exc, RayActorError):
-            self.watch.failed(f"edge host {i}")
         if isinstance(exc, RayTaskError) and "HostNeedsRestore" not in str(exc):
             if "InjectedFault" in str(exc):
                 self.faults.raised(i)

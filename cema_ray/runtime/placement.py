@@ -157,30 +157,29 @@ class NodeWatch:
     """Which node each host and cloud shard runs on, and the nodes the run lost (one log line each).
 
     A lost node shows up to the driver as its actors failing; Ray restarts them elsewhere and the driver
-    restores them as after any crash. The watch tells the two apart: when an actor fails, it asks Ray
-    whether the actor's node is still alive, and the first failure on a dead node names the node and every
-    actor that was on it."""
+    restores them as after any crash. The watch tells the two apart once the actor is back: if it came
+    back on another node and its old node is dead (by then Ray's control store knows, since it restarted
+    the actor because of it), the first such actor names the node and every actor that was on it."""
 
     def __init__(self, hosts: list[str], clouds: list[str]) -> None:
         self.where: dict[str, str] = {**{f"edge host {i}": n for i, n in enumerate(hosts)},
                                       **{cloud_key(k, len(clouds)): n for k, n in enumerate(clouds)}}
         self.lost: list[dict[str, Any]] = []
 
-    def failed(self, actor: str) -> None:
-        """`actor` (as messages name it) failed: if its node is gone, say so once for that node."""
-        node = self.where.get(actor)
-        if node is None or any(n["node"] == node for n in self.lost):
+    def moved(self, actor: str, node: str) -> None:
+        """`actor` (as messages name it) is back, on `node`: if its old node is gone, say so once."""
+        old = self.where.get(actor)
+        self.where[actor] = node
+        if old is None or old == node or any(n["node"] == old for n in self.lost):
             return
-        info = {n["NodeID"]: n for n in ray.nodes()}.get(node, {})
+        info = {n["NodeID"]: n for n in ray.nodes()}.get(old, {})
         if info.get("Alive", False):
             return
-        on_it = sorted(a for a, n in self.where.items() if n == node)
-        self.lost.append({"node": node, "address": info.get("NodeManagerAddress"), "actors": on_it})
-        print(f"node {info.get('NodeManagerAddress')} ({node[:8]}) lost: {', '.join(on_it)} restart on other "
-              f"nodes and resume from their last snapshots", file=sys.stderr, flush=True)
-
-    def moved(self, actor: str, node: str) -> None:
-        self.where[actor] = node
+        on_it = sorted([actor] + [a for a, n in self.where.items() if n == old])
+        self.lost.append({"node": old, "address": info.get("NodeManagerAddress"), "actors": on_it})
+        print(f"node {info.get('NodeManagerAddress')} ({old[:8]}) lost: {', '.join(on_it)} restart on other nodes "
+              f"and resume from their last snapshots (the cloud from its last checkpoint)", file=sys.stderr,
+              flush=True)
 
 
 def cloud_key(shard: int, shards: int) -> str:
