@@ -86,11 +86,11 @@ def _check_node(files: dict[str, str | None], corrupted: tuple[str, str, list[st
     return problems
 
 
-def preflight(cfg: dict[str, Any], clean: Any, uses_foundation: bool) -> int:
+def preflight(cfg: dict[str, Any], clean: Any, uses_foundation: bool, skip_own_node: bool = True) -> int:
     """Check every other alive node that can take the cloud or a host; returns how many were checked.
 
     The driver's own node was checked before Ray started (`verify_models`, the data loaded), so a one-node
-    run sends no task. A demand no alive node meets fails at once on a local instance; on a joined
+    run sends no task (`skip_own_node=False` checks it too). A demand no alive node meets fails at once on a local instance; on a joined
     cluster one line says so and the actors wait for a node to join (an autoscaler may add one)."""
     here = ray.get_runtime_context().get_node_id()
     alive = [n for n in ray.nodes() if n.get("Alive")]
@@ -102,7 +102,7 @@ def preflight(cfg: dict[str, Any], clean: Any, uses_foundation: bool) -> int:
         if not nodes:
             _no_node(cfg, demand)
         for node in nodes:
-            if node["NodeID"] == here:
+            if node["NodeID"] == here and skip_own_node:
                 continue
             check = checks.setdefault(node["NodeID"], NodeCheck())
             check.files.update(needed_files(cfg, demand.role, uses_foundation, lazy))
