@@ -1,10 +1,10 @@
-"""A three-node cluster on one machine (`ray.cluster_utils.Cluster`, Ray's own way to test multi-node code).
+"""A cluster on one machine (`ray.cluster_utils.Cluster`, Ray's own way to test multi-node code).
 
-The head offers a custom resource `cloud`, the two workers `edge`: the tests place the cloud and the hosts
-with `cloud.resources` / `ray.host_resources`, check the pre-flight check ran on the other nodes, and remove
-a worker node mid-run. One cluster serves the module (nodes take seconds to start); the node-loss test runs
-last and leaves the cluster with one worker fewer. Drivers run in subprocesses, because this test session
-already holds a Ray connection of its own.
+A head (1 CPU, no custom resources) and two workers: the first offers `cloud` and `edge`, the second `edge`
+only. The tests place the cloud and the hosts with `cloud.resources` / `ray.host_resources`, check that the
+pre-flight check ran on the nodes that may run them, and then lose the cloud's node mid-run while a node that
+can take the cloud joins. One cluster serves the module (nodes take seconds to start); the node-loss test runs
+last. Drivers run in subprocesses, because this test session already holds a Ray connection of its own.
 """
 from __future__ import annotations
 
@@ -36,14 +36,14 @@ def cluster():
 
     short_tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # AF_UNIX socket paths must stay short
     nodes = Cluster(initialize_head=True, connect=False,
-                    head_node_args={"num_cpus": 1, "resources": {"cloud": 1}, "object_store_memory": 100 * 2**20,
+                    head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20,
                                     "temp_dir": short_tmp, "include_dashboard": False,
                                     # a removed node is declared dead in about a second, not Ray's 30 s
                                     "_system_config": {"health_check_period_ms": 500,
                                                        "health_check_failure_threshold": 2}})
     try:
-        workers = [nodes.add_node(num_cpus=2, resources={"edge": 2}, object_store_memory=100 * 2**20)
-                   for _ in range(2)]
+        workers = [nodes.add_node(num_cpus=2, resources=res, object_store_memory=100 * 2**20)
+                   for res in ({"edge": 2, "cloud": 1}, {"edge": 2})]
         nodes.wait_for_nodes()
         nodes.workers = workers
         yield nodes
@@ -78,15 +78,17 @@ def test_the_cloud_and_the_hosts_run_where_their_resources_are(tmp_path, tiny_ra
     placed = summary["placement"]
     assert "cloud" in placed["nodes"][placed["cloud"][0]]["resources"]
     assert all("edge" in placed["nodes"][n]["resources"] for n in placed["hosts"])
+    assert placed["cloud"] == [cluster.workers[0].node_id]
     assert summary["num_hosts"] == 2 and summary["host_nodes"] == 2  # SPREAD: one host per edge node
-    assert summary["preflight_nodes"] == 2  # every node but the driver's own that may run an actor
+    assert summary["preflight_nodes"] == 2  # the nodes that may run an actor (the driver's, the head, may not)
     assert summary["samples"] == 4 * 64 and summary["nodes_lost"] == []
 
 
 @pytest.mark.timeout(500)
-def test_a_worker_node_lost_mid_run_changes_no_record(tmp_path, tiny_raw_config, cluster):
-    """Sync: a worker node dies (not gracefully) after the cloud's first checkpoint; its host restarts on the
-    other worker, and the records equal the one-process run's; the log and summary.json name the node."""
+def test_losing_the_clouds_node_mid_run_changes_no_record(tmp_path, tiny_raw_config, cluster):
+    """Sync: after the cloud's first checkpoint a node that can take the cloud joins and the cloud's node dies
+    (not gracefully, with a host on it). The cloud restarts on the new node from its checkpoint, the host on
+    a node with room, and the records equal the one-process run's; the log and summary.json name the node."""
     slow = {"faults": {"slow_cloud_s": 0.25}, "stream": {"corruptions": ["fog"], "samples_per_domain": 640,
                                                        "batch_size": 32, "severity": 5},
             "method": {"name": "cema-fleet"}}
@@ -99,7 +101,8 @@ def test_a_worker_node_lost_mid_run_changes_no_record(tmp_path, tiny_raw_config,
         while not list((tmp_path / "ckpt").glob("*.json")) and time.time() < deadline and driver.poll() is None:
             time.sleep(0.2)
         assert driver.poll() is None, "the run ended before the node could be removed"
-        cluster.remove_node(cluster.workers[1], allow_graceful=False)
+        joined = cluster.add_node(num_cpus=2, resources={"edge": 2, "cloud": 1}, object_store_memory=100 * 2**20)
+        cluster.remove_node(cluster.workers[0], allow_graceful=False)
         stdout, stderr = driver.communicate(timeout=360)
     finally:
         if driver.poll() is None:
@@ -107,10 +110,12 @@ def test_a_worker_node_lost_mid_run_changes_no_record(tmp_path, tiny_raw_config,
     assert driver.returncode == 0, stdout[-2000:] + stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     lost = summary["nodes_lost"]
-    assert len(lost) == 1 and lost[0]["node"] == cluster.workers[1].node_id, lost
-    assert lost[0]["actors"] and all(a.startswith("edge host") for a in lost[0]["actors"])
+    assert len(lost) == 1 and lost[0]["node"] == cluster.workers[0].node_id, lost
+    assert "the cloud" in lost[0]["actors"] and any(a.startswith("edge host") for a in lost[0]["actors"])
     assert f"({lost[0]['node'][:8]}) lost: " in stderr
-    assert summary["faults"]["host_recoveries"] >= 1 and summary["samples"] == 4 * 640
+    f = summary["faults"]
+    assert f["host_recoveries"] >= 1 and f["cloud_recoveries"] >= 1 and summary["samples"] == 4 * 640
+    assert lost[0]["moved_to"]["the cloud"] == joined.node_id  # the only node left that offers `cloud`
     torch.set_num_threads(1)  # as the hosts and the cloud: float reductions identical
     run_experiment(load_config(path, ["runtime=local", "faults.slow_cloud_s=0"]), tmp_path / "local")
     a, b = batch_table(tmp_path / "local"), batch_table(out)

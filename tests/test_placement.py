@@ -64,4 +64,5 @@ def test_the_node_watch_reports_a_dead_node_once_with_every_actor_on_it(ray_sess
     watch.moved("edge host 0", alive)
     watch.moved("edge host 1", alive)  # the same node: reported once
     assert [(n["node"], n["actors"]) for n in watch.lost] == [(gone, ["edge host 0", "edge host 1"])]
+    assert watch.lost[0]["moved_to"] == {"edge host 0": alive, "edge host 1": alive}
     assert capsys.readouterr().err.count(f"({gone[:8]}) lost: edge host 0, edge host 1 restart") == 1

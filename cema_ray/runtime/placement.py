@@ -170,13 +170,18 @@ class NodeWatch:
         """`actor` (as messages name it) is back, on `node`: if its old node is gone, say so once."""
         old = self.where.get(actor)
         self.where[actor] = node
-        if old is None or old == node or any(n["node"] == old for n in self.lost):
+        if old is None or old == node:
+            return
+        known = [entry for entry in self.lost if entry["node"] == old]
+        if known:
+            known[0]["moved_to"][actor] = node
             return
         info = {n["NodeID"]: n for n in ray.nodes()}.get(old, {})
         if info.get("Alive", False):
             return
         on_it = sorted([actor] + [a for a, n in self.where.items() if n == old])
-        self.lost.append({"node": old, "address": info.get("NodeManagerAddress"), "actors": on_it})
+        self.lost.append({"node": old, "address": info.get("NodeManagerAddress"), "actors": on_it,
+                          "moved_to": {actor: node}})
         print(f"node {info.get('NodeManagerAddress')} ({old[:8]}) lost: {', '.join(on_it)} restart on other nodes "
               f"and resume from their last snapshots (the cloud from its last checkpoint)", file=sys.stderr,
               flush=True)
