@@ -101,6 +101,36 @@ def test_ray_async_accounts_every_sample_and_records_staleness(ray_session, make
     assert summary["version_lag"]["max"] == max(t["version_lag"])  # the summary reads the column it describes
 
 
+@pytest.mark.ray
+def test_ctrl_c_in_async_records_every_batch_already_predicted(ray_session, make_run_config, tmp_path, monkeypatch):
+    """An async batch is recorded when the cloud has taken its uploads; an interrupt while batches wait in the
+    backlog, in a cloud call or in a finished host step records them all (their uploads counted as dropped)."""
+    from cema_ray.errors import RunInterrupted
+    from cema_ray.runtime.async_driver import AsyncDriver
+
+    real, calls = AsyncDriver._cloud_done, []
+
+    def third_is_interrupted(self, lane, ref):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, lane, ref)
+
+    monkeypatch.setattr(AsyncDriver, "_cloud_done", third_is_interrupted)
+    cfg = make_run_config("runtime=ray", "mode=async", "edges.count=4", "edges.per_host=2", "ray.uplink=fixed",
+                          "faults.slow_cloud_s=0.3", "stream.samples_per_domain=256")
+    with pytest.raises(RunInterrupted):
+        run_experiment(cfg, tmp_path / "cut")
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    t = batch_table(tmp_path / "cut")
+    assert summary["status"] == "interrupted" and len(t["edge_id"]) == summary["predicted_batches"]
+    for edge in set(t["edge_id"]):  # each edge's batches from its first, none missing, none twice
+        mine = [b for e, b in zip(t["edge_id"], t["batch_index"]) if e == edge]
+        assert sorted(mine) == list(range(len(mine)))
+    assert summary["dropped_at_interrupt"] > 0 and summary["dropped"] >= summary["dropped_at_interrupt"]
+    assert sum(t["dropped"]) == summary["dropped"]  # every upload the interrupt dropped is in the table
+
+
 def test_async_version_lag_counts_the_versions_published_before_the_batch():
     """`fix_lags`: a batch's lag is the newest version its student key had when the batch was predicted, minus
     the version the edge used; publications after the prediction do not count, per-edge keys win over shared."""

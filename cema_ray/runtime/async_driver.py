@@ -254,6 +254,57 @@ class AsyncDriver:
             lane.link.recover(min(lane.redo))
 
 
+    def salvage(self, timeout_s: float = 10.0) -> int:
+        """After Ctrl-C: put in the table every batch the hosts predicted that it lacks; returns the uploads
+        this drops.
+
+        An async batch is recorded only once the cloud has taken its uploads, so at an interrupt the batches in
+        the backlog, in a cloud call, or in a host step that finished but was not drained yet would vanish.
+        Finished host steps are taken (in order, up to the first that has not finished within `timeout_s`), the
+        cloud calls in flight get the same time to settle, and what never reached the cloud is recorded with its
+        uploads counted as dropped."""
+        deadline = time.monotonic() + timeout_s
+        for i, queue in enumerate(self.pool.in_flight):
+            while queue:
+                records_ref, uploads_ref, snap_ref = queue[0]
+                done, _ = ray.wait([records_ref, snap_ref], num_returns=2, timeout=max(0.0, deadline - time.monotonic()))
+                if len(done) < 2:
+                    break
+                try:
+                    records, snap = ray.get([records_ref, snap_ref])
+                except (RayActorError, RayTaskError):
+                    break  # a failed step predicted nothing the table keeps
+                queue.popleft()
+                del self.pool.owner[records_ref]
+                self.pool.snapshots[i] = snap
+                self.progress.predicted(len(records))
+                for k, lane in enumerate(self.lanes):
+                    mine = [r for r in records if shard_of(r["edge_id"], len(self.lanes)) == k]
+                    if mine:
+                        lane.backlog.append(([uploads_ref], mine))
+        before = self.dropped
+        for lane in self.lanes:
+            if lane.calls and lane.ping is None:
+                ray.wait(list(lane.calls), num_returns=len(lane.calls), timeout=max(0.0, deadline - time.monotonic()))
+            for ref in list(lane.calls):
+                if ray.wait([ref], timeout=0)[0] and lane.ping is None:
+                    self._cloud_done(lane, ref)  # settled: recorded as delivered (or moved to redo if it failed)
+                if ref in lane.calls:
+                    self._drop(lane.calls.pop(ref)[1])
+            for _, records in lane.backlog:
+                self._drop(records)
+            for records in lane.redo.values():
+                self._drop(records)
+            lane.backlog.clear()
+            lane.redo.clear()
+        return self.dropped - before
+
+    def _drop(self, records: Records) -> None:
+        for rec in records:
+            self.dropped += rec["uploaded"]
+            self.progress.add(dict(rec, cloud_steps=0, dropped=rec["uploaded"]))
+
+
 def fix_lags(records: Records, pub_log: list[tuple[float, int, int]], shards: int) -> None:
     """Version lag measured after the fact: versions of the batch's student key published before the batch
     was predicted, minus the version it used (the driver's view at submission time would undercount).

@@ -297,8 +297,9 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
         faults = FaultSchedule.plan(fcfg["kill_hosts"], max(lengths.values()), len(hosts), fcfg["seed"],
                                     fcfg["kill_cloud"], fcfg["raise_in_hosts"])
         extra: dict[str, Any] = {}
+        driver: AsyncDriver | None = None
+        watch = NodeWatch(host_node_ids, cloud_node_ids)
         try:
-            watch = NodeWatch(host_node_ids, cloud_node_ids)
             links = [CloudLink(c, faults, checkpointing, kills=k == 0, watch=watch, label=cloud_key(k, len(clouds)))
                      for k, c in enumerate(clouds)]
             pool = HostPool(hosts, faults, clean_ref, watch)
@@ -327,10 +328,18 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                          "cloud_calibrated_uploads_per_s": calibrated[0][0],  # the first shard's
                          **({"shard_merges": driver.merges} if len(links) > 1 else {})}
         except KeyboardInterrupt:  # the records the driver has are whole batches: write them, then stop
+            salvaged = {}
+            if driver is not None:  # async: batches predicted but not yet recorded (backlog, cloud calls)
+                print("interrupted: recording the batches already predicted (up to 10 s)", file=sys.stderr,
+                      flush=True)
+                salvaged = {"dropped_at_interrupt": driver.salvage(), "dropped": driver.dropped,
+                            "predicted_batches": progress.predicted_batches}
+                fix_lags(progress.recorder.rows, driver.pub_log, len(links))
             progress.close()
             kill_actors([*clouds, *hosts])
             raise RunInterrupted(progress.recorder, {"wall_seconds": progress.elapsed, "num_hosts": len(hosts),
-                                                     "faults": faults.report()}) from None
+                                                     "faults": faults.report(), "placement": placement,
+                                                     "nodes_lost": watch.lost, **salvaged}) from None
         except BaseException:
             progress.close()
             kill_actors([*clouds, *hosts])  # on a shared cluster nobody else would stop them
