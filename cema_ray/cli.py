@@ -7,6 +7,7 @@ fix: it prints one line naming the key and exits 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output folder or URI (s3://...; default: output.dir, else runs/<name>-<time>)")
     run.add_argument("--dry-run", action="store_true", help="validate and print the resolved config, run nothing")
     run.add_argument("--resume", type=Path, default=None, metavar="DIR",
-                     help="continue the interrupted sync Ray run in DIR from its checkpoints (no config needed)")
+                     help="continue the interrupted Ray run in DIR from its checkpoints (no config needed; ray.* "
+                          "overrides say where, e.g. ray.address=NEW_HEAD:6379)")
     run.set_defaults(func=cmd_run)
     pre = sub.add_parser("pretrain", help="train an edge or foundation model checkpoint")
     pre.add_argument("config", type=Path, help="pretrain config (configs/pretrain_*.yaml)")
@@ -123,15 +125,18 @@ def _where(target: str | Path) -> str:
 
 def _resume(args: argparse.Namespace) -> int:
     """`run --resume DIR`: the run's own config from DIR/resume/run.json, validated again, same folder."""
-    from cema_ray.config import validate_run_config
+    from cema_ray.config import RUN_SCHEMA, validate_run_config
     from cema_ray.runtime import run_experiment
     from cema_ray.runtime.journal import ResumeJournal
+    from cema_ray.schema import apply_overrides
 
-    if args.config is not None or args.overrides or args.out is not None:
-        raise ConfigError("--resume DIR continues the run with its own config and folder: give no config, "
-                          "overrides or --out")
+    # the config positional takes the first override when no config is given
+    overrides = [str(args.config), *args.overrides] if args.config is not None else list(args.overrides)
+    if args.out is not None or any(not re.match(r"^ray\.[a-z_]+=", o) for o in overrides):
+        raise ConfigError("--resume DIR continues the run with its own config and folder: give no config or --out, "
+                          "and overrides of ray.* keys only (where it continues, e.g. ray.address=NEW_HEAD:6379)")
     raw, _ = ResumeJournal.read(args.resume)
-    cfg = validate_run_config(raw)
+    cfg = validate_run_config(apply_overrides(raw, overrides, RUN_SCHEMA) if overrides else raw)
     cfg["output"]["dir"] = str(args.resume)
     if args.dry_run:
         _print_config(cfg)

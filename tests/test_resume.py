@@ -94,6 +94,16 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
     assert "give no config" in capsys.readouterr().err
 
 
+def test_resume_takes_ray_overrides_only(tiny_raw_config, tmp_path, capsys):
+    """A run whose head died continues on a new cluster: `--resume DIR ray.address=NEW` (nothing else changes)."""
+    (tmp_path / "resume").mkdir()
+    (tmp_path / "resume" / "run.json").write_text(json.dumps({"run_id": "x", "config": tiny_raw_config()}))
+    assert main(["run", "--resume", str(tmp_path), "edges.count=3"]) == 2
+    assert "overrides of ray.* keys only" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path), "ray.address=10.0.0.9:6379", "--dry-run"]) == 0
+    assert "10.0.0.9:6379" in capsys.readouterr().out
+
+
 def test_a_local_run_writes_its_table_as_it_goes(make_run_config, tmp_path, monkeypatch):
     """The partial writer runs during the run (here at every round), leaving a readable table marked interrupted."""
     from cema_ray.runtime import journal
@@ -109,3 +119,41 @@ def test_a_local_run_writes_its_table_as_it_goes(make_run_config, tmp_path, monk
     summary = run_experiment(make_run_config("runtime=local"), tmp_path / "o")
     assert seen and set(seen) == {"interrupted"} and summary["status"] == "complete"
     assert json.loads((tmp_path / "o" / "summary.json").read_text())["status"] == "complete"
+
+
+def _sample_ids(out: Path) -> list[int]:
+    t = batch_table(out)
+    return [i for a, b in zip(t["first_id"], t["last_id"]) for i in range(a, b + 1)]
+
+
+@pytest.mark.ray
+def test_a_killed_async_driver_resumes_with_every_sample_predicted_exactly_once(tiny_raw_config, tmp_path):
+    """Async: the driver dies by SIGKILL after the cloud's second checkpoint while the paced edges are mid-stream;
+    `--resume` goes back to the journal's newest round (the cloud to that very checkpoint), keeps every batch
+    the edges' snapshots cover, predicts the rest, and the final table holds each sample once."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw_config()))
+    out = tmp_path / "async"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = _cli("run", str(config), "runtime=ray", "mode=async", "ray.num_cpus=2", "faults.slow_cloud_s=0.2",
+                "edges.count=3", "edges.per_host=2", "stream.samples_per_domain=192", "cloud.checkpoint_every=2",
+                "edges.groups=[{name: paced, fraction: 1.0, frame_rate: 4.0}]", "--out", str(out))
+    driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    marker = out / "resume" / "hosts" / "state-00000004.json"
+    deadline = time.monotonic() + 240
+    while not marker.is_file() and driver.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    resumed = subprocess.run(_cli("run", "--resume", str(out)), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed at the cloud's checkpoint" in resumed.stderr
+    done = json.loads((out / "summary.json").read_text())
+    ids = _sample_ids(out)
+    assert done["status"] == "complete" and done["resumed_at"] >= 4 and done["samples"] == 3 * 2 * 192
+    assert len(ids) == len(set(ids)) == 3 * 2 * 192  # every sample once: none lost, none twice
+    assert done["uploaded"] == done["cloud_ingested"] + done["dropped"]  # every upload trained on or counted
+    assert not list((out / "resume" / "hosts").glob("state-*"))

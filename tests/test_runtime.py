@@ -102,9 +102,11 @@ def test_ray_async_accounts_every_sample_and_records_staleness(ray_session, make
 
 
 @pytest.mark.ray
-def test_ctrl_c_in_async_records_every_batch_already_predicted(ray_session, make_run_config, tmp_path, monkeypatch):
+def test_ctrl_c_in_async_records_every_batch_already_predicted_and_resumes(ray_session, make_run_config, tmp_path, monkeypatch):
     """An async batch is recorded when the cloud has taken its uploads; an interrupt while batches wait in the
-    backlog, in a cloud call or in a finished host step records them all (their uploads counted as dropped)."""
+    backlog, in a cloud call or in a finished host step records them all (their uploads counted as dropped);
+    `--resume` then finishes the run with every sample once."""
+    from cema_ray.cli import main
     from cema_ray.errors import RunInterrupted
     from cema_ray.runtime.async_driver import AsyncDriver
 
@@ -118,7 +120,7 @@ def test_ctrl_c_in_async_records_every_batch_already_predicted(ray_session, make
 
     monkeypatch.setattr(AsyncDriver, "_cloud_done", third_is_interrupted)
     cfg = make_run_config("runtime=ray", "mode=async", "edges.count=4", "edges.per_host=2", "ray.uplink=fixed",
-                          "faults.slow_cloud_s=0.3", "stream.samples_per_domain=256")
+                          "faults.slow_cloud_s=0.3", "stream.samples_per_domain=256", "cloud.checkpoint_every=1")
     with pytest.raises(RunInterrupted):
         run_experiment(cfg, tmp_path / "cut")
     summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
@@ -129,6 +131,13 @@ def test_ctrl_c_in_async_records_every_batch_already_predicted(ray_session, make
         assert sorted(mine) == list(range(len(mine)))
     assert summary["dropped_at_interrupt"] > 0 and summary["dropped"] >= summary["dropped_at_interrupt"]
     assert sum(t["dropped"]) == summary["dropped"]  # every upload the interrupt dropped is in the table
+    monkeypatch.setattr(AsyncDriver, "_cloud_done", real)
+    assert main(["run", "--resume", str(tmp_path / "cut")]) == 0  # from the journal's newest round
+    done = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    t = batch_table(tmp_path / "cut")
+    seen = [i for a, b in zip(t["first_id"], t["last_id"]) for i in range(a, b + 1)]
+    assert done["status"] == "complete" and done["resumed_at"] >= 1
+    assert len(seen) == len(set(seen)) and set(seen) == _expected_ids(cfg)  # each sample once
 
 
 def test_async_version_lag_counts_the_versions_published_before_the_batch():

@@ -12,11 +12,22 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from cema_ray.runtime.cloud import Publication, for_edge, shard_of, track_newest
 from cema_ray.runtime.cloud_link import CloudLink
 from cema_ray.runtime.host_pool import HostPool
-from cema_ray.runtime.journal import PartialWriter
+from cema_ray.runtime.journal import PartialWriter, ResumeJournal
 from cema_ray.runtime.progress import RunProgress
 from cema_ray.runtime.shards import average_states
 
 Records = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class AsyncStart:
+    """Where a resumed async run starts: the cloud's checkpoint round, what the hosts hold, and the publication
+    log so far (the version lags of the batches kept)."""
+
+    position: int
+    pubs: list[Publication]
+    newest: dict[int, int]
+    pub_log: list[tuple[float, int, int]]
 
 
 @dataclass
@@ -62,7 +73,8 @@ class AsyncDriver:
 
     def __init__(self, links: list[CloudLink], pool: HostPool, progress: RunProgress, max_in_flight: int,
                  wait_when_full: bool, partial: PartialWriter | None = None,
-                 coalesce_uploads: int | None = None) -> None:
+                 coalesce_uploads: int | None = None, journal: ResumeJournal | None = None,
+                 start: AsyncStart | None = None) -> None:
         """``coalesce_uploads``: past the backlog's bound, merge its two oldest deliveries into one (one cloud call
         for both: a cloud that pays per call keeps up with fast hosts) while it holds at most this many uploads,
         and drop only beyond that (`ray.uplink: follow`, where the edges' uploads already follow the cloud); None:
@@ -83,6 +95,12 @@ class AsyncDriver:
         self.dropped = 0
         self.max_backlog = 0
         self.uplink: float | None = None  # the newest advertised share (uploads/s per edge; one shard's if sharded)
+        self.journal, self.journaled = journal, 0  # resumable state, saved at each new cloud checkpoint
+        if start is not None:  # a resumed run: the hosts and the cloud hold the state of round `start.position`
+            self.lanes[0].link.next_seq = self.journaled = start.position
+            self.newest = dict(start.newest)
+            self.latest_pubs = {p.key: p for p in start.pubs}
+            self.pub_log = list(start.pub_log)
 
     def submit(self, i: int) -> None:
         when = self.pool.clock[i]  # the host's own step count is its fault-schedule clock
@@ -213,6 +231,10 @@ class AsyncDriver:
         lane.link.delivered(seq, delivery)
         if delivery.shared is not None:
             self._share(self.lanes.index(lane), delivery.shared)
+        for rec, steps, refused in zip(records, delivery.item_steps, delivery.item_refused, strict=True):
+            self.progress.add(dict(rec, cloud_steps=steps, dropped=refused))  # per batch, as sent
+        if self.journal is not None and delivery.checkpoint > self.journaled:
+            self._journal(delivery.checkpoint)  # before this delivery's publications reach any edge
         uplink = None if delivery.uplink is None else {self.lanes.index(lane): delivery.uplink}
         if delivery.pubs:
             track_newest(self.newest, delivery.pubs)
@@ -223,8 +245,22 @@ class AsyncDriver:
             self.pool.broadcast(ray.put(delivery.pubs), uplink)  # put once; every host gets the same reference
         if uplink:
             self.uplink = delivery.uplink
-        for rec, steps, refused in zip(records, delivery.item_steps, delivery.item_refused, strict=True):
-            self.progress.add(dict(rec, cloud_steps=steps, dropped=refused))  # per batch, as sent
+
+    def _journal(self, position: int) -> None:
+        """The cloud has checkpointed round `position` (its state before this delivery's publications): save
+        the hosts' snapshots (their last drained steps, which ran with older publications only), the records
+        those steps made that the table does not hold yet, and the table so far. A resumed run restores the
+        cloud at exactly this checkpoint, so no edge holds a version newer than the cloud's."""
+        merged = {e: snap for host in self.pool.snapshots for e, snap in host.items()}
+        pending = [dict(rec) for lane in self.lanes
+                   for recs in [*(r for _, r in lane.backlog), *(r for _, r in lane.calls.values()),
+                                *lane.redo.values()]
+                   for rec in recs]
+        self.journal.save_round(position, merged, list(self.latest_pubs.values()), self.newest, pending,
+                                self.pub_log)
+        if self.partial is not None:
+            self.partial.maybe(self.progress.recorder, force=True)
+        self.journaled = position
 
     def _share(self, shard: int, state: Any) -> None:
         """Keep a shard's shared foundation state; once every shard has shared, average them for the next round."""

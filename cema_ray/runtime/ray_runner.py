@@ -24,12 +24,12 @@ from cema_ray.errors import ConfigError, RunInterrupted
 from cema_ray.results import RunRecorder
 from cema_ray.results.storage import is_uri
 from cema_ray.runtime.actor_calls import kill_actors, project_error, wait_for_actor
-from cema_ray.runtime.async_driver import AsyncDriver, fix_lags
+from cema_ray.runtime.async_driver import AsyncDriver, AsyncStart, fix_lags
 from cema_ray.runtime.cloud_link import CloudLink
 from cema_ray.runtime.faults import FaultSchedule
 from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans, method_settings, verify_models
 from cema_ray.runtime.host_pool import HostPool
-from cema_ray.runtime.journal import PartialWriter, ResumeJournal
+from cema_ray.runtime.journal import PartialWriter, ResumeJournal, rows_to_resume
 from cema_ray.runtime.placement import NodeWatch, cloud_key, node_facts, preflight
 from cema_ray.runtime.progress import RunProgress
 from cema_ray.runtime.ray_actors import CloudActor, EdgeHost
@@ -229,7 +229,8 @@ def resume_hosts(clouds: list[Any], hosts: list[Any], groups: list[list[EdgePlan
     if len(clouds) > 1:
         shares = ray.get([c.pending_share.remote() for c in clouds])
         merge = average_states(shares) if all(s is not None for s in shares) else None
-    snapshots, pubs, newest = journal.load_round(position)
+    saved = journal.load_round(position)
+    snapshots, pubs, newest = saved.snapshots, saved.pubs, saved.newest
     rows = journal.rows_before(out, position)
     expected = sum(min(n, position) for n in lengths.values())
     if len(rows) != expected:
@@ -242,6 +243,39 @@ def resume_hosts(clouds: list[Any], hosts: list[Any], groups: list[list[EdgePlan
     print(f"resumed at round {position}: {len(rows)} batches kept, the cloud restored from its checkpoint",
           file=sys.stderr, flush=True)
     return ResumePoint(position, pubs, newest, merge)
+
+
+def resume_async(clouds: list[Any], hosts: list[Any], groups: list[list[EdgePlan]], journal: ResumeJournal,
+                 out: Path, progress: RunProgress, clean_ref: Any) -> tuple[AsyncStart, dict[str, int]]:
+    """An async run resumes at the newest round whose hosts' state the journal holds (Q): the cloud goes back
+    to its checkpoint of Q (it keeps the one before its newest), every edge to its snapshot of Q, and the
+    table to every edge's batches before its snapshot's cursor. Returns the start and its counts: the recorded
+    batches discarded (predicted again), and the kept batches' uploads that the cloud took after its checkpoint
+    (their training died with it: counted as dropped, so uploaded = cloud_ingested + dropped still holds)."""
+    position = journal.newest_round()
+    if position is None:
+        raise ConfigError(f"cannot resume: the run in {out} saved no hosts' state yet (it stopped before the cloud's "
+                          f"first checkpoint); run it again")
+    found, _ = wait_for_actor(clouds[0].position, where="the cloud")
+    if found != position:
+        try:
+            ray.get(clouds[0].restore_at.remote(position))
+        except RayTaskError as exc:
+            raise project_error(exc, "the cloud") or exc from None
+    saved = journal.load_round(position)
+    cursors = {e: int(snap["cursor"]) for e, snap in saved.snapshots.items()}
+    rows, discarded = rows_to_resume(out, cursors, saved.pending)
+    ray.get([h.restore.remote({p.edge_id: saved.snapshots[p.edge_id] for p in group}, saved.pubs, clean_ref)
+             for h, group in zip(hosts, groups)])
+    for row in rows:
+        progress.add(row)
+    progress.predicted(len(rows))
+    ingested = wait_for_actor(clouds[0].stats, where="the cloud")["ingested"]
+    lost = max(0, sum(r["uploaded"] - r["dropped"] for r in rows) - ingested)
+    print(f"resumed at the cloud's checkpoint {position}: {len(rows)} batches kept, {discarded} recorded after it "
+          f"are predicted again", file=sys.stderr, flush=True)
+    return (AsyncStart(position, saved.pubs, saved.newest, saved.pub_log),
+            {"batches_redone": discarded, "uploads_lost_in_resume": lost})
 
 
 def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: PartialWriter | None = None,
@@ -272,12 +306,13 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
         ckpt_dir = checkpoint_folder(cfg, out_dir or tmp.name) if checkpointing else None
         run_id = ResumeJournal.read(Path(out_dir))[1] if resume else uuid.uuid4().hex
         journal = None
-        if out_dir is not None and checkpointing and cfg["mode"] == "sync":
+        if out_dir is not None and checkpointing and (cfg["mode"] == "sync" or cfg["cloud"]["shards"] == 1):
             journal = ResumeJournal(Path(out_dir), run_id)
             if not resume:
                 journal.start(cfg)
         if resume and journal is None:
-            raise ConfigError("--resume continues sync-mode Ray runs with cloud.checkpoint_every > 0")
+            raise ConfigError("--resume continues Ray runs with cloud.checkpoint_every > 0 (in async mode with one "
+                              "cloud shard)")
         if cfg["output"]["progress"]:
             shards = cfg["cloud"]["shards"]
             clouds_named = "-cloud" if shards == 1 else f"-cloud-0..{shards - 1}"
@@ -314,19 +349,24 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                 if journal is not None:
                     journal.finish()
             else:
+                start, resumed = (resume_async(clouds, hosts, groups, journal, Path(out_dir), progress, clean_ref)
+                                  if resume else (None, {}))
                 driver = AsyncDriver(links, pool, progress, cfg["ray"]["max_in_flight_per_host"],
                                      cfg["ray"]["backlog_full"] == "wait", partial,
-                                     cfg["cloud"]["queue_capacity"] if follows(cfg) else None)
+                                     cfg["cloud"]["queue_capacity"] if follows(cfg) else None, journal, start)
                 # one shard after another: timed side by side on one node, they would share its cores
                 calibrated = [wait_for_actor(c.calibrate, data.image_shape) for c in clouds]
                 shares = {k: share for k, (_, share) in enumerate(calibrated) if share is not None}
                 dropped = driver.run(shares)
+                if journal is not None:
+                    journal.finish()
                 fix_lags(progress.recorder.rows, driver.pub_log, len(links))
                 extra = {"max_backlog": driver.max_backlog, "backlog_bound": driver.backlog_bound,
                          "uplink": "follow" if follows(cfg) else "fixed", "uplink_per_edge": driver.uplink,
                          "coalesced_deliveries": driver.coalesced,
                          "cloud_calibrated_uploads_per_s": calibrated[0][0],  # the first shard's
-                         **({"shard_merges": driver.merges} if len(links) > 1 else {})}
+                         **({"shard_merges": driver.merges} if len(links) > 1 else {}),
+                         **({"resumed_at": start.position, **resumed} if start else {})}
         except KeyboardInterrupt:  # the records the driver has are whole batches: write them, then stop
             salvaged = {}
             if driver is not None:  # async: batches predicted but not yet recorded (backlog, cloud calls)
@@ -349,7 +389,9 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
         facts = {"wall_seconds": progress.elapsed, "startup_seconds": startup, "num_hosts": len(hosts),
                  "host_nodes": len(set(host_node_ids)), "preflight_nodes": checked_nodes,
                  "placement": placement, "nodes_lost": watch.lost, "ray_run": actor_prefix(cfg["name"], run_id),
-                 "dropped": stats["dropped"] + dropped, "cloud_steps": stats["steps"],
+                 "dropped": (stats["dropped"] + dropped if "uploads_lost_in_resume" not in extra else
+                             sum(r["dropped"] for r in progress.recorder.rows) + extra["uploads_lost_in_resume"]),
+                 "cloud_steps": stats["steps"],
                  "publications": stats["publications"], "cloud_step_seconds": stats["step_seconds"],
                  "cloud_deliveries": stats["deliveries"], "cloud_ingested": stats["ingested"], "faults": faults.report(),
                  "threads": {"cloud": cloud_threads(cfg["cloud"]), "edge_host": 1},
