@@ -121,3 +121,56 @@ def test_losing_the_clouds_node_mid_run_changes_no_record(tmp_path, tiny_raw_con
     a, b = batch_table(tmp_path / "local"), batch_table(out)
     for col in COMPARED:
         assert a[col] == b[col], col
+
+
+@pytest.mark.timeout(500)
+def test_a_run_whose_head_dies_resumes_on_a_new_cluster(tmp_path, tiny_raw_config):
+    """The head (GCS) dies mid-run: Ray ends the driver (exit 1, after the reconnect timeout, set to 10 s here);
+    `cema-ray run --resume DIR ray.address=NEW` finishes it on a new cluster with the one-process run's records."""
+    from ray.cluster_utils import Cluster
+
+    def start() -> Cluster:
+        nodes = Cluster(initialize_head=True, connect=False,
+                        head_node_args={"num_cpus": 1, "object_store_memory": 100 * 2**20, "include_dashboard": False,
+                                        "temp_dir": tempfile.mkdtemp(prefix="rh", dir="/tmp")})
+        nodes.add_node(num_cpus=2, object_store_memory=100 * 2**20)
+        nodes.wait_for_nodes()
+        return nodes
+
+    config = tiny_raw_config()
+    config.update(name="headless", runtime="ray", ray={"host_num_cpus": 1.0},
+                  cloud={"checkpoint_dir": str(tmp_path / "ckpt"), "checkpoint_every": 2},
+                  faults={"slow_cloud_s": 0.25}, method={"name": "cema-fleet"})
+    config["stream"].update(corruptions=["fog"], samples_per_domain=480)
+    path = tmp_path / "headless.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**_env(), "RAY_gcs_rpc_server_reconnect_timeout_s": "10"}
+    out, first = tmp_path / "out", start()
+    try:
+        driver = subprocess.Popen([str(CLI), "run", str(path), f"ray.address={first.address}", "--out", str(out)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while not list((tmp_path / "ckpt").glob("*.json")) and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run ended before the head could be removed"
+        first.remove_node(first.head_node, allow_graceful=False)
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        first.shutdown()
+    assert driver.returncode != 0 and "resumable: if this driver or the head node dies" in stderr
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    second = start()
+    try:
+        resumed = subprocess.run([str(CLI), "run", "--resume", str(out), f"ray.address={second.address}"], env=env,
+                                 capture_output=True, text=True, timeout=300)
+    finally:
+        second.shutdown()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["status"] == "complete"
+    torch.set_num_threads(1)
+    run_experiment(load_config(path, ["runtime=local", "faults.slow_cloud_s=0"]), tmp_path / "local")
+    a, b = batch_table(tmp_path / "local"), batch_table(out)
+    for col in COMPARED:
+        assert a[col] == b[col], col

@@ -310,6 +310,9 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
             journal = ResumeJournal(Path(out_dir), run_id)
             if not resume:
                 journal.start(cfg)
+            print(f"resumable: if this driver or the head node dies, `cema-ray run --resume {out_dir}` (on a new "
+                  f"cluster add ray.address=HEAD:6379) continues from the newest cloud checkpoint", file=sys.stderr,
+                  flush=True)
         if resume and journal is None:
             raise ConfigError("--resume continues Ray runs with cloud.checkpoint_every > 0 (in async mode with one "
                               "cloud shard)")
