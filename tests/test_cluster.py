@@ -125,7 +125,7 @@ def test_losing_the_clouds_node_mid_run_changes_no_record(tmp_path, tiny_raw_con
 
 @pytest.mark.timeout(500)
 def test_a_run_whose_head_dies_resumes_on_a_new_cluster(tmp_path, tiny_raw_config):
-    """The head (GCS) dies mid-run: Ray ends the driver (exit 1, after the reconnect timeout, set to 10 s here);
+    """The head (GCS) dies mid-run: Ray ends the driver (exit 1, after the reconnect timeout, set to 5 s here);
     `cema-ray run --resume DIR ray.address=NEW` finishes it on a new cluster with the one-process run's records."""
     from ray.cluster_utils import Cluster
 
@@ -141,10 +141,10 @@ def test_a_run_whose_head_dies_resumes_on_a_new_cluster(tmp_path, tiny_raw_confi
     config.update(name="headless", runtime="ray", ray={"host_num_cpus": 1.0},
                   cloud={"checkpoint_dir": str(tmp_path / "ckpt"), "checkpoint_every": 2},
                   faults={"slow_cloud_s": 0.25}, method={"name": "cema-fleet"})
-    config["stream"].update(corruptions=["fog"], samples_per_domain=480)
+    config["stream"].update(corruptions=["fog"], samples_per_domain=320)
     path = tmp_path / "headless.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**_env(), "RAY_gcs_rpc_server_reconnect_timeout_s": "10"}
+    env = {**_env(), "RAY_gcs_rpc_server_reconnect_timeout_s": "5"}
     out, first = tmp_path / "out", start()
     try:
         driver = subprocess.Popen([str(CLI), "run", str(path), f"ray.address={first.address}", "--out", str(out)],

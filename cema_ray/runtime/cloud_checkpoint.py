@@ -116,6 +116,10 @@ class CloudCheckpointStore:
             return None
         return self._load(pointer.read_text().strip())
 
+    def positions(self) -> list[int]:
+        """The positions whose checkpoint is on disk (the JSON is written after the tensors, so it marks a whole one)."""
+        return sorted(int(p.name[len("state-"):-len(".json")]) for p in self.folder.glob("state-*.json"))
+
     def at(self, position: int) -> dict[str, Any] | None:
         """The state saved at `position` (None when it is not kept or is another run's)."""
         stem = f"state-{position:08d}"

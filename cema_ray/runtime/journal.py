@@ -126,10 +126,16 @@ class ResumeJournal:
                           for p in pubs]}
         self.hosts.save(state, position)
 
-    def newest_round(self) -> int | None:
-        """The newest round whose hosts' state is on disk (async runs resume there)."""
-        found = self.hosts.latest()
-        return None if found is None else found[1]
+    def newest_round(self, below: int | None = None) -> int | None:
+        """The newest round whose hosts' state is on disk (async runs resume there), or the newest up to
+        ``below`` (a sync run whose cloud checkpointed a round the hosts' state misses falls back to it)."""
+        rounds = self.hosts.positions()
+        if below is not None:
+            rounds = [r for r in rounds if r <= below]
+        return max(rounds, default=None)
+
+    def has_round(self, position: int) -> bool:
+        return position in self.hosts.positions()
 
     def load_round(self, position: int) -> RoundState:
         state = self.hosts.at(position)

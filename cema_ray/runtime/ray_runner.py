@@ -221,6 +221,12 @@ def resume_hosts(clouds: list[Any], hosts: list[Any], groups: list[list[EdgePlan
     if any(restored is None for _, restored in found):
         raise ConfigError(f"cannot resume: no cloud checkpoint of this run in {out / 'cloud_checkpoints'}")
     position = min(p for p, _ in found)
+    if not journal.has_round(position):  # the hosts' state of that round is missing: the newest round both hold
+        older = journal.newest_round(below=position)
+        if older is None:
+            raise ConfigError(f"cannot resume: the cloud's newest checkpoint is at round {position}, and the hosts' "
+                              f"state of no round up to it is in {journal.hosts.folder}")
+        position = older
     try:
         ray.get([c.restore_at.remote(position) for c, (p, _) in zip(clouds, found) if p != position])
     except RayTaskError as exc:
