@@ -123,6 +123,40 @@ def test_losing_the_clouds_node_mid_run_changes_no_record(tmp_path, tiny_raw_con
         assert a[col] == b[col], col
 
 
+@pytest.mark.timeout(400)
+def test_a_worker_node_lost_in_async_mode_loses_no_sample(tmp_path, tiny_raw_config, cluster):
+    """Async, after the cloud's node was lost (the previous test): two nodes offer `edge`, the second worker and
+    the node that joined (which holds the cloud), so SPREAD puts a host on each. The second worker dies mid-run;
+    its host restarts beside the cloud, every sample is predicted once and every upload is trained on or counted
+    as dropped."""
+    paced = {"mode": "async", "method": {"name": "cema-fleet"},
+             "stream": {"corruptions": ["fog"], "samples_per_domain": 640, "batch_size": 32, "severity": 5},
+             "edges": {"count": 4, "per_host": 2, "groups": [{"name": "paced", "fraction": 1.0, "frame_rate": 4.0}]},
+             "ray": {"host_num_cpus": 0.5, "host_resources": {"edge": 1}, "address": cluster.address}}
+    path = _config(tiny_raw_config, tmp_path, cluster, "async-lossy", **paced)
+    out = tmp_path / "out"
+    driver = subprocess.Popen([str(CLI), "run", str(path), "--out", str(out)], env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not list((tmp_path / "ckpt").glob("*.json")) and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run ended before the node could be removed"
+        cluster.remove_node(cluster.workers[1], allow_graceful=False)
+        stdout, stderr = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    lost = summary["nodes_lost"]
+    assert [n["node"] for n in lost] == [cluster.workers[1].node_id], lost
+    t = batch_table(out)
+    seen = [i for a, b in zip(t["first_id"], t["last_id"]) for i in range(a, b + 1)]
+    assert len(seen) == len(set(seen)) == 4 * 640  # every sample once
+    assert summary["uploaded"] == summary["cloud_ingested"] + summary["dropped"]
+
+
 @pytest.mark.timeout(500)
 def test_a_run_whose_head_dies_resumes_on_a_new_cluster(tmp_path, tiny_raw_config):
     """The head (GCS) dies mid-run: Ray ends the driver (exit 1, after the reconnect timeout, set to 5 s here);
