@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -68,6 +69,25 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
+def _run_losing_a_node(path: Path, out: Path, checkpoints: Path, lose: Callable[[], None]) -> str:
+    """Run the config in a driver process, call `lose` (a node dies) once the cloud has checkpointed, and wait
+    for the run to finish; returns its stderr."""
+    driver = subprocess.Popen([str(CLI), "run", str(path), "--out", str(out)], env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not list(checkpoints.glob("*.json")) and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run ended before the node could be removed"
+        lose()
+        stdout, stderr = driver.communicate(timeout=360)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    return stderr
+
+
 @pytest.mark.timeout(400)
 def test_the_cloud_and_the_hosts_run_where_their_resources_are(tmp_path, tiny_raw_config, cluster):
     path = _config(tiny_raw_config, tmp_path, cluster, "placed")
@@ -94,20 +114,13 @@ def test_losing_the_clouds_node_mid_run_changes_no_record(tmp_path, tiny_raw_con
             "method": {"name": "cema-fleet"}}
     path = _config(tiny_raw_config, tmp_path, cluster, "lossy", **slow)
     out = tmp_path / "out"
-    driver = subprocess.Popen([str(CLI), "run", str(path), "--out", str(out)], env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        while not list((tmp_path / "ckpt").glob("*.json")) and time.time() < deadline and driver.poll() is None:
-            time.sleep(0.2)
-        assert driver.poll() is None, "the run ended before the node could be removed"
-        joined = cluster.add_node(num_cpus=2, resources={"edge": 2, "cloud": 1}, object_store_memory=100 * 2**20)
+    joined = []
+
+    def lose() -> None:  # a node that can take the cloud joins, the cloud's node dies
+        joined.append(cluster.add_node(num_cpus=2, resources={"edge": 2, "cloud": 1}, object_store_memory=100 * 2**20))
         cluster.remove_node(cluster.workers[0], allow_graceful=False)
-        stdout, stderr = driver.communicate(timeout=360)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    assert driver.returncode == 0, stdout[-2000:] + stderr[-3000:]
+
+    stderr = _run_losing_a_node(path, out, tmp_path / "ckpt", lose)
     summary = json.loads((out / "summary.json").read_text())
     lost = summary["nodes_lost"]
     assert len(lost) == 1 and lost[0]["node"] == cluster.workers[0].node_id, lost
@@ -115,7 +128,7 @@ def test_losing_the_clouds_node_mid_run_changes_no_record(tmp_path, tiny_raw_con
     assert f"({lost[0]['node'][:8]}) lost: " in stderr
     f = summary["faults"]
     assert f["host_recoveries"] >= 1 and f["cloud_recoveries"] >= 1 and summary["samples"] == 4 * 640
-    assert lost[0]["moved_to"]["the cloud"] == joined.node_id  # the only node left that offers `cloud`
+    assert lost[0]["moved_to"]["the cloud"] == joined[0].node_id  # the only node left that offers `cloud`
     torch.set_num_threads(1)  # as the hosts and the cloud: float reductions identical
     run_experiment(load_config(path, ["runtime=local", "faults.slow_cloud_s=0"]), tmp_path / "local")
     a, b = batch_table(tmp_path / "local"), batch_table(out)
@@ -135,19 +148,8 @@ def test_a_worker_node_lost_in_async_mode_loses_no_sample(tmp_path, tiny_raw_con
              "ray": {"host_num_cpus": 0.5, "host_resources": {"edge": 1}, "address": cluster.address}}
     path = _config(tiny_raw_config, tmp_path, cluster, "async-lossy", **paced)
     out = tmp_path / "out"
-    driver = subprocess.Popen([str(CLI), "run", str(path), "--out", str(out)], env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 240
-        while not list((tmp_path / "ckpt").glob("*.json")) and time.time() < deadline and driver.poll() is None:
-            time.sleep(0.2)
-        assert driver.poll() is None, "the run ended before the node could be removed"
-        cluster.remove_node(cluster.workers[1], allow_graceful=False)
-        stdout, stderr = driver.communicate(timeout=300)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    assert driver.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    _run_losing_a_node(path, out, tmp_path / "ckpt", lambda: cluster.remove_node(cluster.workers[1],
+                                                                                 allow_graceful=False))
     summary = json.loads((out / "summary.json").read_text())
     lost = summary["nodes_lost"]
     assert [n["node"] for n in lost] == [cluster.workers[1].node_id], lost
