@@ -187,3 +187,44 @@ def test_a_real_prometheus_scrapes_the_fleet_and_its_totals_equal_the_summary(me
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+class _Recorded:
+    """A stand-in for a Ray metric: what was added, set or observed."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def inc(self, value: float, tags: dict) -> None:
+        self.values.append(value)
+
+    set = observe = inc
+
+
+def test_a_batch_predicted_again_after_resume_counts_as_redone_work_only():
+    """The interrupted run's hosts counted a batch it had recorded past the resume point; the resumed run
+    predicts it again and counts it in cema_edge_redone_samples, not a second time in the edge counters."""
+    from cema_ray.runtime.metrics import HostMetrics
+
+    metrics = HostMetrics.__new__(HostMetrics)  # no Ray metric objects: stand-ins record what they get
+    metrics.host, metrics.run, metrics.seen = "0", "run", {}
+    metrics.m = {name: _Recorded() for name, spec in METRICS.items() if spec.tags == HostMetrics.TAGS}
+    rec = {"group": "g", "samples": 32, "correct": 20, "uploaded": 8, "bytes_up": 6272, "bytes_down": 0,
+           "rejected": 0, "version_lag": 0, "e_max": 0.4, "latency_ms": 3.0}
+    metrics.record(rec, redone=True)
+    assert metrics.m["cema_edge_redone_samples"].values == [32] and metrics.m["cema_edge_samples"].values == []
+    metrics.record(rec)
+    assert metrics.m["cema_edge_samples"].values == [32] and metrics.m["cema_edge_uploads"].values == [8]
+    assert metrics.m["cema_edge_redone_samples"].values == [32]
+
+
+def test_redo_horizons_are_the_batches_recorded_past_each_edges_cursor(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cema_ray.runtime.journal import redo_horizons
+
+    pq.write_table(pa.table({"edge_id": [0, 0, 0, 1, 1, 2], "batch_index": [0, 1, 2, 0, 1, 0]}),
+                   tmp_path / "batches.parquet")
+    assert redo_horizons(tmp_path, {0: 1, 1: 2, 2: 0}) == {0: 3, 2: 1}
+    assert redo_horizons(tmp_path / "none", {0: 1}) == {}

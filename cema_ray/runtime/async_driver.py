@@ -28,6 +28,7 @@ class AsyncStart:
     pubs: list[Publication]
     newest: dict[int, int]
     pub_log: list[tuple[float, int, int]]
+    redo_until: dict[int, int] = field(default_factory=dict)  # per edge: batches the interrupted run had recorded
 
 
 @dataclass

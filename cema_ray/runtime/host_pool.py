@@ -34,6 +34,7 @@ class HostPool:
         self.in_flight: list[deque[StepCall]] = [deque() for _ in hosts]
         self.owner: dict[Any, int] = {}  # records ref -> host index, for the steps in flight
         self.clock = [0] * len(hosts)  # steps submitted per host (async: the fault schedule's clock)
+        self.redo_until: dict[int, int] = {}  # --resume: per edge, batches the interrupted run had recorded
 
     def __len__(self) -> int:
         return len(self.hosts)
@@ -73,8 +74,8 @@ class HostPool:
             if "InjectedFault" in str(exc):
                 self.faults.raised(i)
             ray.kill(self.hosts[i], no_restart=False)
-        wait_for_actor(self.hosts[i].restore, self.snapshots[i], pubs, self.clean_ref, where=f"edge host {i}",
-                       on_retry=self.faults.host_retry)
+        wait_for_actor(self.hosts[i].restore, self.snapshots[i], pubs, self.clean_ref, self.redo_until,
+                       where=f"edge host {i}", on_retry=self.faults.host_retry)
         if self.watch is not None:
             self.watch.moved(f"edge host {i}", wait_for_actor(self.hosts[i].node_id, where=f"edge host {i}"))
         self.faults.recovered += 1

@@ -66,6 +66,18 @@ class RoundState:
     pub_log: list[tuple[float, int, int]]
 
 
+def redo_horizons(out: Path, cursors: dict[int, int]) -> dict[int, int]:
+    """Per edge, one past the last batch the interrupted run recorded at or after the edge's resume cursor:
+    the batches a resumed run predicts again (its hosts count them as redone work, `cema_edge_redone_samples`)."""
+    path = Path(out) / "batches.parquet"
+    horizons: dict[int, int] = {}
+    if path.is_file():
+        for e, b in zip(*pq.read_table(path, columns=["edge_id", "batch_index"]).to_pydict().values()):
+            if b >= cursors.get(e, 0):
+                horizons[e] = max(horizons.get(e, 0), b + 1)
+    return horizons
+
+
 def rows_to_resume(out: Path, cursors: dict[int, int], pending: list[dict[str, Any]]
                    ) -> tuple[list[dict[str, Any]], int]:
     """An async run's table at its resume point: for every edge, its batches before the cursor its snapshot

@@ -41,6 +41,9 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in [
     MetricSpec("cema_edge_bytes_up", "counter", EDGE_TAGS, "bytes uploaded (uint8 images)"),
     MetricSpec("cema_edge_bytes_down", "counter", EDGE_TAGS, "bytes of published parameters loaded by edges"),
     MetricSpec("cema_edge_rejected", "counter", EDGE_TAGS, "samples rejected as malformed input"),
+    MetricSpec("cema_edge_redone_samples", "counter", EDGE_TAGS,
+               "samples predicted again after --resume (batches the interrupted run had recorded past its resume "
+               "point): kept out of the edge counters above, which the interrupted run's hosts already counted"),
     MetricSpec("cema_edge_accuracy", "gauge", EDGE_TAGS,
                "accuracy so far of the host's edges in the group (correct / samples)"),
     MetricSpec("cema_edge_version_lag", "gauge", EDGE_TAGS, "versions behind the newest, last batch"),
@@ -70,15 +73,21 @@ def _make(name: str) -> Any:
 class HostMetrics:
     """The series of one EdgeHost, per edge group."""
 
+    TAGS = EDGE_TAGS
+
     def __init__(self, host_id: int, run: str) -> None:
         self.host, self.run = str(host_id), run
         self.m = {name: _make(name) for name, spec in METRICS.items() if spec.tags == EDGE_TAGS}
         self.seen: dict[str, list[int]] = {}  # group -> [samples, correct] in this process
 
-    def record(self, rec: dict[str, Any]) -> None:
+    def record(self, rec: dict[str, Any], redone: bool = False) -> None:
+        """One batch's record. ``redone``: the interrupted run this one resumes had recorded this batch (and
+        its hosts counted it): count its samples as redone work, not again in the edge counters."""
         t = {"run": self.run, "group": str(rec["group"]), "host": self.host}
         m = self.m
-        for name, key in (("cema_edge_samples", "samples"), ("cema_edge_correct", "correct"),
+        if redone:
+            m["cema_edge_redone_samples"].inc(rec["samples"], tags=t)
+        for name, key in () if redone else (("cema_edge_samples", "samples"), ("cema_edge_correct", "correct"),
                           ("cema_edge_uploads", "uploaded"), ("cema_edge_bytes_up", "bytes_up"),
                           ("cema_edge_bytes_down", "bytes_down"), ("cema_edge_rejected", "rejected")):
             if rec[key]:

@@ -67,6 +67,7 @@ class EdgeHost:
         if nice:
             os.nice(nice)
         self.anchors: dict[int, float] = {}  # edge id -> when its batch 0 was due (paced async runs)
+        self.redo_until: dict[int, int] = {}  # edge id -> batches below it are predicted again (--resume)
         self.metrics = HostMetrics(host_id, run_label)  # run_label: the run's actor prefix
         if not clean_in_restore:
             self._build(clean)
@@ -117,8 +118,9 @@ class EdgeHost:
             due = sorted(sorted(due, key=lambda e: (e.cursor, e.edge_id))[:limit], key=lambda e: e.edge_id)
         shards = self.cfg["cloud"]["shards"]
         for out in step_edges(due, lambda e: for_edge(newest, e.edge_id, shards, 0), self.cfg["edges"]["fuse_samples"]):
-            out.record["host_id"] = self.host_id
-            self.metrics.record(out.record)
+            rec = out.record
+            rec["host_id"] = self.host_id
+            self.metrics.record(rec, rec["batch_index"] < self.redo_until.get(rec["edge_id"], 0))
             records.append(out.record)
             uploads.append((out.record["edge_id"], out.reset, out.upload_images, out.upload_key))
         return records, uploads
@@ -179,9 +181,12 @@ class EdgeHost:
         return records, uploads, self.snapshot()
 
     def restore(self, snaps: dict[int, dict[str, Any]], pubs: list[Publication],
-                clean: LabeledImagesLike | None = None) -> int:
+                clean: LabeledImagesLike | None = None, redo_until: dict[int, int] | None = None) -> int:
         """Resume every edge from its snapshot, then load publications newer than what it had (building the
-        edges first, from ``clean``, when this process has not built them yet)."""
+        edges first, from ``clean``, when this process has not built them yet). ``redo_until`` (--resume): per
+        edge, the batch index up to which the interrupted run had recorded batches; the metrics count those
+        batches as redone work."""
+        self.redo_until.update(redo_until or {})
         if not self.built:
             self._build(clean)
         if self.init_error is not None:

@@ -275,6 +275,7 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
             if cfg["mode"] == "sync":
                 start = (resume_hosts(clouds, hosts, groups, journal, Path(out_dir), lengths, progress, clean_ref)
                          if resume else None)
+                pool.redo_until = start.redo_until if start else {}  # a host revived later keeps them
                 sync = SyncDriver(links, pool, progress, lengths, journal, cfg["cloud"]["checkpoint_every"], partial,
                                   start)
                 sync.run()
@@ -285,6 +286,7 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
             else:
                 start, resumed = (resume_async(clouds, hosts, groups, journal, Path(out_dir), progress, clean_ref)
                                   if resume else (None, {}))
+                pool.redo_until = start.redo_until if start else {}
                 driver = AsyncDriver(links, pool, progress, cfg["ray"]["max_in_flight_per_host"],
                                      cfg["ray"]["backlog_full"] == "wait", partial,
                                      cfg["cloud"]["queue_capacity"] if follows(cfg) else None, journal, start)

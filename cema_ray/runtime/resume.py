@@ -15,7 +15,7 @@ from cema_ray.errors import ConfigError
 from cema_ray.runtime.actor_calls import project_error, wait_for_actor
 from cema_ray.runtime.async_driver import AsyncStart
 from cema_ray.runtime.fleet import EdgePlan
-from cema_ray.runtime.journal import ResumeJournal, rows_to_resume
+from cema_ray.runtime.journal import ResumeJournal, redo_horizons, rows_to_resume
 from cema_ray.runtime.placement import cloud_key
 from cema_ray.runtime.progress import RunProgress
 from cema_ray.runtime.shards import average_states
@@ -55,13 +55,14 @@ def resume_hosts(clouds: list[Any], hosts: list[Any], groups: list[list[EdgePlan
     if len(rows) != expected:
         raise ConfigError(f"cannot resume: {out / 'batches.parquet'} holds {len(rows)} batches of the rounds before "
                           f"{position}, the run had {expected}")
-    ray.get([h.restore.remote({p.edge_id: snapshots[p.edge_id] for p in group}, pubs, clean_ref)
+    redo = redo_horizons(out, {p.edge_id: position for group in groups for p in group})
+    ray.get([h.restore.remote({p.edge_id: snapshots[p.edge_id] for p in group}, pubs, clean_ref, redo)
              for h, group in zip(hosts, groups)])
     for row in sorted(rows, key=lambda r: (r["batch_index"], r["edge_id"])):
         progress.add(row)
     print(f"resumed at round {position}: {len(rows)} batches kept, the cloud restored from its checkpoint",
           file=sys.stderr, flush=True)
-    return ResumePoint(position, pubs, newest, merge)
+    return ResumePoint(position, pubs, newest, merge, redo)
 
 
 def resume_async(clouds: list[Any], hosts: list[Any], groups: list[list[EdgePlan]], journal: ResumeJournal,
@@ -84,7 +85,8 @@ def resume_async(clouds: list[Any], hosts: list[Any], groups: list[list[EdgePlan
     saved = journal.load_round(position)
     cursors = {e: int(snap["cursor"]) for e, snap in saved.snapshots.items()}
     rows, discarded = rows_to_resume(out, cursors, saved.pending)
-    ray.get([h.restore.remote({p.edge_id: saved.snapshots[p.edge_id] for p in group}, saved.pubs, clean_ref)
+    redo = redo_horizons(out, cursors)
+    ray.get([h.restore.remote({p.edge_id: saved.snapshots[p.edge_id] for p in group}, saved.pubs, clean_ref, redo)
              for h, group in zip(hosts, groups)])
     for row in rows:
         progress.add(row)
@@ -93,5 +95,5 @@ def resume_async(clouds: list[Any], hosts: list[Any], groups: list[list[EdgePlan
     lost = max(0, sum(r["uploaded"] - r["dropped"] for r in rows) - ingested)
     print(f"resumed at the cloud's checkpoint {position}: {len(rows)} batches kept, {discarded} recorded after it "
           f"are predicted again", file=sys.stderr, flush=True)
-    return (AsyncStart(position, saved.pubs, saved.newest, saved.pub_log),
+    return (AsyncStart(position, saved.pubs, saved.newest, saved.pub_log, redo),
             {"batches_redone": discarded, "uploads_lost_in_resume": lost})

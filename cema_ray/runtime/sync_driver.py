@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -32,6 +32,7 @@ class ResumePoint:
     pubs: list[Publication]
     newest: dict[int, int]
     merge: Any = None  # a sharded cloud's averaged foundation, due with the round's delivery
+    redo_until: dict[int, int] = field(default_factory=dict)  # per edge: batches the interrupted run had recorded
 
 
 class SyncDriver:
