@@ -134,7 +134,8 @@ def test_the_dockerfile_lints_clean_and_builds_on_the_tested_ray_and_python():
     for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", text, re.M):
         for path in source.split():
             assert (REPO / path).exists(), path
-    lint = subprocess.run([str(Path(sys.executable).parent / "hadolint"), "--failure-threshold", "warning", "--no-color", str(DEPLOY / "Dockerfile")],
+    hadolint = str(Path(sys.executable).parent / "hadolint")
+    lint = subprocess.run([hadolint, "--failure-threshold", "warning", "--no-color", str(DEPLOY / "Dockerfile")],
                           capture_output=True, text=True, timeout=60)
     assert lint.returncode == 0, lint.stdout + lint.stderr
 

@@ -102,7 +102,8 @@ def test_ray_async_accounts_every_sample_and_records_staleness(ray_session, make
 
 
 @pytest.mark.ray
-def test_ctrl_c_in_async_records_every_batch_already_predicted_and_resumes(ray_session, make_run_config, tmp_path, monkeypatch):
+def test_ctrl_c_in_async_records_every_batch_already_predicted_and_resumes(ray_session, make_run_config, tmp_path,
+                                                                            monkeypatch):
     """An async batch is recorded when the cloud has taken its uploads; an interrupt while batches wait in the
     backlog, in a cloud call or in a finished host step records them all (their uploads counted as dropped);
     `--resume` then finishes the run with every sample once."""

@@ -290,7 +290,6 @@ class AsyncDriver:
         if lane.ping is None and lane.redo:
             lane.link.recover(min(lane.redo))
 
-
     def salvage(self, timeout_s: float = 10.0) -> int:
         """After Ctrl-C: put in the table every batch the hosts predicted that it lacks; returns the uploads
         this drops.
@@ -304,7 +303,8 @@ class AsyncDriver:
         for i, queue in enumerate(self.pool.in_flight):
             while queue:
                 records_ref, uploads_ref, snap_ref = queue[0]
-                done, _ = ray.wait([records_ref, snap_ref], num_returns=2, timeout=max(0.0, deadline - time.monotonic()))
+                left = max(0.0, deadline - time.monotonic())
+                done, _ = ray.wait([records_ref, snap_ref], num_returns=2, timeout=left)
                 if len(done) < 2:
                     break
                 try:
@@ -322,7 +322,8 @@ class AsyncDriver:
         before = self.dropped
         for lane in self.lanes:
             if lane.calls and lane.ping is None:
-                ray.wait(list(lane.calls), num_returns=len(lane.calls), timeout=max(0.0, deadline - time.monotonic()))
+                left = max(0.0, deadline - time.monotonic())
+                ray.wait(list(lane.calls), num_returns=len(lane.calls), timeout=left)
             for ref in list(lane.calls):
                 if ray.wait([ref], timeout=0)[0] and lane.ping is None:
                     self._cloud_done(lane, ref)  # settled: recorded as delivered (or moved to redo if it failed)

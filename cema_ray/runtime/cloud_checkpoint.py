@@ -117,7 +117,7 @@ class CloudCheckpointStore:
         return self._load(pointer.read_text().strip())
 
     def positions(self) -> list[int]:
-        """The positions whose checkpoint is on disk (the JSON is written after the tensors, so it marks a whole one)."""
+        """The positions whose checkpoint is on disk (the JSON is written after the tensors: it marks a whole one)."""
         return sorted(int(p.name[len("state-"):-len(".json")]) for p in self.folder.glob("state-*.json"))
 
     def at(self, position: int) -> dict[str, Any] | None:

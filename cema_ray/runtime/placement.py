@@ -90,8 +90,9 @@ def preflight(cfg: dict[str, Any], clean: Any, uses_foundation: bool, skip_own_n
     """Check every other alive node that can take the cloud or a host; returns how many were checked.
 
     The driver's own node was checked before Ray started (`verify_models`, the data loaded), so a one-node
-    run sends no task (`skip_own_node=False` checks it too). A demand no alive node meets fails at once on a local instance; on a joined
-    cluster one line says so and the actors wait for a node to join (an autoscaler may add one)."""
+    run sends no task (`skip_own_node=False` checks it too). A demand no alive node meets fails at once on a
+    local instance; on a joined cluster one line says so and the actors wait for a node to join (an autoscaler
+    may add one)."""
     here = ray.get_runtime_context().get_node_id()
     alive = [n for n in ray.nodes() if n.get("Alive")]
     lazy = [str(f) for f in getattr(clean, "files", [])]
