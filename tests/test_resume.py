@@ -132,7 +132,7 @@ def _sample_ids(out: Path) -> list[int]:
 @pytest.mark.ray
 def test_a_killed_async_driver_resumes_with_every_sample_predicted_exactly_once(ray_session, tiny_raw_config, tmp_path,
                                                                                capsys):
-    """Async: the driver dies by SIGKILL after the cloud's second checkpoint while the paced edges are mid-stream;
+    """Async: the driver dies by SIGKILL 1.5 s after its first journal while the paced edges are mid-stream;
     `--resume` goes back to the journal's newest round (the cloud to that very checkpoint), keeps every batch
     the edges' snapshots cover, predicts the rest, and the final table holds each sample once."""
     config = tmp_path / "run.yaml"
@@ -144,10 +144,11 @@ def test_a_killed_async_driver_resumes_with_every_sample_predicted_exactly_once(
                 "edges.groups=[{name: paced, fraction: 1.0, frame_rate: 4.0}]", "--out", str(out))
     driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
-    marker = out / "resume" / "hosts" / "state-00000004.json"
+    marker = out / "resume" / "hosts" / "state-00000002.json"  # the first journal (the next comes 10 s later)
     deadline = time.monotonic() + 240
     while not marker.is_file() and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
+    time.sleep(1.5)  # the edges go on, the cloud checkpoints again (pruning all but the pinned and the newest)
     assert driver.poll() is None, driver.stderr.read().decode()[-2000:]
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
@@ -157,7 +158,21 @@ def test_a_killed_async_driver_resumes_with_every_sample_predicted_exactly_once(
     assert "resumed at the cloud's checkpoint" in capsys.readouterr().err
     done = json.loads((out / "summary.json").read_text())
     ids = _sample_ids(out)
-    assert done["status"] == "complete" and done["resumed_at"] >= 4 and done["samples"] == 3 * 2 * 192
+    assert done["status"] == "complete" and done["resumed_at"] == 2 and done["samples"] == 3 * 2 * 192
     assert len(ids) == len(set(ids)) == 3 * 2 * 192  # every sample once: none lost, none twice
     assert done["uploaded"] == done["cloud_ingested"] + done["dropped"]  # every upload trained on or counted
     assert not list((out / "resume" / "hosts").glob("state-*"))
+
+
+def test_a_pinned_cloud_checkpoint_outlives_newer_ones(tmp_path):
+    """The async journal points at one cloud checkpoint; the cloud keeps it (and its two newest) until the pin
+    moves, also after a restart (the pin is a file)."""
+    store = CloudCheckpointStore(tmp_path, "run")
+    store.save({"x": 1}, 1)
+    store.pin(1)
+    for position in (2, 3, 4):
+        store.save({"x": position}, position)
+    assert store.positions() == [1, 3, 4] and store.at(1) == {"x": 1}
+    CloudCheckpointStore(tmp_path, "run").pin(3)  # the next journal, from another process
+    store.save({"x": 5}, 5)
+    assert store.positions() == [3, 4, 5]

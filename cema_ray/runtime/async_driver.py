@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -17,6 +17,9 @@ from cema_ray.runtime.progress import RunProgress
 from cema_ray.runtime.shards import average_states
 
 Records = list[dict[str, Any]]
+JOURNAL_EVERY_S = 10.0
+"""Async journal cadence: at the first cloud checkpoint after this many seconds (a journal writes every edge's
+snapshot and the table, too much for every checkpoint of a big fleet)."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,7 @@ class AsyncDriver:
     def __init__(self, links: list[CloudLink], pool: HostPool, progress: RunProgress, max_in_flight: int,
                  wait_when_full: bool, partial: PartialWriter | None = None,
                  coalesce_uploads: int | None = None, journal: ResumeJournal | None = None,
-                 start: AsyncStart | None = None) -> None:
+                 start: AsyncStart | None = None, pin: Callable[[int], None] | None = None) -> None:
         """``coalesce_uploads``: past the backlog's bound, merge its two oldest deliveries into one (one cloud call
         for both: a cloud that pays per call keeps up with fast hosts) while it holds at most this many uploads,
         and drop only beyond that (`ray.uplink: follow`, where the edges' uploads already follow the cloud); None:
@@ -96,7 +99,9 @@ class AsyncDriver:
         self.dropped = 0
         self.max_backlog = 0
         self.uplink: float | None = None  # the newest advertised share (uploads/s per edge; one shard's if sharded)
-        self.journal, self.journaled = journal, 0  # resumable state, saved at each new cloud checkpoint
+        # resumable state, saved at a new cloud checkpoint at most every JOURNAL_EVERY_S; `pin` keeps that
+        # checkpoint on the cloud's disk while newer ones come and go
+        self.journal, self.journaled, self.pin, self.journal_at = journal, 0, pin, float("-inf")
         if start is not None:  # a resumed run: the hosts and the cloud hold the state of round `start.position`
             self.lanes[0].link.next_seq = self.journaled = start.position
             self.newest = dict(start.newest)
@@ -234,7 +239,8 @@ class AsyncDriver:
             self._share(self.lanes.index(lane), delivery.shared)
         for rec, steps, refused in zip(records, delivery.item_steps, delivery.item_refused, strict=True):
             self.progress.add(dict(rec, cloud_steps=steps, dropped=refused))  # per batch, as sent
-        if self.journal is not None and delivery.checkpoint > self.journaled:
+        if (self.journal is not None and delivery.checkpoint > self.journaled
+                and time.monotonic() - self.journal_at >= JOURNAL_EVERY_S):
             self._journal(delivery.checkpoint)  # before this delivery's publications reach any edge
         uplink = None if delivery.uplink is None else {self.lanes.index(lane): delivery.uplink}
         if delivery.pubs:
@@ -259,9 +265,11 @@ class AsyncDriver:
                    for rec in recs]
         self.journal.save_round(position, merged, list(self.latest_pubs.values()), self.newest, pending,
                                 self.pub_log)
+        if self.pin is not None:  # before the next delivery is sent: the cloud prunes only when it checkpoints
+            self.pin(position)
         if self.partial is not None:
             self.partial.maybe(self.progress.recorder, force=True)
-        self.journaled = position
+        self.journaled, self.journal_at = position, time.monotonic()
 
     def _share(self, shard: int, state: Any) -> None:
         """Keep a shard's shared foundation state; once every shard has shared, average them for the next round."""

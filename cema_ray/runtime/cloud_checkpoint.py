@@ -103,9 +103,17 @@ class CloudCheckpointStore:
         self._prune()
         return weights
 
+    def pin(self, position: int) -> None:
+        """Keep the checkpoint of `position` whatever comes after it (an async run's journal points at it: a
+        resumed run restores exactly that one). A file, so a restarted cloud honours it too."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.folder / "PINNED", f"state-{position:08d}".encode())
+
     def _prune(self) -> None:
         stems = sorted({p.name.split(".")[0] for p in self.folder.glob("state-*.json")})
-        for stem in stems[:-KEEP]:
+        pinned = self.folder / "PINNED"
+        keep = pinned.read_text().strip() if pinned.is_file() else None
+        for stem in [s for s in stems[:-KEEP] if s != keep]:
             for suffix in (".json", ".safetensors"):
                 (self.folder / f"{stem}{suffix}").unlink(missing_ok=True)
 

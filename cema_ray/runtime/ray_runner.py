@@ -25,6 +25,7 @@ from cema_ray.results import RunRecorder
 from cema_ray.results.storage import is_uri
 from cema_ray.runtime.actor_calls import kill_actors, project_error, wait_for_actor
 from cema_ray.runtime.async_driver import AsyncDriver, fix_lags
+from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore
 from cema_ray.runtime.cloud_link import CloudLink
 from cema_ray.runtime.faults import FaultSchedule
 from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans, method_settings, verify_models
@@ -289,7 +290,8 @@ def run_ray(cfg: dict[str, Any], out_dir: str | Path | None = None, partial: Par
                 pool.redo_until = start.redo_until if start else {}
                 driver = AsyncDriver(links, pool, progress, cfg["ray"]["max_in_flight_per_host"],
                                      cfg["ray"]["backlog_full"] == "wait", partial,
-                                     cfg["cloud"]["queue_capacity"] if follows(cfg) else None, journal, start)
+                                     cfg["cloud"]["queue_capacity"] if follows(cfg) else None, journal, start,
+                                     CloudCheckpointStore(ckpt_dir, run_id).pin if journal is not None else None)
                 # one shard after another: timed side by side on one node, they would share its cores
                 calibrated = [wait_for_actor(c.calibrate, data.image_shape) for c in clouds]
                 shares = {k: share for k, (_, share) in enumerate(calibrated) if share is not None}
