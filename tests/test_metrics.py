@@ -204,11 +204,11 @@ class _Recorded:
 def test_a_batch_predicted_again_after_resume_counts_as_redone_work_only():
     """The interrupted run's hosts counted a batch it had recorded past the resume point; the resumed run
     predicts it again and counts it in cema_edge_redone_samples, not a second time in the edge counters."""
-    from cema_ray.runtime.metrics import HostMetrics
+    from cema_ray.runtime.metrics import EDGE_TAGS, HostMetrics
 
     metrics = HostMetrics.__new__(HostMetrics)  # no Ray metric objects: stand-ins record what they get
     metrics.host, metrics.run, metrics.seen = "0", "run", {}
-    metrics.m = {name: _Recorded() for name, spec in METRICS.items() if spec.tags == HostMetrics.TAGS}
+    metrics.m = {name: _Recorded() for name, spec in METRICS.items() if spec.tags == EDGE_TAGS}
     rec = {"group": "g", "samples": 32, "correct": 20, "uploaded": 8, "bytes_up": 6272, "bytes_down": 0,
            "rejected": 0, "version_lag": 0, "e_max": 0.4, "latency_ms": 3.0}
     metrics.record(rec, redone=True)

@@ -104,7 +104,7 @@ def rows_to_resume(out: Path, cursors: dict[int, int], pending: list[dict[str, A
 
 
 class ResumeJournal:
-    """The resumable state of a sync Ray run in `<out>/resume/`."""
+    """The resumable state of a Ray run in `<out>/resume/`."""
 
     def __init__(self, out: Path, run_id: str) -> None:
         self.dir = Path(out) / RESUME_DIR

@@ -17,6 +17,10 @@ from typing import Any
 from ray.util import metrics
 
 EDGE_TAGS = ("run", "group", "host")
+EDGE_COUNTERS = (("cema_edge_samples", "samples"), ("cema_edge_correct", "correct"), ("cema_edge_uploads", "uploaded"),
+                 ("cema_edge_bytes_up", "bytes_up"), ("cema_edge_bytes_down", "bytes_down"),
+                 ("cema_edge_rejected", "rejected"))
+"""The per-batch counters and the record field each adds up (a redone batch adds to none of them)."""
 CLOUD_TAGS = ("run",)
 
 
@@ -73,8 +77,6 @@ def _make(name: str) -> Any:
 class HostMetrics:
     """The series of one EdgeHost, per edge group."""
 
-    TAGS = EDGE_TAGS
-
     def __init__(self, host_id: int, run: str) -> None:
         self.host, self.run = str(host_id), run
         self.m = {name: _make(name) for name, spec in METRICS.items() if spec.tags == EDGE_TAGS}
@@ -87,11 +89,10 @@ class HostMetrics:
         m = self.m
         if redone:
             m["cema_edge_redone_samples"].inc(rec["samples"], tags=t)
-        for name, key in () if redone else (("cema_edge_samples", "samples"), ("cema_edge_correct", "correct"),
-                          ("cema_edge_uploads", "uploaded"), ("cema_edge_bytes_up", "bytes_up"),
-                          ("cema_edge_bytes_down", "bytes_down"), ("cema_edge_rejected", "rejected")):
-            if rec[key]:
-                m[name].inc(rec[key], tags=t)
+        else:
+            for name, key in EDGE_COUNTERS:
+                if rec[key]:
+                    m[name].inc(rec[key], tags=t)
         seen = self.seen.setdefault(t["group"], [0, 0])
         seen[0] += rec["samples"]  # as summary.json counts: a rejected sample counts as wrong
         seen[1] += rec["correct"]

@@ -20,6 +20,7 @@ from cema_ray.config import RAY_BUILTIN_RESOURCES as RESERVED
 from cema_ray.errors import ConfigError, DataError
 from cema_ray.models.checkpoint import card_path, card_sha, sha256_file
 
+
 @dataclass(frozen=True)
 class Demand:
     """What one actor reserves: the node must offer at least this of each resource."""
@@ -102,11 +103,12 @@ def preflight(cfg: dict[str, Any], clean: Any, uses_foundation: bool, skip_own_n
         nodes = [n for n in alive if demand.fits(n)]
         if not nodes:
             _no_node(cfg, demand)
+        files = needed_files(cfg, demand.role, uses_foundation, lazy)  # the cards read once, not once per node
         for node in nodes:
             if node["NodeID"] == here and skip_own_node:
                 continue
             check = checks.setdefault(node["NodeID"], NodeCheck())
-            check.files.update(needed_files(cfg, demand.role, uses_foundation, lazy))
+            check.files.update(files)
             check.roles.add(demand.role)
     by_node = {n["NodeID"]: n for n in alive}
     refs = {node_id: _check_node.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
