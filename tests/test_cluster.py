@@ -26,7 +26,7 @@ from cema_ray.runtime import run_experiment
 
 from batch_tables import COMPARED, batch_table
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("cluster")]
 
 CLI = Path(sys.executable).parent / "cema-ray"
 

@@ -119,6 +119,7 @@ def metered_run(ray_session, tmp_path_factory, tiny_raw_config):
 
 
 @pytest.mark.ray
+@pytest.mark.xdist_group("metered")  # one metered run for both
 def test_status_reads_the_runs_totals_from_the_nodes(metered_run, capsys):
     from cema_ray.cli import main
     from cema_ray.status import rows, scrape
@@ -155,6 +156,7 @@ def test_status_refuses_a_bad_interval(capsys):
 @pytest.mark.ray
 @pytest.mark.skipif(shutil.which("prometheus") is None,
                     reason="no prometheus binary (setup.sh installs the Debian package `prometheus`)")
+@pytest.mark.xdist_group("metered")  # one metered run for both
 def test_a_real_prometheus_scrapes_the_fleet_and_its_totals_equal_the_summary(metered_run, tmp_path):
     summary, targets = metered_run
     port = _free_port()
