@@ -108,7 +108,13 @@ GROUP = Section({
                                  lo_open=True, nullable=True),
     "uplink_bytes_per_s": number(None, "upload budget in bytes per second (null = unlimited)", lo=0,
                                lo_open=True, nullable=True),
-}, "one group of edges with its own stream, frame rate and uplink")
+    "model": Section({
+        "name": string(None, "the group's edge model (null: models.edge)", nullable=True, check=_check_model),
+        "checkpoint": string(None, "safetensors checkpoint (timm: local weights file)", nullable=True),
+        "allow_unverified": boolean(False, "load a checkpoint whose card has no sha256"),
+    }, "the edge model this group runs; groups of several architectures make a mixed fleet, whose cloud trains a "
+       "student per architecture (cema-fleet, or an edge-only method)"),
+}, "one group of edges with its own stream, frame rate, uplink and model")
 
 # Per-edge values drawn from distributions (`edges.distributions`): the keys a distribution may set, each with the
 # field that every drawn value must satisfy, and the forms of distribution (one per key).
@@ -365,6 +371,23 @@ def _num_classes(data: dict[str, Any]) -> int | None:
     return data.get("num_classes") or getattr(DATA_SOURCES.get(data["source"]), "num_classes", None)
 
 
+def _check_mixed(cfg: dict[str, Any]) -> None:
+    """A mixed fleet (a group's model differs from models.edge) needs a method that trains a student per
+    architecture, or none, and no domain bank (its keys come from one architecture's stem)."""
+    edge = cfg["models"]["edge"]
+    for i, group in enumerate(cfg["edges"]["groups"]):
+        model = group["model"]
+        if model["name"] is None or (model["name"], model["checkpoint"]) == (edge["name"], edge["checkpoint"]):
+            continue
+        key, method = f"edges.groups.{i}.model.name", cfg["method"]
+        if not method_registry().get(method["name"]).mixed_models:
+            fail(key, model["name"], f"a fleet of several edge architectures needs a method that trains a student "
+                 f"per architecture (cema-fleet, oracle) or none (bn, source, tent-edge), not '{method['name']}'")
+        if int(method["settings"].get("bank_size", 1)) > 1:
+            fail(key, model["name"], "a fleet of several edge architectures cannot share a domain bank (its keys "
+                 "come from one architecture's stem); use method.settings.bank_size: 1")
+
+
 def _check_groups(edges: dict[str, Any]) -> None:
     for i, group in enumerate(edges["groups"]):
         if group["name"] is None:
@@ -562,6 +585,7 @@ def validate_run_config(raw: dict[str, Any], *, check_paths: bool = True) -> dic
     _check_distributions(cfg["edges"])
     _check_settings(cfg)
     _check_lanes(cfg)
+    _check_mixed(cfg)
     _check_faults(cfg)
     _check_device(cfg)
     cfg["data"]["root"] = resolve_data_root(cfg["data"]["source"], cfg["data"]["root"], check=check_paths)

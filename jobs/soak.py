@@ -1,6 +1,6 @@
 """Soak: the quick start in async mode for N minutes while its actors are killed from outside with SIGKILL.
 
-    .venv/bin/python jobs/soak.py [--minutes 10] [--host-every 20] [--cloud-every 60] [--out runs/soak]
+    .venv/bin/python jobs/soak.py [--minutes 10] [--host-every 20] [--cloud-every 60] [--edges 32] [--out runs/soak]
 
 The run is `configs/quickstart.yaml` with `mode: async`, its streams `--scale` times longer and every group paced
 by a frame rate so that it lasts about `--minutes`. Every `--host-every` seconds one EdgeHost process, and every
@@ -30,10 +30,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def soak_config(scale: int, minutes: float, out: Path) -> Path:
-    """The quick start, async, streams `scale` x longer, each group paced to last about `minutes`."""
+def soak_config(scale: int, minutes: float, out: Path, edges: int | None = None) -> Path:
+    """The quick start, async, streams `scale` x longer, each group paced to last about `minutes` (with `edges`
+    edges instead of its 32, each host holding a quarter of them: the test suite's short form)."""
     cfg = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     cfg["name"], cfg["mode"] = "soak", "async"
+    if edges is not None:
+        cfg["edges"]["count"], cfg["edges"]["per_host"] = edges, max(1, edges // 4)
     top = cfg["stream"]
     top["samples_per_domain"] *= scale
     for group in cfg["edges"]["groups"]:
@@ -75,11 +78,12 @@ def main() -> int:
     ap.add_argument("--host-every", type=float, default=20.0)
     ap.add_argument("--cloud-every", type=float, default=60.0)
     ap.add_argument("--scale", type=int, default=5, help="streams this many times the quick start's")
+    ap.add_argument("--edges", type=int, default=None, help="edges (default: the quick start's 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/soak"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    config = soak_config(args.scale, args.minutes, args.out)
+    config = soak_config(args.scale, args.minutes, args.out, args.edges)
     rng = random.Random(args.seed)
     cmd = [sys.executable, "-m", "cema_ray.cli", "run", str(config)]
     log = open(args.out / "run.log", "w")

@@ -76,7 +76,7 @@ def test_cema_cloud_resumes_from_disk_exactly(make_run_config, tmp_path, method)
     uploads = [rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8) for _ in range(4)]
 
     def cloud():
-        return build_cloud(cfg, load_model(cfg["models"]["edge"], cfg["data"], "edge"),
+        return build_cloud(cfg, [load_model(cfg["models"]["edge"], cfg["data"], "edge")],
                            load_model(cfg["models"]["foundation"], cfg["data"], "foundation"))
 
     a = cloud()

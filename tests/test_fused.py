@@ -99,7 +99,7 @@ def test_virtual_edges_share_one_model_and_keep_kilobytes(make_run_config):
     from cema_ray.runtime.fleet import DataContext, edge_plans
 
     cfg = make_run_config("method.name=cema-fleet", "edges.count=40")
-    edges = build_edges(cfg, DataContext(cfg["data"]), load_edge_model(cfg), edge_plans(cfg))
+    edges = build_edges(cfg, DataContext(cfg["data"]), [load_edge_model(cfg)], edge_plans(cfg))
     assert len({id(e.policy.host) for e in edges}) == 1
     assert len({id(e.policy.filter) for e in edges}) == 40  # filters are each edge's own
     assert max(len(pickle.dumps(e.snapshot())) for e in edges) < 4096
@@ -120,7 +120,7 @@ def test_a_fresh_edge_and_a_forked_edge_predict_alike(make_run_config):
     torch.set_num_threads(1)
     cfg = make_run_config("method.name=cema", "edges.count=2")
     data = DataContext(cfg["data"])
-    first, second = build_edges(cfg, data, load_edge_model(cfg), edge_plans(cfg))
+    first, second = build_edges(cfg, data, [load_edge_model(cfg)], edge_plans(cfg))
     for _ in range(2):
         first.step(0)
     twin = first.policy.fork()

@@ -185,6 +185,8 @@ def test_a_real_prometheus_scrapes_the_fleet_and_its_totals_equal_the_summary(me
         assert _until(read, want, timeout=90) == want
         by_group = query(f'count(count by (group) ({METRICS["cema_edge_accuracy"].exported}{{run="{run}"}}))')
         assert by_group == 2.0  # an accuracy series per edge group
+        one = f'{METRICS["cema_edge_samples"].exported}{{run="{run}",model="cema_resnet_s"}}'
+        assert query(f"sum({one})") == summary["samples"]  # every edge runs models.edge: one model label
         assert query(f'sum({METRICS["cema_cloud_publications"].exported}{{run="{run}"}})') == summary["publications"]
     finally:
         proc.terminate()
@@ -209,9 +211,9 @@ def test_a_batch_predicted_again_after_resume_counts_as_redone_work_only():
     from cema_ray.runtime.metrics import EDGE_TAGS, HostMetrics
 
     metrics = HostMetrics.__new__(HostMetrics)  # no Ray metric objects: stand-ins record what they get
-    metrics.host, metrics.run, metrics.seen = "0", "run", {}
+    metrics.host, metrics.run, metrics.seen, metrics.models = "0", "run", {}, {3: "cema_resnet_s"}
     metrics.m = {name: _Recorded() for name, spec in METRICS.items() if spec.tags == EDGE_TAGS}
-    rec = {"group": "g", "samples": 32, "correct": 20, "uploaded": 8, "bytes_up": 6272, "bytes_down": 0,
+    rec = {"edge_id": 3, "group": "g", "samples": 32, "correct": 20, "uploaded": 8, "bytes_up": 6272, "bytes_down": 0,
            "rejected": 0, "version_lag": 0, "e_max": 0.4, "latency_ms": 3.0}
     metrics.record(rec, redone=True)
     assert metrics.m["cema_edge_redone_samples"].values == [32] and metrics.m["cema_edge_samples"].values == []

@@ -39,7 +39,7 @@ def test_shards_train_apart_and_average_their_foundations(make_run_config):
 
     torch.set_num_threads(1)
     cfg = make_run_config(*CEMA, "cloud.shards=2", "cloud.sync_every=2", "edges.count=4")
-    shards = build_shards(cfg, load_edge_model(cfg), load_foundation(cfg))
+    shards = build_shards(cfg, [load_edge_model(cfg)], load_foundation(cfg))
     f0, f1 = (s.trainer.foundation for s in shards.services)
     assert f0 is not f1
     before = norm_state(f0)
@@ -84,7 +84,7 @@ def test_a_late_mean_is_applied_as_a_correction_not_a_rollback(make_run_config):
 
     torch.set_num_threads(1)
     cfg = make_run_config(*CEMA, "cloud.shards=2", "edges.count=2")
-    service = build_shards(cfg, load_edge_model(cfg), load_foundation(cfg)).services[0]
+    service = build_shards(cfg, [load_edge_model(cfg)], load_foundation(cfg)).services[0]
     rng = np.random.default_rng(0)
 
     def deliver() -> None:

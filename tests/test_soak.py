@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 def test_a_short_soak_finishes_with_nothing_lost(tmp_path: Path) -> None:
     out = tmp_path / "soak"
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "soak.py"), "--minutes", "0.3", "--host-every", "6",
-                           "--cloud-every", "11", "--scale", "1", "--out", str(out)],
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "soak.py"), "--minutes", "0.5", "--host-every", "10",
+                           "--cloud-every", "22", "--scale", "1", "--edges", "8", "--out", str(out)],
                           capture_output=True, text=True, timeout=280, cwd=REPO)
     result = json.loads((out / "soak.json").read_text())
     assert done.returncode == 0, (done.stdout[-1500:], (out / "run.log").read_text()[-2000:])

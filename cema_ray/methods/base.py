@@ -119,7 +119,8 @@ class CloudTrainer:
 
 
 EdgeFactory = Callable[[nn.Module, Settings], EdgePolicy]
-CloudFactory = Callable[[nn.Module | None, nn.Module, Settings, torch.Generator], CloudTrainer]
+CloudFactory = Callable[[nn.Module | None, "nn.Module | Mapping[int, nn.Module]", Settings, torch.Generator],
+                        CloudTrainer]
 SettingsHook = Callable[[dict[str, Any], str], None]
 
 
@@ -151,6 +152,8 @@ class MethodSpec:
     forward_only_edge: bool = True  # False for references that back-propagate on the edge
     needs_labels: bool = False  # True for references whose cloud trains on the true labels (local runs only)
     derive: SettingsHook | None = None  # fills data-dependent defaults (class count) and checks settings together
+    mixed_models: bool = False  # runs a fleet of several edge architectures (its cloud, if any, takes a student
+    # template per architecture: a dict index -> model)
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -177,9 +180,11 @@ class MethodSpec:
     def make_edge(self, model: nn.Module, settings: Mapping[str, Any] | None = None) -> EdgePolicy:
         return self.edge_factory(model, self.resolve(settings, _classes(model)))
 
-    def make_cloud(self, foundation: nn.Module | None, student: nn.Module, settings: Mapping[str, Any] | None,
-                   generator: torch.Generator) -> CloudTrainer:
-        return self.cloud_factory(foundation, student, self.resolve(settings, _classes(student)), generator)
+    def make_cloud(self, foundation: nn.Module | None, student: nn.Module | Mapping[int, nn.Module],
+                   settings: Mapping[str, Any] | None, generator: torch.Generator) -> CloudTrainer:
+        """``student``: the edge model, or in a mixed fleet one per architecture index (`mixed_models` only)."""
+        first = next(iter(student.values())) if isinstance(student, Mapping) else student
+        return self.cloud_factory(foundation, student, self.resolve(settings, _classes(first)), generator)
 
 
 def _classes(model: nn.Module) -> int | None:

@@ -24,5 +24,5 @@ def make_edge(model: nn.Module, settings: Settings) -> EdgePolicy:
     return BatchStatsEdge(model, norm_mode=mode, alpha=alpha, upload_all=False)
 
 
-register_method("bn", edge=make_edge, cloud=no_cloud, settings=SETTINGS,
+register_method("bn", edge=make_edge, cloud=no_cloud, settings=SETTINGS, mixed_models=True,
                 description="BN adapt: edge normalises with test-batch statistics (alpha-mixed with source); 0 uploads")

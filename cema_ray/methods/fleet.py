@@ -53,6 +53,7 @@ from cema_ray.methods.base import (CloudTrainer, EdgeResult, NormState, register
                                    check_uploads, infer_num_classes, preset_settings)
 from cema_ray.methods.common import load_arrays, model_device, tensor_state, use_norm_stats
 from cema_ray.methods.host_model import ForwardEdge, HostModel
+from cema_ray.methods.parts import MODEL, wire
 from cema_ray.methods.student import Gain, Residual, Student
 from cema_ray.methods.upload_queue import UploadQueue
 from cema_ray.models.norm import freeze_all_but_norm_affine
@@ -233,9 +234,15 @@ class FleetCloud(CloudTrainer):
 
     needs_labels = False
 
-    def __init__(self, foundation: nn.Module | None, student_template: nn.Module, settings: Mapping[str, Any],
-                 generator: torch.Generator, method: str = "cema-fleet") -> None:
+    def __init__(self, foundation: nn.Module | None, student_template: nn.Module | Mapping[int, nn.Module],
+                 settings: Mapping[str, Any], generator: torch.Generator, method: str = "cema-fleet") -> None:
+        """``student_template``: the edge model, or in a mixed fleet one per architecture index: the teacher labels
+        each chunk once and every architecture's student learns from it (from every edge's uploads), and each
+        publishes to its own edges under ``model.<index>.`` (methods/parts.py)."""
         self.settings = s = settings
+        templates = dict(student_template) if isinstance(student_template, Mapping) else None
+        self.models = None if templates is None else list(templates)  # architecture indices, in student order
+        student_template = student_template if templates is None else templates[self.models[0]]
         self.method = method
         self.needs_labels = s["teacher"] == "labels"
         if foundation is None and not self.needs_labels:
@@ -251,9 +258,13 @@ class FleetCloud(CloudTrainer):
                                          momentum=float(s["momentum"]))
             self._f_source = tensor_state(self.foundation)
         size = int(s["bank_size"])
+        if templates is not None and size > 1:
+            raise ConfigError(f"method '{method}': a bank (bank_size > 1) keys domains by the edge model's stem, and "
+                              "a fleet of several edge architectures has several; use bank_size 1")
         self.bank = DomainBank(size, float(s["bank_radius"]), evict=s["bank_evict"]) if size > 1 else None
         self.takes_keys = self.bank is not None
-        self.students: list[Student] = [Student(student_template, s, generator)]  # the fleet's student
+        self.students: list[Student] = [Student(t, s, generator) for t in  # the fleet's student (one per arch)
+                                        ([student_template] if templates is None else templates.values())]
         self.residuals: list[Residual] = []  # a bank entry's offset to it, by slot
         self.queues: list[UploadQueue] = [UploadQueue()]  # by slot (one without a bank)
         self.base_gain = Gain()  # the fleet's student against the deployed weights (a bank's `bank_gate`)
@@ -269,7 +280,7 @@ class FleetCloud(CloudTrainer):
 
     @property
     def student(self) -> nn.Module:
-        """The first student's model (the only one without a bank)."""
+        """The first student's model (the only one in a fleet of one architecture)."""
         return self.students[0].model
 
     # teacher ---------------------------------------------------------------------------------
@@ -321,7 +332,8 @@ class FleetCloud(CloudTrainer):
         residual = self.residuals[slot] if self.bank is not None else None
         if residual is not None and self.settings["bank_gate"]:
             self._score(images, chunk[1].argmax(axis=1), residual)
-        self.last_loss["loss"] = self.students[0].learn(chunk, self._group_loss, residual)
+        for student in self.students:  # one teacher forward, every architecture's student learns from it
+            self.last_loss["loss"] = student.learn(chunk, self._group_loss, residual)
         self.version += 1
         self.counters["chunk_steps"] += 1
 
@@ -393,6 +405,8 @@ class FleetCloud(CloudTrainer):
         if count == 0 or count % int(self.settings["publish_every"]) or self._sent.get(edge_id, 0) == self.version:
             return None
         self._sent[edge_id] = self.version
+        if self.models is not None:
+            return wire({k: st.export() for k, st in zip(self.models, self.students)}, MODEL)
         base = self.students[0].export()
         if self.bank is None:
             return base
@@ -415,7 +429,8 @@ class FleetCloud(CloudTrainer):
         deployed weights, and picks its entry again by its next batch's key)."""
         if self.bank is not None:
             return
-        self.students[0].reset()
+        for student in self.students:
+            student.reset()
         if self.foundation is not None:
             self.foundation.load_state_dict(self._f_source)
             self.f_opt.state.clear()
@@ -435,7 +450,8 @@ class FleetCloud(CloudTrainer):
                 "base_gain": self.base_gain.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.students[0].load_state_dict(state["students"][0])
+        for student, student_state in zip(self.students, state["students"], strict=True):
+            student.load_state_dict(student_state)
         self.residuals = []
         for r_state in state["residuals"]:
             self.residuals.append(self._residual())
@@ -499,7 +515,7 @@ def _register() -> None:
                         cloud=functools.partial(FleetCloud, method=name),
                         settings=preset_settings(SETTINGS, overrides), description=description,
                         uses_foundation=uses_foundation, needs_labels=overrides.get("teacher") == "labels",
-                        derive=check_settings)
+                        derive=check_settings, mixed_models=True)
 
 
 _register()

@@ -7,8 +7,7 @@ other group runs. With ``method.lanes: group`` the cloud holds one trainer per g
 by its own group's uploads and reset only by its own group's edges.
 
 The transport does not change: the lanes' exports travel as one publication, each lane's parameters under
-``lane.<index>.`` (`lane_wire`), and an edge loads only its own lane's part (`lane_view`); the bytes an edge is
-charged are its lane's, what a cloud addressing each group would send it.
+``lane.<index>.`` (methods/parts.py), and an edge loads only its own lane's part.
 """
 from __future__ import annotations
 
@@ -17,31 +16,17 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from cema_ray.methods.base import CloudTrainer, NormState
-
-LANE_PREFIX = "lane."
+from cema_ray.methods.parts import LANE, view, wire
 
 
 def lane_wire(parts: Mapping[int, NormState]) -> NormState:
     """The lanes' exports as one flat publication: ``lane.<index>.<parameter>``."""
-    return {f"{LANE_PREFIX}{lane}.{name}": value for lane, state in sorted(parts.items())
-            for name, value in state.items()}
-
-
-_VIEWS: dict[tuple[int, int], tuple[NormState, NormState | None]] = {}
+    return wire(parts, LANE)
 
 
 def lane_view(state: NormState, lane: int) -> NormState | None:
-    """Lane ``lane``'s part of a publication (None: the publication has nothing new for it). The view is made once
-    per publication and lane, so the edges of one lane on a host hold the same object (their forwards stack)."""
-    hit = _VIEWS.get((id(state), lane))
-    if hit is not None and hit[0] is state:
-        return hit[1]
-    prefix = f"{LANE_PREFIX}{lane}."
-    view = {name[len(prefix):]: value for name, value in state.items() if name.startswith(prefix)} or None
-    _VIEWS[(id(state), lane)] = (state, view)
-    while len(_VIEWS) > 64:
-        _VIEWS.pop(next(iter(_VIEWS)))
-    return view
+    """Lane ``lane``'s part of a publication (None: nothing new for it), made once per publication and lane."""
+    return view(state, LANE, lane)
 
 
 class LanedCloud(CloudTrainer):

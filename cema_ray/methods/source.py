@@ -15,5 +15,5 @@ def make_edge(model: nn.Module, settings: Settings) -> EdgePolicy:
     return BatchStatsEdge(model, norm_mode="running", upload_all=False)
 
 
-register_method("source", edge=make_edge, cloud=no_cloud, settings={},
+register_method("source", edge=make_edge, cloud=no_cloud, settings={}, mixed_models=True,
                 description="no adaptation: the deployed edge model in eval mode; 0 uploads")

@@ -129,5 +129,6 @@ register_method("tent", edge=uploading_edge, cloud=make_cloud, settings=SETTINGS
                 description="Tent in the cloud: every sample uploaded, norm affine params published; edge uses batch "
                             "stats")
 register_method("tent-edge", edge=TentEdge, cloud=no_cloud, settings=SETTINGS, forward_only_edge=False,
+                mixed_models=True,
                 description="Tent on the edge itself (back-propagates: breaks the forward-only rule); 0 uploads, "
                             "reference")

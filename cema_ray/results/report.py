@@ -158,11 +158,27 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         skipped = d.get("skipped", {})
         why = " | ".join(_pct(skipped.get(c)) for c in SKIP_COLUMNS)
         lines.append(f"| {name} | {_num(d['samples'])} | {_pct(d['accuracy'])} | {_pct(d['upload_fraction'])} | {why} |")
+    lines += _per_model_lines(summary.get("per_model") or {})
     lines += ["", "## Plots", "",
               f"Edge accuracy over time (rolling over {ROLLING_BATCHES} rounds):", "", f"![accuracy]({ACCURACY_PNG})",
               "", "Cumulative uploads:", "", f"![uploads]({UPLOADS_PNG})", "",
               "Upload fraction and accuracy per domain:", "", f"![domains]({DOMAINS_PNG})", ""]
     return "\n".join(lines)
+
+
+def _per_model_lines(per: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """A mixed fleet's table, one row per edge architecture (each trained by its own student in the cloud)."""
+    if not per:
+        return []
+    lines = ["", "## Per edge architecture", "",
+             "| model | edges | samples | accuracy | upload fraction | bytes down | publications loaded | "
+             "version lag median / max |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, m in per.items():
+        lag = m.get("version_lag", {})
+        lines.append(f"| {name} | {m['edges']} | {_num(m['samples'])} | {_pct(m['accuracy'])} | "
+                     f"{_pct(m['upload_fraction'])} | {_num(m['bytes_down'])} | {_num(m['publications_loaded'])} | "
+                     f"{_num(lag.get('median'), 'g')} / {_num(lag.get('max'), 'g')} |")
+    return lines
 
 
 def write_report(out_dir: str | Path, table: pa.Table, summary: Mapping[str, Any]) -> Path:

@@ -53,6 +53,23 @@ def _per_domain(table: pa.Table) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _per_model(table: pa.Table, models: Mapping[Any, str]) -> dict[str, dict[str, Any]]:
+    """A mixed fleet, per edge architecture: its edges' accuracy, uploads, bytes down, the batches that loaded a
+    publication, and version lags (``models``: edge id -> architecture name)."""
+    edge = _col(table, "edge_id")
+    names = np.array([models.get(str(int(e)), models.get(int(e), "?")) for e in edge])
+    samples, correct, uploaded, down = (_col(table, c) for c in ("samples", "correct", "uploaded", "bytes_down"))
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(set(names.tolist())):
+        mask = names == name
+        n = int(samples[mask].sum())
+        out[name] = {"edges": int(len(set(edge[mask].tolist()))), "samples": n,
+                     "accuracy": _ratio(correct[mask].sum(), n), "upload_fraction": _ratio(uploaded[mask].sum(), n),
+                     "bytes_down": int(down[mask].sum()), "publications_loaded": int((down[mask] > 0).sum()),
+                     "version_lag": _version_lag(table.filter(pa.array(mask)))}
+    return out
+
+
 def _version_lag(table: pa.Table) -> dict[str, float | None]:
     lag = _col(table, "version_lag").astype(np.float64)
     if lag.size == 0:
@@ -97,6 +114,8 @@ def summarize(table: pa.Table, meta: Mapping[str, Any] | None = None) -> dict[st
         # batches predicted with weights the cloud published: 0 means the fleet never adapted through the cloud
         "published_fraction": _ratio(int((_col(table, "weight_version") > 0).sum()), table.num_rows),
     }
+    if meta.get("edge_models"):
+        summary["per_model"] = _per_model(table, meta["edge_models"])
     for key, value in meta.items():
         if key in summary and key not in META_KEYS:
             raise ValueError(f"meta key '{key}' would overwrite a number computed from the records")

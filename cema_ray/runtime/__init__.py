@@ -95,10 +95,12 @@ INTERRUPTED = {"interrupted": True, "status": "interrupted"}
 def _write(cfg: dict[str, Any], out: Path, recorder: Any, facts: dict[str, Any],
            report: bool | None = None) -> dict[str, Any]:
     from cema_ray.results import write_outputs
-    from cema_ray.runtime.fleet import edge_plans
+    from cema_ray.runtime.fleet import edge_model_names, edge_plans
 
+    plans, models = edge_plans(cfg), edge_model_names(cfg)
     meta = {
-        "edge_groups": {p.edge_id: p.profile.group for p in edge_plans(cfg)},
+        "edge_groups": {p.edge_id: p.profile.group for p in plans},
+        **({"edge_models": {p.edge_id: models[p.model] for p in plans}} if len(models) > 1 else {}),
         "name": cfg["name"], "method": cfg["method"]["name"], "runtime": cfg["runtime"], "mode": cfg["mode"],
         "num_edges": cfg["edges"]["count"], "seed": cfg["seed"], "data_source": cfg["data"]["source"], **facts,
     }

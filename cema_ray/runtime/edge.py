@@ -17,7 +17,7 @@ from cema_ray.algorithms.budget import SKIP_REASONS, apply_budget
 from cema_ray.data.streams import Batch, EdgeStream
 from cema_ray.errors import BatchRejected
 from cema_ray.methods.base import EdgePolicy, EdgeResult, NormState
-from cema_ray.methods.lanes import lane_view
+from cema_ray.methods.parts import LANE, MODEL, view
 from cema_ray.models.norm import state_nbytes
 from cema_ray.models.preprocess import to_input
 from cema_ray.runtime.faults import malform
@@ -93,12 +93,14 @@ class EdgeDevice:
         num_classes: int,
         bad_batches: tuple[tuple[float, str], ...] = (),
         lane: int | None = None,
+        model: int | None = None,
     ) -> None:
         """``bad_batches``: fault injection, (position in the stream as a fraction, kind) pairs; ``lane``: the cloud
-        trainer that serves this edge (`method.lanes: group`; None: the fleet's one), whose part of a publication
-        it loads."""
+        trainer that serves this edge (`method.lanes: group`; None: the fleet's one), and ``model``: its
+        architecture's index in a fleet of several (None: one architecture), which say the part of a publication
+        it loads (methods/parts.py)."""
         self.edge_id = edge_id
-        self.lane = lane
+        self.parts = [(kind, index) for kind, index in ((LANE, lane), (MODEL, model)) if index is not None]
         self.stream = stream
         self.policy = policy
         self.profile = profile
@@ -212,9 +214,9 @@ class EdgeDevice:
         """Load published parameters unless they are older than what this edge already has."""
         if version <= self.version:
             return
-        if self.lane is not None:
-            state = lane_view(state, self.lane)
-            if state is None:  # another lane's news: this edge already holds its own lane's newest
+        for kind, index in self.parts:
+            state = view(state, kind, index)
+            if state is None:  # another part's news: this edge already holds its own part's newest
                 self.version = version
                 return
         with torch.inference_mode():

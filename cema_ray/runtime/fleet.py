@@ -37,6 +37,7 @@ class EdgePlan:
     spec: StreamSpec
     profile: EdgeProfile
     bad_batches: tuple[tuple[float, str], ...] = ()  # fault injection: (position as a fraction, kind)
+    model: int = 0  # the edge's architecture: its index in `edge_model_specs`
 
 
 def method_settings(cfg: dict[str, Any]) -> tuple[MethodSpec, Settings]:
@@ -45,47 +46,96 @@ def method_settings(cfg: dict[str, Any]) -> tuple[MethodSpec, Settings]:
     return spec, spec.resolve(cfg["method"]["settings"])
 
 
-def load_model(model_cfg: dict[str, Any], data_cfg: dict[str, Any], role: str) -> nn.Module:
-    """A model from its checkpoint (safetensors + card) or, for timm names, its local weights."""
-    path = _checkpoint_path(model_cfg, role)
+def load_model(model_cfg: dict[str, Any], data_cfg: dict[str, Any], role: str, key: str | None = None) -> nn.Module:
+    """A model from its checkpoint (safetensors + card) or, for timm names, its local weights. ``key``: where the
+    config declares it (``models.<role>`` unless a group's), for messages."""
+    key = key or f"models.{role}"
+    path = _checkpoint_path(model_cfg, key, role)
     name = model_cfg["name"]
     if name.startswith(TIMM_PREFIX):
         info = source_info(data_cfg["source"])
         return create_model(name, info.num_classes, info.channels, info.mean, info.std, weights=path)
     model, card = load_checkpoint(path, bool(model_cfg.get("allow_unverified")))
-    _check_architecture(card, model_cfg, role, path)
+    _check_architecture(card, model_cfg, key, path)
     return model
 
 
+def edge_model_specs(cfg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The fleet's edge architectures as (config key, model section): `models.edge` first, then every group's
+    `model` that differs (by name and checkpoint) from each one before it, in the groups' order. More than one:
+    a mixed fleet, whose cloud trains a student per architecture."""
+    specs = [("models.edge", cfg["models"]["edge"])]
+    for i, group in enumerate(cfg["edges"].get("groups") or []):
+        model = group.get("model") or {}
+        if model.get("name") is not None and _model_index(specs, model) is None:
+            specs.append((f"edges.groups.{i}.model", model))
+    return specs
+
+
+def edge_model_names(cfg: dict[str, Any]) -> list[str]:
+    """Each architecture's label (summary.json, the report, the metrics' `model` tag): the model's name, with
+    ``#<index>`` where two checkpoints of one name are two architectures of the fleet."""
+    names = [m["name"] for _, m in edge_model_specs(cfg)]
+    return [n if names.count(n) == 1 else f"{n}#{k}" for k, n in enumerate(names)]
+
+
+def _model_index(specs: list[tuple[str, dict[str, Any]]], model: dict[str, Any]) -> int | None:
+    same = [k for k, (_, m) in enumerate(specs) if (m["name"], m.get("checkpoint")) == (model["name"],
+                                                                                       model.get("checkpoint"))]
+    return same[0] if same else None
+
+
+def group_model_index(cfg: dict[str, Any], group: dict[str, Any]) -> int:
+    """The index in `edge_model_specs` of the architecture a group's edges run."""
+    model = group.get("model") or {}
+    return 0 if model.get("name") is None else int(_model_index(edge_model_specs(cfg), model))
+
+
 def verify_models(cfg: dict[str, Any]) -> None:
-    """Every checkpoint the run loads exists and matches its card: checked once, on the driver, before Ray
-    starts, so a bad file is one line at once instead of a dead actor after the start-up."""
+    """Every checkpoint the run loads exists and matches its card, and every edge architecture predicts the
+    foundation's classes from the data's channels: checked once, on the driver, before Ray starts, so a bad file is
+    one line at once instead of a dead actor after the start-up."""
     spec, _ = method_settings(cfg)
-    for role in ("edge", "foundation") if spec.uses_foundation else ("edge",):
-        model_cfg = cfg["models"][role]
-        path = _checkpoint_path(model_cfg, role)
-        if not model_cfg["name"].startswith(TIMM_PREFIX):
-            _check_architecture(verify_checkpoint(path, bool(model_cfg.get("allow_unverified"))), model_cfg, role, path)
+    models = [(key, m, "edge") for key, m in edge_model_specs(cfg)]
+    if spec.uses_foundation:
+        models.insert(0, ("models.foundation", cfg["models"]["foundation"], "foundation"))
+    info = source_info(cfg["data"]["source"])
+    reference: tuple[str, dict[str, Any]] | None = None
+    for key, model_cfg, role in models:
+        path = _checkpoint_path(model_cfg, key, role)
+        if model_cfg["name"].startswith(TIMM_PREFIX):
+            card = {"num_classes": cfg["data"].get("num_classes") or info.num_classes, "in_chans": info.channels}
+        else:
+            card = verify_checkpoint(path, bool(model_cfg.get("allow_unverified")))
+            _check_architecture(card, model_cfg, key, path)
+        if len(models) > 1 + spec.uses_foundation:  # a mixed fleet: every model must agree with the first
+            reference = reference or (key, card)
+            for field in ("num_classes", "in_chans"):
+                want, got = reference[1].get(field), card.get(field)
+                if want is not None and got is not None and int(want) != int(got):
+                    raise CheckpointError(f"{key}: '{model_cfg['name']}' has {field} {got}, {reference[0]} has "
+                                          f"{want}: every edge architecture must predict the same classes from "
+                                          "the same images")
 
 
-def _checkpoint_path(model_cfg: dict[str, Any], role: str) -> str | None:
-    """`models.<role>.checkpoint`, checked to exist (optional for timm names: no file = random weights)."""
+def _checkpoint_path(model_cfg: dict[str, Any], key: str, role: str) -> str | None:
+    """`<key>.checkpoint`, checked to exist (optional for timm names: no file = random weights)."""
     path, name = model_cfg.get("checkpoint"), model_cfg["name"]
     if name.startswith(TIMM_PREFIX):
         if path and not Path(path).is_file():
-            raise CheckpointError(f"models.{role}.checkpoint = {path}: file not found")
+            raise CheckpointError(f"{key}.checkpoint = {path}: file not found")
         return path
     if not path:
-        raise CheckpointError(f"models.{role}.checkpoint is not set: '{name}' needs trained weights")
+        raise CheckpointError(f"{key}.checkpoint is not set: '{name}' needs trained weights")
     if not Path(path).is_file():
-        raise CheckpointError(f"models.{role}.checkpoint = {path}: file not found; train it with "
+        raise CheckpointError(f"{key}.checkpoint = {path}: file not found; train it with "
                               f"`cema-ray pretrain configs/pretrain_<data>_{role}.yaml`")
     return path
 
 
-def _check_architecture(card: dict[str, Any], model_cfg: dict[str, Any], role: str, path: str) -> None:
+def _check_architecture(card: dict[str, Any], model_cfg: dict[str, Any], key: str, path: str) -> None:
     if card["architecture"] != model_cfg["name"]:
-        raise CheckpointError(f"models.{role}: checkpoint {path} holds '{card['architecture']}', "
+        raise CheckpointError(f"{key}: checkpoint {path} holds '{card['architecture']}', "
                               f"config names '{model_cfg['name']}'")
 
 
@@ -112,6 +162,7 @@ def edge_plans(cfg: dict[str, Any], ids: range | None = None) -> list[EdgePlan]:
         for e in order[start : start + n]:
             assignment[int(e)] = g
         start += n
+    models = [group_model_index(cfg, group) for group in groups]
     faults = cfg.get("faults") or {}
     bad = plan_bad_batches(faults.get("bad_batches", 0), count, faults.get("seed", 0))
     plans = []
@@ -119,12 +170,13 @@ def edge_plans(cfg: dict[str, Any], ids: range | None = None) -> list[EdgePlan]:
         drawn = draw_edge_values(distributions, seed, e)
         stream = {**cfg["stream"], **{k: v for k, v in drawn.items() if k not in PROFILE_KEYS}}
         profile = {k: drawn.get(k) for k in PROFILE_KEYS}
-        name = "default"
+        name, model = "default", 0
         g = assignment.get(e)
         if g is not None:
             group = groups[g]
             stream.update(group.get("stream") or {})
             name = group.get("name") or f"group{g}"
+            model = models[g]
             if group.get("frame_rate") is not None:
                 profile["frame_rate"] = group["frame_rate"]
             if any(group.get(k) is not None for k in UPLINK_KEYS):
@@ -134,7 +186,7 @@ def edge_plans(cfg: dict[str, Any], ids: range | None = None) -> list[EdgePlan]:
             batch_size=stream["batch_size"], samples_per_domain=stream["samples_per_domain"],
             dirichlet_alpha=stream["dirichlet_alpha"], seed=cfg["seed"],
         )
-        plans.append(EdgePlan(e, spec, EdgeProfile(group=name, **profile), tuple(bad.get(e, ()))))
+        plans.append(EdgePlan(e, spec, EdgeProfile(group=name, **profile), tuple(bad.get(e, ())), model))
     return plans
 
 

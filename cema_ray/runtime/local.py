@@ -16,7 +16,7 @@ from cema_ray.runtime.cloud import Publication
 from cema_ray.runtime.shards import CloudShards
 from cema_ray.runtime.edge import EdgeDevice, EdgeStep
 from cema_ray.runtime.edge_round import step_edges
-from cema_ray.runtime.assembly import build_edges, build_shards, load_edge_model, load_foundation
+from cema_ray.runtime.assembly import build_edges, build_shards, load_edge_models, load_foundation
 from cema_ray.runtime.fleet import DataContext, edge_plans
 from cema_ray.results import RunRecorder
 from cema_ray.runtime.progress import RunProgress
@@ -52,9 +52,9 @@ def run_local(cfg: dict[str, Any], partial: PartialWriter | None = None) -> tupl
     threads = apply_threads(cfg.get("threads"))
     torch.manual_seed(cfg["seed"])
     data = DataContext(cfg["data"])
-    edge_model = load_edge_model(cfg)
-    edges = build_edges(cfg, data, edge_model, edge_plans(cfg))
-    cloud = build_shards(cfg, edge_model, load_foundation(cfg))
+    edge_models = load_edge_models(cfg)
+    edges = build_edges(cfg, data, edge_models, edge_plans(cfg))
+    cloud = build_shards(cfg, edge_models, load_foundation(cfg))
     progress = RunProgress(f"{cfg['name']} [local]", sum(len(e.stream) for e in edges), cfg["output"]["progress"])
     try:
         while any(not e.done for e in edges):

@@ -6,8 +6,9 @@ the Grafana dashboard and `cema-ray status` are checked against it. Names follow
 suffix (`ray_cema_edge_samples_total`).
 
 Tags: `run` is the run's actor prefix (`cema-<name>-<6 hex>`, as in the dashboard's Actors page and in
-`summary.json: ray_run`), so runs sharing a cluster keep apart; edge series carry the edge `group` and the
-`host`, never the edge id, so a fleet of thousands keeps a small label set.
+`summary.json: ray_run`), so runs sharing a cluster keep apart; edge series carry the edge `group`, its
+architecture (`model`, the edge model's name) and the `host`, never the edge id, so a fleet of thousands keeps a
+small label set.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Any
 
 from ray.util import metrics
 
-EDGE_TAGS = ("run", "group", "host")
+EDGE_TAGS = ("run", "group", "model", "host")
 EDGE_COUNTERS = (("cema_edge_samples", "samples"), ("cema_edge_correct", "correct"), ("cema_edge_uploads", "uploaded"),
                  ("cema_edge_bytes_up", "bytes_up"), ("cema_edge_bytes_down", "bytes_down"),
                  ("cema_edge_rejected", "rejected"))
@@ -75,17 +76,20 @@ def _make(name: str) -> Any:
 
 
 class HostMetrics:
-    """The series of one EdgeHost, per edge group."""
+    """The series of one EdgeHost, per edge group and architecture."""
 
-    def __init__(self, host_id: int, run: str) -> None:
+    def __init__(self, host_id: int, run: str, models: dict[int, str] | None = None) -> None:
+        """``models``: each edge's architecture (the edge model's name), by edge id."""
         self.host, self.run = str(host_id), run
+        self.models = models or {}
         self.m = {name: _make(name) for name, spec in METRICS.items() if spec.tags == EDGE_TAGS}
         self.seen: dict[str, list[int]] = {}  # group -> [samples, correct] in this process
 
     def record(self, rec: dict[str, Any], redone: bool = False) -> None:
         """One batch's record. ``redone``: the interrupted run this one resumes had recorded this batch (and
         its hosts counted it): count its samples as redone work, not again in the edge counters."""
-        t = {"run": self.run, "group": str(rec["group"]), "host": self.host}
+        t = {"run": self.run, "group": str(rec["group"]), "model": self.models.get(int(rec["edge_id"]), ""),
+             "host": self.host}
         m = self.m
         if redone:
             m["cema_edge_redone_samples"].inc(rec["samples"], tags=t)
@@ -93,7 +97,7 @@ class HostMetrics:
             for name, key in EDGE_COUNTERS:
                 if rec[key]:
                     m[name].inc(rec[key], tags=t)
-        seen = self.seen.setdefault(t["group"], [0, 0])
+        seen = self.seen.setdefault(t["group"], [0, 0])  # a group runs one architecture
         seen[0] += rec["samples"]  # as summary.json counts: a rejected sample counts as wrong
         seen[1] += rec["correct"]
         if seen[0]:

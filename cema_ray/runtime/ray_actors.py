@@ -27,8 +27,8 @@ from cema_ray.runtime.edge_round import step_edges
 from cema_ray.runtime.malloc import keep_freed_memory
 from cema_ray.runtime.metrics import CloudMetrics, HostMetrics
 from cema_ray.runtime.uplink import CloudCapacity, follows
-from cema_ray.runtime.assembly import build_edges, load_cloud, load_edge_model
-from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_plans
+from cema_ray.runtime.assembly import build_edges, load_cloud, load_edge_models
+from cema_ray.runtime.fleet import DataContext, EdgePlan, edge_model_names, edge_plans
 
 
 class EdgeHost:
@@ -68,14 +68,17 @@ class EdgeHost:
             os.nice(nice)
         self.anchors: dict[int, float] = {}  # edge id -> when its batch 0 was due (paced async runs)
         self.redo_until: dict[int, int] = {}  # edge id -> batches below it are predicted again (--resume)
-        self.metrics = HostMetrics(host_id, run_label)  # run_label: the run's actor prefix
+        names = edge_model_names(cfg)
+        self.metrics = HostMetrics(host_id, run_label,  # run_label: the run's actor prefix
+                                   {p.edge_id: names[p.model] for p in self.plans})
         if not clean_in_restore:
             self._build(clean)
 
     def _build(self, clean: LabeledImagesLike | None) -> None:
         try:
             data = DataContext(self.cfg["data"], clean=clean)
-            self.edges = build_edges(self.cfg, data, load_edge_model(self.cfg), self.plans)
+            self.edges = build_edges(self.cfg, data, load_edge_models(self.cfg, {p.model for p in self.plans}),
+                                     self.plans)
         except CemaError as exc:
             self.init_error = exc
         self.by_id = {e.edge_id: e for e in self.edges}
