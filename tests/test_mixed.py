@@ -169,3 +169,13 @@ def test_ray_sync_reproduces_local_on_a_mixed_fleet(ray_session, make_run_config
     for col in COMPARED:
         assert a[col] == b[col], col
     assert local["per_model"] == remote["per_model"] and max(a["weight_version"]) > 0
+
+
+def test_the_shipped_mixed_fleet_has_two_architectures_with_verified_checkpoints() -> None:
+    from cema_ray.config import load_config
+    from cema_ray.runtime.fleet import edge_model_names, edge_plans, verify_models
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "mixed_fleet.yaml", check_paths=False)
+    verify_models(cfg)  # both edge cards' sha256, and the same classes and channels as the foundation
+    assert edge_model_names(cfg) == ["cema_resnet_s", "cema_resnet_m"]
+    assert sorted({p.profile.group: p.model for p in edge_plans(cfg)}.values()) == [0, 1, 1]
