@@ -43,7 +43,8 @@ def test_defaults_filled(base: Path) -> None:
     assert cfg["edges"]["count"] == 32 and cfg["edges"]["per_host"] == 8 and cfg["edges"]["hosts"] is None
     assert cfg["edges"]["groups"] == [{"name": "g0", "fraction": 0.5, "stream": {"batch_size": 32},
                                        "frame_rate": None, "uplink_samples_per_s": None,
-                                       "uplink_bytes_per_s": None}]
+                                       "uplink_bytes_per_s": None,
+                                       "model": {"name": None, "checkpoint": None, "allow_unverified": False}}]
     assert cfg["method"]["name"] == "cema" and cfg["method"]["publish_every"] == 1
     # resolved at load: the class count from the data source, and the redundancy margin that depends on it
     assert cfg["method"]["settings"] == {**config.method_registry().get("cema").defaults, "num_classes": 10,

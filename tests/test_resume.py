@@ -48,7 +48,7 @@ def test_a_killed_driver_leaves_a_readable_run_that_resumes_to_the_same_records(
     run_experiment(load_config(config, ["runtime=local", *common]), tmp_path / "local")
     out = tmp_path / "ray"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = _cli("run", str(config), "runtime=ray", "ray.num_cpus=2", "faults.slow_cloud_s=0.4", *common,
+    args = _cli("run", str(config), "runtime=ray", "ray.num_cpus=2", "faults.slow_cloud_s=0.25", *common,
                 "--out", str(out))
     driver = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
