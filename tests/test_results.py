@@ -159,3 +159,25 @@ def test_async_progress_counts_predictions_and_shows_what_the_cloud_still_has(ca
     sync = RunProgress("t", 10, enabled=True)
     sync.add(dict(record))
     assert sync.bar.n == 1
+
+
+def test_every_report_table_has_as_many_cells_in_each_row_as_in_its_header(tmp_path) -> None:
+    """report.md's tables parsed back: the headline, per-domain and (a mixed fleet's) per-architecture tables."""
+    from cema_ray.results.report import render_markdown
+
+    meta = {"method": "cema", "runtime": "ray", "mode": "sync",
+            "edge_models": {str(r["edge_id"]): ("cema_resnet_s" if r["edge_id"] % 2 else "cema_resnet_m")
+                            for r in RECORDS}}
+    write_outputs(tmp_path, recorder(), meta)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    tables, current = [], []
+    for line in render_markdown(summary).splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    assert len(tables) == 3 and set(summary["per_model"]) == {"cema_resnet_s", "cema_resnet_m"}
+    for table in tables:
+        widths = {len(row.strip().strip("|").split("|")) for row in table}
+        assert len(widths) == 1, table

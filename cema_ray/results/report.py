@@ -150,9 +150,11 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         f"{_num(lag.get('max'), 'g')} |", "",
         "## Per domain", "",
         "Not uploaded, as fractions of the samples: turned away by the entropy threshold (unreliable), the entropy "
-        "floor (confident), the redundancy filter (redundant), or the uplink budget (throttled).", "",
-        "| domain | samples | accuracy | upload fraction | unreliable | confident | redundant | throttled |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "floor (confident), the redundancy filter (redundant), the method's upload budget per batch (budget), or "
+        "the uplink (throttled).", "",
+        "| domain | samples | accuracy | upload fraction | "
+        + " | ".join(c.removeprefix("skipped_") for c in SKIP_COLUMNS) + " |",
+        "| --- | --- | --- | --- | " + " | ".join("---" for _ in SKIP_COLUMNS) + " |",
     ]
     for name, d in summary.get("per_domain", {}).items():
         skipped = d.get("skipped", {})
