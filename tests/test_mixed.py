@@ -179,3 +179,17 @@ def test_the_shipped_mixed_fleet_has_two_architectures_with_verified_checkpoints
     verify_models(cfg)  # both edge cards' sha256, and the same classes and channels as the foundation
     assert edge_model_names(cfg) == ["cema_resnet_s", "cema_resnet_m"]
     assert sorted({p.profile.group: p.model for p in edge_plans(cfg)}.values()) == [0, 1, 1]
+
+
+def test_bench_fleet_keeps_each_groups_architecture_and_puts_the_foundation_everywhere_for_its_ceiling(
+        tmp_path: Path) -> None:
+    """`bench fleet configs/mixed_fleet.yaml --orders groups`: bn and the methods run each group on its own model;
+    foundation-bn runs every edge, a mixed group's included, on the foundation."""
+    from cema_ray.bench.fleet import plan_fleet_runs
+    from cema_ray.runtime.fleet import edge_model_specs
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "mixed_fleet.yaml"
+    plan, _ = plan_fleet_runs(config, ["data.root=null"], [8], ["groups"], [0.3], ["cema-fleet"], tmp_path)
+    specs = {row: [m["name"] for _, m in edge_model_specs(cfg)] for _, row, cfg in plan}
+    assert specs == {"bn": ["cema_resnet_s", "cema_resnet_m"], "cema-fleet": ["cema_resnet_s", "cema_resnet_m"],
+                     "foundation-bn": ["cema_resnet_l"]}

@@ -111,8 +111,10 @@ def plan_fleet_runs(config: Path, overrides: Sequence[str], sizes: Sequence[int]
                          *_order_overrides(order, corruptions),
                          *([] if cell.budget is None else [f"method.settings.upload_budget={cell.budget}"])]
                 cfg = bench_config(config, overrides, fixed)
-                if row == "foundation-bn":
+                if row == "foundation-bn":  # every edge on the foundation, a mixed fleet's groups included
                     cfg["models"]["edge"] = dict(cfg["models"]["foundation"])
+                    for group in cfg["edges"]["groups"]:
+                        group["model"] = {**group["model"], "name": None, "checkpoint": None}
                 cfg["name"] = f"{base}-{cell.label}-{row}"
                 cfg["output"]["dir"] = str(out / cell.label / row)
                 cells[cell.label] = cell
