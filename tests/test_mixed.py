@@ -193,3 +193,19 @@ def test_bench_fleet_keeps_each_groups_architecture_and_puts_the_foundation_ever
     specs = {row: [m["name"] for _, m in edge_model_specs(cfg)] for _, row, cfg in plan}
     assert specs == {"bn": ["cema_resnet_s", "cema_resnet_m"], "cema-fleet": ["cema_resnet_s", "cema_resnet_m"],
                      "foundation-bn": ["cema_resnet_l"]}
+
+
+def test_a_timm_model_can_be_a_groups_architecture(make_run_config, tmp_path: Path) -> None:
+    """A group on a timm model (random weights: no file given), beside the tiny ResNet-8: its own student's norm
+    layers reach its edges, sized as its own (mechanics only)."""
+    from cema_ray.runtime import run_experiment
+    from cema_ray.runtime.fleet import verify_models
+
+    torch.set_num_threads(1)
+    cfg = make_run_config("method.name=cema-fleet", "edges.count=2", "edges.per_host=2", "stream.corruptions=[fog]",
+                          "edges.groups=[{name: t, fraction: 0.5, model: {name: 'timm:mobilenetv3_small_050'}}]")
+    verify_models(cfg)
+    summary = run_experiment(cfg, tmp_path / "timm")
+    per = summary["per_model"]
+    assert set(per) == {"cema_resnet_s", "timm:mobilenetv3_small_050"} and summary["samples"] == 2 * 64
+    assert per["timm:mobilenetv3_small_050"]["bytes_down"] > per["cema_resnet_s"]["bytes_down"] > 0
