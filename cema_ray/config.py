@@ -373,7 +373,7 @@ def _num_classes(data: dict[str, Any]) -> int | None:
 
 def _check_mixed(cfg: dict[str, Any]) -> None:
     """A mixed fleet (a group's model differs from models.edge) needs a method that trains a student per
-    architecture, or none, and no domain bank (its keys come from one architecture's stem)."""
+    architecture, or none."""
     edge = cfg["models"]["edge"]
     for i, group in enumerate(cfg["edges"]["groups"]):
         model = group["model"]
@@ -383,9 +383,6 @@ def _check_mixed(cfg: dict[str, Any]) -> None:
         if not method_registry().get(method["name"]).mixed_models:
             fail(key, model["name"], f"a fleet of several edge architectures needs a method that trains a student "
                  f"per architecture (cema-fleet, oracle) or none (bn, source, tent-edge), not '{method['name']}'")
-        if int(method["settings"].get("bank_size", 1)) > 1:
-            fail(key, model["name"], "a fleet of several edge architectures cannot share a domain bank (its keys "
-                 "come from one architecture's stem); use method.settings.bank_size: 1")
 
 
 def _check_groups(edges: dict[str, Any]) -> None:

@@ -111,13 +111,14 @@ def test_uploads_teach_the_entry_of_their_key_and_the_bank_goes_down_whole() -> 
     cloud.ingest(0, images(4, 1), key=far)
     cloud.ingest(1, images(4, 2), key=near)
     assert cloud.on_edge_batch(0) == 2  # one chunk per entry (each its own domain)
-    assert [r.steps for r in cloud.residuals] == [1, 1] and cloud.students[0].steps == 2  # one step per chunk
+    residuals = cloud.learners[0].residuals
+    assert [r.steps for r in residuals] == [1, 1] and cloud.students[0].steps == 2  # one step per chunk
     wire = cloud.export(0)
     keys, entries, base, _ = bank_entries(wire)
     assert np.array_equal(keys, np.stack([far, near])) and len(entries) == 2 and base is not None
     one = cloud.students[0].export()
     assert set(base) == set(one) and all(np.array_equal(base[k], one[k]) for k in one)
-    for entry, r in zip(entries, cloud.residuals):  # an entry: the fleet's student plus its domain's offset
+    for entry, r in zip(entries, residuals):  # an entry: the fleet's student plus its domain's offset
         offset = r.published()
         assert set(entry) == set(one) and all(np.allclose(entry[k], one[k] + offset[k].numpy()) for k in one)
         assert any(float(v.abs().max()) > 0 for v in offset.values())
@@ -133,7 +134,7 @@ def test_a_reset_edge_resets_nothing_other_edges_use() -> None:
     cloud.ingest(1, images(2, 2), key=np.zeros(8, np.float32))  # waiting in entry 0's queue
     before = cloud.export(0)
     cloud.reset(1)
-    assert cloud.queued() == 2 and cloud.students[0].steps == 1 and cloud.residuals[0].steps == 1
+    assert cloud.queued() == 2 and cloud.students[0].steps == 1 and cloud.learners[0].residuals[0].steps == 1
     cloud.version += 1  # what export would send now
     after = cloud.export(0)
     assert set(before) == set(after) and all(np.array_equal(before[k], after[k]) for k in before)
@@ -247,12 +248,13 @@ def test_a_full_bank_merges_offsets_and_waiting_uploads_and_loses_none() -> None
     cloud.ingest(1, images(4, 2), key=keys[1])  # 0.0025 away: within the radius -> entry 0
     cloud.ingest(2, images(3, 3), key=keys[2] + 9)  # a second entry, 3 uploads waiting
     cloud.on_edge_batch(0)
-    r0 = {n: v.clone() for n, v in cloud.residuals[0].delta.items()}
+    r0 = {n: v.clone() for n, v in cloud.learners[0].residuals[0].delta.items()}
     cloud.ingest(3, images(2, 4), key=keys[2])  # beyond the radius of both: the full bank merges 0 and 1
-    assert cloud.bank.merges == 1 and cloud.queued() == 5  # 3 + 2 uploads: none lost
-    assert cloud.residuals[1].steps == 0  # the freed slot starts at zero offset for the new domain
-    w = cloud.bank.counts[0]
-    assert w == 3 and all(torch.allclose(cloud.residuals[0].delta[n], r0[n] * 2 / 3) for n in r0)  # 2:1 with zero
+    assert cloud.learners[0].bank.merges == 1 and cloud.queued() == 5  # 3 + 2 uploads: none lost
+    assert cloud.learners[0].residuals[1].steps == 0  # the freed slot starts at zero offset for the new domain
+    w = cloud.learners[0].bank.counts[0]
+    merged = cloud.learners[0].residuals[0].delta
+    assert w == 3 and all(torch.allclose(merged[n], r0[n] * 2 / 3) for n in r0)  # 2:1 with zero
 
 
 def test_the_gate_sends_an_entry_only_while_it_beats_the_deployed_weights() -> None:
@@ -260,12 +262,12 @@ def test_the_gate_sends_an_entry_only_while_it_beats_the_deployed_weights() -> N
     cloud.ingest(0, images(4, 1), key=np.zeros(8, np.float32))
     cloud.ingest(1, images(4, 2), key=np.full(8, 3.0, np.float32))
     cloud.on_edge_batch(0)
-    r0, r1 = cloud.residuals
-    assert r0.gain.count == r1.gain.count == 1 and cloud.base_gain.count == 2  # scored before each step
-    r0.gain.mean, r1.gain.mean, cloud.base_gain.mean = 0.25, -0.25, 0.1
+    r0, r1 = cloud.learners[0].residuals
+    assert r0.gain.count == r1.gain.count == 1 and cloud.learners[0].base_gain.count == 2  # scored before each step
+    r0.gain.mean, r1.gain.mean, cloud.learners[0].base_gain.mean = 0.25, -0.25, 0.1
     keys, entries, base, _ = bank_entries(cloud.export(0))
     assert len(keys) == 2 and entries[0] is not None and entries[1] is None and base is not None
-    cloud.base_gain.mean, cloud.version = 0.0, cloud.version + 1
+    cloud.learners[0].base_gain.mean, cloud.version = 0.0, cloud.version + 1
     wire = cloud.export(0)
     assert bank_entries(wire)[2] is None and not any(k.startswith("base.") for k in wire)
     # an edge whose batch is nearest entry 1 runs the deployed weights; near entry 0, entry 0

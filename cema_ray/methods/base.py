@@ -181,10 +181,13 @@ class MethodSpec:
         return self.edge_factory(model, self.resolve(settings, _classes(model)))
 
     def make_cloud(self, foundation: nn.Module | None, student: nn.Module | Mapping[int, nn.Module],
-                   settings: Mapping[str, Any] | None, generator: torch.Generator) -> CloudTrainer:
-        """``student``: the edge model, or in a mixed fleet one per architecture index (`mixed_models` only)."""
+                   settings: Mapping[str, Any] | None, generator: torch.Generator,
+                   model_of: Mapping[int, int] | None = None) -> CloudTrainer:
+        """``student``: the edge model, or in a mixed fleet one per architecture index (`mixed_models` only), with
+        ``model_of``, every edge's architecture index."""
         first = next(iter(student.values())) if isinstance(student, Mapping) else student
-        return self.cloud_factory(foundation, student, self.resolve(settings, _classes(first)), generator)
+        mixed = {} if model_of is None else {"model_of": model_of}
+        return self.cloud_factory(foundation, student, self.resolve(settings, _classes(first)), generator, **mixed)
 
 
 def _classes(model: nn.Module) -> int | None:

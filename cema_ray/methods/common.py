@@ -240,7 +240,7 @@ def uploading_edge(model: nn.Module, settings: Mapping[str, Any]) -> EdgePolicy:
 
 
 def no_cloud(foundation: nn.Module | None, student: nn.Module, settings: Mapping[str, Any],
-             generator: torch.Generator) -> CloudTrainer:
+             generator: torch.Generator, model_of: Mapping[int, int] | None = None) -> CloudTrainer:
     """For methods whose cloud does nothing (edge-only ones)."""
     return CloudTrainer()
 

@@ -21,6 +21,8 @@ changes is where the measurements showed CEMA losing the foundation's knowledge
 - ``bank_size`` > 1 (the ``cema-bank`` preset) adds a bank keyed by domain: per domain, an offset to the one
   student that only that domain's uploads train; the edges send each batch's domain key with its uploads and
   run, per batch, the entry nearest it (algorithms/domain_key.py, algorithms/domain_bank.py, methods/student.py).
+- A mixed fleet (several edge architectures) has a student per architecture, and with a bank a bank per
+  architecture, each keyed by its own stem (methods/learner.py).
 
 Every lever is a setting, so each ablation is one override. ``teacher: labels`` replaces the
 foundation by the stream's true labels (the ``oracle`` reference): it measures what the edge model
@@ -28,7 +30,8 @@ can hold at this upload budget, apart from what the teacher can tell it.
 
 Why one module of ~500 lines: the preset's edge, its cloud (teacher, students, the bank's routing) and its
 ablations are one method; each lever is a setting read in one place here. The student and a bank entry's
-offset live in methods/student.py, the bank's routing and wire format in algorithms/domain_bank.py.
+offset live in methods/student.py, one architecture's student with its bank in methods/learner.py, the bank's
+routing and wire format in algorithms/domain_bank.py.
 """
 from __future__ import annotations
 
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cema_ray.algorithms.budget import PRIORITIES, apply_budget, budget_cap
-from cema_ray.algorithms.domain_bank import EVICTIONS, DomainBank, PublishedBank, bank_entries, bank_wire, nearest
+from cema_ray.algorithms.domain_bank import EVICTIONS, PublishedBank, bank_entries, nearest
 from cema_ray.algorithms.domain_key import batch_keys, key_scale, normalise
 from cema_ray.algorithms.distill import selective_distillation_loss
 from cema_ray.algorithms.entropy import e0 as e0_of
@@ -54,8 +57,8 @@ from cema_ray.methods.base import (CloudTrainer, EdgeResult, NormState, register
 from cema_ray.methods.common import load_arrays, model_device, tensor_state, use_norm_stats
 from cema_ray.methods.host_model import ForwardEdge, HostModel
 from cema_ray.methods.parts import MODEL, wire
-from cema_ray.methods.student import Gain, Residual, Student
-from cema_ray.methods.upload_queue import UploadQueue
+from cema_ray.methods.learner import Learner
+from cema_ray.methods.student import Student
 from cema_ray.models.norm import freeze_all_but_norm_affine
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.publish import SCOPES
@@ -229,19 +232,23 @@ class FleetEdge(ForwardEdge):
 # --- cloud ---------------------------------------------------------------------------------
 
 class FleetCloud(CloudTrainer):
-    """Teacher labels at arrival, chunk-wise replay, a scoped student, EMA/anchor; one student for the fleet, and
-    with ``bank_size`` > 1 a bank of per-domain offsets to it, keyed by the domain keys the edges send."""
+    """Teacher labels at arrival, chunk-wise replay, a scoped student per edge architecture (methods/learner.py),
+    EMA/anchor; with ``bank_size`` > 1 each student has a bank of per-domain offsets, keyed by the domain keys its
+    architecture's edges send."""
 
     needs_labels = False
 
     def __init__(self, foundation: nn.Module | None, student_template: nn.Module | Mapping[int, nn.Module],
-                 settings: Mapping[str, Any], generator: torch.Generator, method: str = "cema-fleet") -> None:
-        """``student_template``: the edge model, or in a mixed fleet one per architecture index: the teacher labels
-        each chunk once and every architecture's student learns from it (from every edge's uploads), and each
-        publishes to its own edges under ``model.<index>.`` (methods/parts.py)."""
+                 settings: Mapping[str, Any], generator: torch.Generator, method: str = "cema-fleet",
+                 model_of: Mapping[int, int] | None = None) -> None:
+        """``student_template``: the edge model, or in a mixed fleet one per architecture index. The teacher labels
+        each chunk once and every architecture's student learns from it (from every edge's uploads). Each student
+        publishes to its own edges under ``model.<index>.`` (methods/parts.py). ``model_of``: in a mixed fleet
+        with a bank, every edge's architecture index, so that an edge's domain key routes its uploads in its own
+        architecture's bank."""
         self.settings = s = settings
         templates = dict(student_template) if isinstance(student_template, Mapping) else None
-        self.models = None if templates is None else list(templates)  # architecture indices, in student order
+        self.models = None if templates is None else list(templates)  # architecture indices, in learner order
         student_template = student_template if templates is None else templates[self.models[0]]
         self.method = method
         self.needs_labels = s["teacher"] == "labels"
@@ -257,21 +264,14 @@ class FleetCloud(CloudTrainer):
             self.f_opt = torch.optim.SGD(freeze_all_but_norm_affine(self.foundation), lr=float(s["lr_foundation"]),
                                          momentum=float(s["momentum"]))
             self._f_source = tensor_state(self.foundation)
-        size = int(s["bank_size"])
-        if templates is not None and size > 1:
-            raise ConfigError(f"method '{method}': a bank (bank_size > 1) keys domains by the edge model's stem, and "
-                              "a fleet of several edge architectures has several; use bank_size 1")
-        self.bank = DomainBank(size, float(s["bank_radius"]), evict=s["bank_evict"]) if size > 1 else None
-        self.takes_keys = self.bank is not None
-        self.students: list[Student] = [Student(t, s, generator) for t in  # the fleet's student (one per arch)
-                                        ([student_template] if templates is None else templates.values())]
-        self.residuals: list[Residual] = []  # a bank entry's offset to it, by slot
-        self.queues: list[UploadQueue] = [UploadQueue()]  # by slot (one without a bank)
-        self.base_gain = Gain()  # the fleet's student against the deployed weights (a bank's `bank_gate`)
-        if self.bank is not None:
-            self.keyer = copy.deepcopy(student_template).eval()  # the deployed model: the edges' key, and the
-            use_norm_stats(self.keyer, "batch")  # weights an edge runs without the cloud (BN adapt)
-            self.scale = key_scale(self.keyer)
+        self.banked = int(s["bank_size"]) > 1
+        if self.banked and templates is not None and len(templates) > 1 and model_of is None:
+            raise ConfigError(f"method '{method}': a bank in a fleet of several edge architectures needs every "
+                              "edge's architecture (model_of), to route each edge's key in its own bank")
+        self.model_of = {int(e): int(k) for e, k in (model_of or {}).items()}
+        self.takes_keys = self.banked
+        self.learners = [Learner(t, s, generator) for t in  # one per architecture
+                         ([student_template] if templates is None else templates.values())]
         self.version = 0
         self._batches: dict[int, int] = {}
         self._sent: dict[int, int] = {}
@@ -279,9 +279,22 @@ class FleetCloud(CloudTrainer):
         self.last_loss: dict[str, float] = {}
 
     @property
+    def students(self) -> list[Student]:
+        """Every architecture's student, in learner order."""
+        return [learner.student for learner in self.learners]
+
+    @property
     def student(self) -> nn.Module:
         """The first student's model (the only one in a fleet of one architecture)."""
-        return self.students[0].model
+        return self.learners[0].student.model
+
+    def _learner_of(self, edge_id: int) -> int:
+        """Which learner an edge's uploads wait in. Without a bank, every upload waits in the first learner's one
+        queue, so chunks mix every architecture's uploads. With a bank, uploads wait in their own architecture's
+        learner, routed by their own key (the throwaway edge `CloudService.calibrate` times with: the first)."""
+        if not self.banked or self.models is None or len(self.models) == 1 or int(edge_id) < 0:
+            return 0
+        return self.models.index(self.model_of[int(edge_id)])
 
     # teacher ---------------------------------------------------------------------------------
     def _targets(self, images: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
@@ -327,52 +340,15 @@ class FleetCloud(CloudTrainer):
         log_p = F.log_softmax(logits / tau, dim=1)
         return -(t * log_p).sum(dim=1).mean() * tau ** 2  # KL up to the teacher's (constant) entropy
 
-    def _chunk_step(self, slot: int, images: np.ndarray, labels: np.ndarray | None) -> None:
+    def _chunk_step(self, owner: int, slot: int, images: np.ndarray, labels: np.ndarray | None) -> None:
+        """One teacher labelling of a chunk from learner ``owner``'s entry ``slot``; every learner learns from
+        it, each through its own bank's entry for it (the owner's: ``slot``; another's: keyed by its own stem)."""
         chunk = (images, self._targets(images, labels))
-        residual = self.residuals[slot] if self.bank is not None else None
-        if residual is not None and self.settings["bank_gate"]:
-            self._score(images, chunk[1].argmax(axis=1), residual)
-        for student in self.students:  # one teacher forward, every architecture's student learns from it
-            self.last_loss["loss"] = student.learn(chunk, self._group_loss, residual)
+        for i, learner in enumerate(self.learners):
+            learner_slot = slot if i == owner else learner.slot_for(images)
+            self.last_loss["loss"] = learner.learn(chunk, learner_slot, self._group_loss)
         self.version += 1
         self.counters["chunk_steps"] += 1
-
-    def _score(self, images: np.ndarray, teacher: np.ndarray, residual: Residual) -> None:
-        """Before the step: how often the fleet's student, and its entry (student + offset), agree with the
-        teacher on this chunk, against the deployed weights (BN adapt, what an edge runs without the cloud)."""
-        x = to_input(images).to(model_device(self.student))
-        with torch.no_grad():
-            deployed = float((self.keyer(x).argmax(1).cpu().numpy() == teacher).mean())
-            base = float((self.student(x).argmax(1).cpu().numpy() == teacher).mean())
-            with residual.added(self.student, self.settings["train_scope"]):
-                entry = float((self.student(x).argmax(1).cpu().numpy() == teacher).mean())
-        self.base_gain.add(base - deployed)
-        residual.gain.add(entry - deployed)
-
-    # the bank ----------------------------------------------------------------------------------
-    def _slot_for(self, images: np.ndarray, key: np.ndarray | None) -> int:
-        """The bank entry these uploads (one edge batch's) teach: routed by the domain key of the batch they
-        came from (computed here from the uploads themselves when none came with them: noisier, a few images).
-        A new entry starts at zero offset (the fleet's student); a full bank first merges its two nearest
-        entries, offsets and waiting uploads, into one."""
-        if key is None:
-            key = normalise(batch_keys(self.keyer, to_input(images).to(model_device(self.keyer)))[0], self.scale)
-        route = self.bank.route(np.asarray(key, np.float32))
-        if route.new:
-            if route.merged_into is not None:  # a full bank: the freed entry's offset and uploads join its neighbour
-                kept, freed = route.merged_into, route.slot
-                self.residuals[kept].merge(self.residuals[freed], *route.weights)
-                self.queues[kept].extend(self.queues[freed])
-                self.residuals[freed] = self._residual()
-            else:
-                self.residuals.append(self._residual())
-                if route.slot >= len(self.queues):
-                    self.queues.append(UploadQueue())
-        return route.slot
-
-    def _residual(self) -> Residual:
-        s = self.settings
-        return Residual(self.student, s["train_scope"], s["bank_lr"], s["momentum"], s["student_ema"])
 
     # the CloudTrainer contract ---------------------------------------------------------------
     def ingest(self, edge_id: int, images: np.ndarray, labels: np.ndarray | None = None,
@@ -382,93 +358,65 @@ class FleetCloud(CloudTrainer):
             raise ConfigError(f"method '{self.method}' trains on the stream's true labels (a reference): "
                               "it runs with runtime=local only")
         if len(images):
-            slot = 0 if self.bank is None else self._slot_for(images, key)
-            self.queues[slot].add(images, labels)
+            learner = self.learners[self._learner_of(edge_id)]
+            learner.queues[learner.slot_for(images, key)].add(images, labels)
 
     def on_edge_batch(self, edge_id: int) -> int:
         self._batches[int(edge_id)] = self._batches.get(int(edge_id), 0) + 1
         steps, n = 0, int(self.settings["chunk_size"])
-        for slot, queue in enumerate(self.queues):
-            while queue.size >= n:
-                self._chunk_step(slot, *queue.pop(n))
-                steps += 1
+        for owner, learner in enumerate(self.learners):
+            for slot, queue in enumerate(learner.queues):
+                while queue.size >= n:
+                    self._chunk_step(owner, slot, *queue.pop(n))
+                    steps += 1
         return steps
 
     def queued(self) -> int:
-        return sum(q.size for q in self.queues)
+        return sum(learner.queued() for learner in self.learners)
 
     def export(self, edge_id: int) -> NormState | None:
         """The scope's parameters (the EMA's, if on) when they changed since ``edge_id`` last got them; with a
-        bank, every entry that has trained, each with its key."""
+        bank, every entry that has trained, each with its key; in a mixed fleet, each architecture's part."""
         edge_id = int(edge_id)
         count = self._batches.get(edge_id, 0)
         if count == 0 or count % int(self.settings["publish_every"]) or self._sent.get(edge_id, 0) == self.version:
             return None
         self._sent[edge_id] = self.version
         if self.models is not None:
-            return wire({k: st.export() for k, st in zip(self.models, self.students)}, MODEL)
-        base = self.students[0].export()
-        if self.bank is None:
-            return base
-        gate = bool(self.settings["bank_gate"])
-        entries: dict[int, tuple[np.ndarray, NormState | None]] = {}
-        for j, r in enumerate(self.residuals):
-            if not r.steps:
-                continue
-            if gate and not r.gain.earns:
-                entries[j] = (self.bank.keys[j], None)  # its domain runs the deployed weights
-                continue
-            offset = r.published()
-            entries[j] = (self.bank.keys[j], {n: base[n] + offset[n].cpu().float().numpy() for n in base})
-        steps = {j: r.steps for j, r in enumerate(self.residuals)} if self.settings["bank_sure_steps"] else None
-        return bank_wire(entries, base if not gate or self.base_gain.earns else None, steps)
+            return wire({k: learner.export() for k, learner in zip(self.models, self.learners)}, MODEL)
+        return self.learners[0].export()
 
     def reset(self, edge_id: int | None = None) -> None:
-        """Reset-per-domain. One student: the deployed student, source foundation, empty queue and replay (for
-        the whole fleet). A bank: nothing the other edges use is touched (the edge itself went back to its
-        deployed weights, and picks its entry again by its next batch's key)."""
-        if self.bank is not None:
+        """Reset-per-domain. Without a bank: the deployed students, source foundation, no waiting uploads and no
+        replay (for the whole fleet). A bank: nothing the other edges use is touched (the edge itself went back to
+        its deployed weights, and picks its entry again by its next batch's key)."""
+        if self.banked:
             return
-        for student in self.students:
-            student.reset()
+        for learner in self.learners:
+            learner.reset()
         if self.foundation is not None:
             self.foundation.load_state_dict(self._f_source)
             self.f_opt.state.clear()
-        self.queues[0].clear()
         for e in self._batches:
             self._sent[e] = self.version  # the reset edge already runs the deployed model
 
     def state_dict(self) -> dict[str, Any]:
-        return {"students": [st.state_dict() for st in self.students],
-                "residuals": [r.state_dict() for r in self.residuals],
+        return {"learners": [learner.state_dict() for learner in self.learners],
                 "foundation": None if self.foundation is None else tensor_state(self.foundation),
                 "f_opt": None if self.foundation is None else copy.deepcopy(self.f_opt.state_dict()),
-                "queues": [q.state_dict() for q in self.queues],
-                "bank": None if self.bank is None else self.bank.state_dict(),
                 "version": self.version, "batches": dict(self._batches), "sent": dict(self._sent),
-                "counters": dict(self.counters), "generator": self.generator.get_state().clone(),
-                "base_gain": self.base_gain.state_dict()}
+                "counters": dict(self.counters), "generator": self.generator.get_state().clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for student, student_state in zip(self.students, state["students"], strict=True):
-            student.load_state_dict(student_state)
-        self.residuals = []
-        for r_state in state["residuals"]:
-            self.residuals.append(self._residual())
-            self.residuals[-1].load_state_dict(r_state)
-        self.queues = [UploadQueue() for _ in state["queues"]]
-        for q, q_state in zip(self.queues, state["queues"]):
-            q.load_state_dict(q_state)
+        for learner, learner_state in zip(self.learners, state["learners"], strict=True):
+            learner.load_state_dict(learner_state)
         if self.foundation is not None:
             self.foundation.load_state_dict(state["foundation"])
             self.f_opt.load_state_dict(copy.deepcopy(state["f_opt"]))
-        if self.bank is not None:
-            self.bank.load_state_dict(state["bank"])
         self.version = int(state["version"])
         self._batches = {int(k): int(v) for k, v in state["batches"].items()}
         self._sent = {int(k): int(v) for k, v in state["sent"].items()}
         self.counters = {**self.counters, **state["counters"]}
-        self.base_gain.load_state_dict(state["base_gain"])
         self.generator.set_state(state["generator"].clone())
 
 # --- presets and ablations ----------------------------------------------------------------

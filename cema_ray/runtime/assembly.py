@@ -42,7 +42,8 @@ def build_cloud(cfg: dict[str, Any], edge_models: Sequence[nn.Module], foundatio
     """The method's cloud trainer on a fresh copy of the edge model, seeded from the run's seed (and its shard
     index past the first), on the cloud's device (`cloud.device`): the student copy and the foundation move
     there before the trainer builds its optimisers, so every state the trainer creates lives there too.
-    A mixed fleet (several `edge_models`) hands the trainer a student per architecture, by index."""
+    A mixed fleet (several `edge_models`) hands the trainer a student per architecture, by index, and every
+    edge's architecture index (``model_of``: a bank routes an edge's key in its own architecture's bank)."""
     spec, settings = method_settings(cfg)
     device = resolve_device(cfg["cloud"]["device"])
     student: nn.Module | dict[int, nn.Module] = fresh_copy(edge_models[0]).to(device)
@@ -51,13 +52,15 @@ def build_cloud(cfg: dict[str, Any], edge_models: Sequence[nn.Module], foundatio
     foundation = fresh_copy(foundation).to(device) if foundation is not None else None
     seed = (cfg["seed"], 1, *([shard] if shard else []))
     lanes = edge_lanes(cfg)
+    mixed = {"model_of": {p.edge_id: p.model for p in edge_plans(cfg)}} if isinstance(student, dict) else {}
     if lanes is None:
-        trainer = spec.make_cloud(foundation, student, settings, make_generator(*seed))
+        trainer = spec.make_cloud(foundation, student, settings, make_generator(*seed), **mixed)
     else:  # a trainer per lane, each on its own copies, its generator seeded by its lane past the first
         used = _lane_models(cfg, lanes)
         trainer = LanedCloud(lambda i: spec.make_cloud(fresh_copy(foundation) if foundation is not None else None,
                                                        _copy_students(student, used.get(i, set())), settings,
-                                                       make_generator(*seed, *([100 + i] if i else []))), lanes)
+                                                       make_generator(*seed, *([100 + i] if i else [])), **mixed),
+                             lanes)
     return CloudService(trainer, cfg["method"]["student_scope"], cfg["method"]["publish_every"],
                         cfg["cloud"]["queue_capacity"], autocast=lambda: autocast(device, cfg["cloud"]["amp"]),
                         device=str(device), shard=shard)
