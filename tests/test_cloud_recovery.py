@@ -218,3 +218,24 @@ def test_uploads_a_full_cloud_queue_refuses_are_counted_in_their_batch(ray_sessi
     a, b = batch_table(tmp_path / "l"), batch_table(tmp_path / "r")
     assert local["dropped"] > 0 and sum(a["dropped"]) == local["dropped"] == remote["dropped"] == sum(b["dropped"])
     assert a["dropped"] == b["dropped"]
+
+
+@pytest.mark.ray
+def test_an_actors_failure_is_classified_by_its_type_not_its_message(ray_session) -> None:
+    import ray
+    from ray.exceptions import RayTaskError
+
+    from cema_ray.runtime.actor_calls import HostNeedsRestore, InjectedFault, raised_inside
+
+    @ray.remote(num_cpus=0)
+    def fail(kind: str) -> None:
+        raise InjectedFault("injected") if kind == "injected" else RuntimeError("HostNeedsRestore InjectedFault")
+
+    errors = {}
+    for kind in ("injected", "words"):
+        with pytest.raises(RayTaskError) as info:
+            ray.get(fail.remote(kind))
+        errors[kind] = info.value
+    assert raised_inside(errors["injected"], InjectedFault) and not raised_inside(errors["injected"], HostNeedsRestore)
+    assert not raised_inside(errors["words"], InjectedFault) and not raised_inside(errors["words"], HostNeedsRestore)
+    assert not raised_inside(InjectedFault("not from an actor"), InjectedFault)

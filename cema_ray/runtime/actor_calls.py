@@ -26,6 +26,25 @@ def kill_actors(actors: list[Any]) -> None:
             pass
 
 
+class HostNeedsRestore(RuntimeError):
+    """Raised by a restarted EdgeHost until the driver restores its edges' snapshots."""
+
+
+class InjectedFault(RuntimeError):
+    """An exception raised on purpose by fault injection."""
+
+
+class OutOfOrderDelivery(RuntimeError):
+    """A delivery reached the cloud out of sequence (a restarted cloud resumes at its checkpoint)."""
+
+
+def raised_inside(exc: BaseException, kind: type[BaseException]) -> bool:
+    """An actor call failed because the actor raised ``kind``. Ray wraps what an actor raises in a RayTaskError
+    and keeps the original as ``cause``, so the failure is classified by the original's type, never by the words
+    of its message."""
+    return isinstance(exc, RayTaskError) and isinstance(getattr(exc, "cause", None), kind)
+
+
 def project_error(exc: BaseException, where: str) -> CemaError | None:
     """The project's own error raised inside an actor, named after the actor, or None.
 

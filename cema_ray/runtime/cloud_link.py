@@ -7,7 +7,8 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from cema_ray.runtime.actor_calls import MAX_RECOVERIES_PER_ROUND, backoff_s, project_error, wait_for_actor
+from cema_ray.runtime.actor_calls import (MAX_RECOVERIES_PER_ROUND, OutOfOrderDelivery, backoff_s, project_error,
+                                          raised_inside, wait_for_actor)
 from cema_ray.runtime.faults import FaultSchedule
 from cema_ray.runtime.placement import NodeWatch
 from cema_ray.runtime.ray_actors import Delivery
@@ -69,7 +70,7 @@ class CloudLink:
     def is_cloud_failure(self, exc: Exception) -> bool:
         if isinstance(exc, RayActorError):
             return True
-        return isinstance(exc, RayTaskError) and "OutOfOrderDelivery" in str(exc)
+        return raised_inside(exc, OutOfOrderDelivery)
 
     def recover(self, first_undone: int) -> None:
         """Wait for Ray to restart the cloud, then replay the log from its checkpoint up to `first_undone`.

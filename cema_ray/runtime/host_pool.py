@@ -13,7 +13,8 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from cema_ray.runtime.actor_calls import MAX_RECOVERIES_PER_ROUND, project_error, wait_for_actor
+from cema_ray.runtime.actor_calls import (MAX_RECOVERIES_PER_ROUND, HostNeedsRestore, InjectedFault, project_error,
+                                          raised_inside, wait_for_actor)
 from cema_ray.runtime.cloud import Publication
 from cema_ray.runtime.faults import FaultSchedule
 from cema_ray.runtime.placement import NodeWatch
@@ -70,8 +71,8 @@ class HostPool:
             del self.owner[call[0]]
         self.in_flight[i].clear()
         self.faults.seen += 1
-        if isinstance(exc, RayTaskError) and "HostNeedsRestore" not in str(exc):
-            if "InjectedFault" in str(exc):
+        if isinstance(exc, RayTaskError) and not raised_inside(exc, HostNeedsRestore):
+            if raised_inside(exc, InjectedFault):
                 self.faults.raised(i)
             ray.kill(self.hosts[i], no_restart=False)
         wait_for_actor(self.hosts[i].restore, self.snapshots[i], pubs, self.clean_ref, self.redo_until,

@@ -22,6 +22,7 @@ from cema_ray.errors import CemaError, ConfigError
 from cema_ray.methods.base import NormState
 from cema_ray.runtime.cloud import CloudService, Publication, for_edge, shard_of
 from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore
+from cema_ray.runtime.actor_calls import HostNeedsRestore, InjectedFault, OutOfOrderDelivery
 from cema_ray.runtime.edge import EdgeDevice
 from cema_ray.runtime.edge_round import step_edges
 from cema_ray.runtime.malloc import keep_freed_memory
@@ -202,14 +203,6 @@ class EdgeHost:
         return os.getpid()
 
 
-class HostNeedsRestore(RuntimeError):
-    """Raised by a restarted EdgeHost until the driver restores its edges' snapshots."""
-
-
-class InjectedFault(RuntimeError):
-    """An exception raised on purpose by fault injection."""
-
-
 @dataclass
 class Delivery:
     """What the cloud returns for one delivery of uploads."""
@@ -223,10 +216,6 @@ class Delivery:
     item_refused: list[int] = field(default_factory=list)  # what `steps`/`refused` say when an edge sent several
     shared: NormState | None = None  # a shard's foundation state at a `cloud.sync_every` round, for the average
     uplink: float | None = None  # async, `ray.uplink: follow`: uploads/s each of the shard's edges may send
-
-
-class OutOfOrderDelivery(RuntimeError):
-    """A delivery reached the cloud out of sequence (a restarted cloud resumes at its checkpoint)."""
 
 
 class CloudActor:
