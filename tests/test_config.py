@@ -318,3 +318,16 @@ def test_settings_whose_default_is_null_are_checked_at_load(base: Path, value: s
     assert message.startswith(f"method.settings.d_margin = ") and what in message
     assert load_config(base, ["method.name=cema", "method.settings.d_margin=0.2"])["method"]["settings"]["d_margin"] == 0.2
     assert "must be null or an integer >= 1" in error_of(base, "method.name=cema-fleet", "method.settings.num_classes=0")
+
+
+def test_d_margin_has_one_range_in_every_method_that_has_it(make_run_config) -> None:
+    """The redundancy margin is declared once (methods.common.d_margin_setting): 0 is refused by every method."""
+    from cema_ray.methods.base import METHODS
+
+    having = [name for name in METHODS.names() if "d_margin" in METHODS.get(name).settings]
+    assert {"cema", "eata", "cema-fleet"} <= set(having)
+    assert len({(METHODS.get(n).settings["d_margin"].lo, METHODS.get(n).settings["d_margin"].lo_open)
+                for n in having}) == 1
+    for name in having:
+        with pytest.raises(ConfigError, match="d_margin"):
+            make_run_config(f"method.name={name}", "method.settings.d_margin=0")

@@ -24,7 +24,7 @@ from cema_ray.algorithms.entropy import entropy, reweight
 from cema_ray.algorithms.replay import ReplayBuffer
 from cema_ray.algorithms.selection import EntropyFilter, default_d_margin
 from cema_ray.errors import ConfigError
-from cema_ray.methods.common import model_device
+from cema_ray.methods.common import d_margin_setting, model_device
 from cema_ray.methods.host_model import ForwardEdge, HostModel
 from cema_ray.methods.base import (CloudTrainer, EdgeResult, NormState, register_method,
                                    check_uploads, infer_num_classes, preset_settings)
@@ -52,8 +52,7 @@ SETTINGS: dict[str, Field] = {
     "dynamic_lambda": setting(0.6, "lambda of the dynamic threshold", lo=0, hi=1),
     "warmup_samples": setting(256, "N_w of the dynamic threshold (METHOD.md gives none)", lo=1),
     "redundancy": setting(True, "the redundancy filter (|cos| to the moving average)"),
-    "d_margin": setting(None, "redundancy margin (null: 0.4 up to 100 classes, else 0.05)", kind="float", lo=0,
-                        lo_open=True),
+    "d_margin": d_margin_setting(None, "redundancy margin (null: 0.4 up to 100 classes, else 0.05)"),
     "entropy_floor": setting(None, "uploads need entropy >= floor * ln C (paper Eqn. 3; null: none)", kind="float",
                              lo=0),
     # cloud (steps 1-6)

@@ -24,6 +24,14 @@ from cema_ray.models.tbr import set_norm_stats_mode
 from cema_ray.schema import Field, setting
 
 OPTIMIZERS = ("adam", "sgd")
+
+
+def d_margin_setting(default: float | None, doc: str) -> Field:
+    """The redundancy filter's margin (algorithms/selection.py), declared once for every method that has it: a
+    |cos| bound, so greater than 0."""
+    return setting(default, doc, kind="float", lo=0, lo_open=True)
+
+
 OPTIMIZER_SETTINGS: dict[str, Field] = {
     "optimizer": setting("adam", "the cloud's optimiser", choices=OPTIMIZERS),
     "lr": setting(1e-3, "learning rate", lo=0, lo_open=True),

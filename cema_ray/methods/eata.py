@@ -28,15 +28,15 @@ from torch import nn
 from cema_ray.algorithms.entropy import e0, entropy, reweight
 from cema_ray.algorithms.selection import EntropyFilter
 from cema_ray.methods.base import CloudTrainer, EdgeResult, register_method
-from cema_ray.methods.common import OPTIMIZER_SETTINGS, LossFn, load_arrays, use_norm_stats
+from cema_ray.methods.common import OPTIMIZER_SETTINGS, LossFn, d_margin_setting, load_arrays, use_norm_stats
 from cema_ray.methods.host_model import ForwardEdge, HostModel
 from cema_ray.methods.tent import EntropyCloud
 from cema_ray.schema import Settings, setting
 
 SETTINGS = {**OPTIMIZER_SETTINGS,
             "e_max_factor": setting(0.4, "reliable samples: entropy below E0 = factor * ln C", lo=0, lo_open=True),
-            "d_margin": setting(0.4, "redundancy: |cos| to the moving average below this (0.05 for ImageNet)",
-                                lo=0, lo_open=True)}
+            "d_margin": d_margin_setting(0.4, "redundancy: |cos| to the moving average below this (0.05 for "
+                                              "ImageNet)")}
 
 
 def reweighted_entropy(e_max_factor: float) -> LossFn:

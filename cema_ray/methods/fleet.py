@@ -54,7 +54,7 @@ from cema_ray.algorithms.selection import EntropyFilter
 from cema_ray.errors import ConfigError
 from cema_ray.methods.base import (CloudTrainer, EdgeResult, NormState, register_method,
                                    check_uploads, infer_num_classes, preset_settings)
-from cema_ray.methods.common import load_arrays, model_device, tensor_state, use_norm_stats
+from cema_ray.methods.common import d_margin_setting, load_arrays, model_device, tensor_state, use_norm_stats
 from cema_ray.methods.host_model import ForwardEdge, HostModel
 from cema_ray.methods.parts import MODEL, wire
 from cema_ray.methods.learner import Learner
@@ -75,7 +75,7 @@ SETTINGS: dict[str, Field] = {
     # edge: which samples may go up (the CEMA filters), and how many do (the budget)
     "e_max_factor": setting(1.0, "samples with entropy >= factor * ln C stay (1.0: the budget decides)", lo=0),
     "redundancy": setting(False, "EATA's redundancy filter before the budget"),
-    "d_margin": setting(0.4, "redundancy margin", lo=0),
+    "d_margin": d_margin_setting(0.4, "redundancy margin"),
     "upload_budget": setting(0.3, "at most floor(budget * batch) uploads per edge batch; 1.0 = no cap", lo=0, hi=1,
                              lo_open=True),
     "upload_priority": setting("uncertain", "which candidates go first (algorithms/budget.py)", choices=PRIORITIES),
