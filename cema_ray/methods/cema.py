@@ -239,7 +239,6 @@ class CemaCloud(CloudTrainer):
         self._batches: dict[int, int] = {}  # edge batches seen per edge (publish cadence)
         self._sent: dict[int, int] = {}  # lane version last exported per edge
         self.counters = {"chunk_steps": 0, "replay_only_steps": 0}
-        self.last_loss: dict[str, float] = {}
 
     def _sgd(self, model: nn.Module, lr: float) -> torch.optim.SGD:
         params = [p for p in model.parameters() if p.requires_grad]
@@ -293,8 +292,8 @@ class CemaCloud(CloudTrainer):
             teacher = self.foundation(x)
         set_norm_training(self.student, True)
         student = self.student(x.to(model_device(self.student)))
-        loss, self.last_loss = selective_distillation_loss(student, teacher.to(student.device), self.e0,
-                                                           s["alpha"], s["beta"], s["gamma"], s["tau"])
+        loss, _ = selective_distillation_loss(student, teacher.to(student.device), self.e0, s["alpha"], s["beta"],
+                                              s["gamma"], s["tau"])
         self.s_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.s_opt.step()

@@ -276,7 +276,6 @@ class FleetCloud(CloudTrainer):
         self._batches: dict[int, int] = {}
         self._sent: dict[int, int] = {}
         self.counters = {"chunk_steps": 0}
-        self.last_loss: dict[str, float] = {}
 
     @property
     def students(self) -> list[Student]:
@@ -331,8 +330,8 @@ class FleetCloud(CloudTrainer):
         if s["student_loss"] == "sed":
             tau = float(s["temperature"])
             teacher_logits = torch.log(t.clamp_min(1e-8)) * tau  # probabilities at tau -> logits at 1
-            loss, self.last_loss = selective_distillation_loss(logits, teacher_logits, self.e0, s["alpha"], s["beta"],
-                                                               s["gamma"], 1.0)
+            loss, _ = selective_distillation_loss(logits, teacher_logits, self.e0, s["alpha"], s["beta"], s["gamma"],
+                                                  1.0)
             return loss
         if s["student_loss"] == "ce":
             return F.cross_entropy(logits, t.argmax(dim=1))
@@ -346,7 +345,7 @@ class FleetCloud(CloudTrainer):
         chunk = (images, self._targets(images, labels))
         for i, learner in enumerate(self.learners):
             learner_slot = slot if i == owner else learner.slot_for(images)
-            self.last_loss["loss"] = learner.learn(chunk, learner_slot, self._group_loss)
+            learner.learn(chunk, learner_slot, self._group_loss)
         self.version += 1
         self.counters["chunk_steps"] += 1
 

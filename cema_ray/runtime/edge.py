@@ -40,7 +40,6 @@ class EdgeStep:
 
     record: dict[str, Any]
     upload_images: np.ndarray  # uint8 NHWC
-    upload_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     upload_labels: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # for reference methods only
     reset: bool = False  # the batch opened a new domain under the reset-per-domain protocol
     upload_key: np.ndarray | None = None  # the batch's domain key (EdgeResult.domain_key), travels with the uploads
@@ -181,7 +180,7 @@ class EdgeDevice:
             mean_entropy=float(np.mean(result.entropy)), rejected=0, error="",
             throttled=int(result.upload.sum() - len(kept)), **skip_columns(result.skipped),
         )
-        return EdgeStep(record, images, batch.ids[kept], batch.labels[kept], reset=batch.reset,
+        return EdgeStep(record, images, batch.labels[kept], reset=batch.reset,
                         upload_key=result.domain_key)
 
     def _kept(self, result: EdgeResult) -> np.ndarray:
