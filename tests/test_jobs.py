@@ -32,10 +32,20 @@ README = REPO / "README.md"
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+_GIVEN: set[int] = set()
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port never handed out before in this session: two ports picked one after the other can
+    otherwise be the same one (the first socket is closed before the second is bound), and Ray refuses two of its
+    components on one port."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def readme_blocks(section: str) -> list[str]:
