@@ -11,7 +11,7 @@ from torch import nn
 from cema_ray.algorithms.budget import apply_budget, budget_cap
 from cema_ray.errors import ConfigError
 from cema_ray.methods.base import METHODS
-from cema_ray.methods.fleet import ABLATIONS, FleetCloud
+from cema_ray.methods.cema_fleet import ABLATIONS, FleetCloud
 from cema_ray.methods.student import ChunkReplay
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.publish import scope_parameters, scope_state, train_only

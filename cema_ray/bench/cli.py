@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--seeds", default=None,
                      help="comma-separated seeds; each row becomes the mean +- std over them (default: the config's)")
     met.add_argument("--ablations", action="store_true",
-                     help="add cema-fleet's ablation rows (each lever turned off in turn, methods/fleet.py ABLATIONS)")
+                     help="add cema-fleet's ablation rows (each lever turned off in turn, methods/cema_fleet.py "
+                          "ABLATIONS)")
     met.add_argument("--serial", action="store_true",
                      help="run one run after another in this process (default: every run a Ray task, as many at "
                           "once as the CPUs admit)")

@@ -62,7 +62,7 @@ class MethodRow:
 
 
 def _row_names(args: argparse.Namespace) -> list[str]:
-    from cema_ray.methods.fleet import ABLATIONS
+    from cema_ray.methods.cema_fleet import ABLATIONS
 
     known = [*REFERENCES, *method_registry().names()]
     names = _split_names(args.methods, "method", known, "--methods")
@@ -109,7 +109,7 @@ def _failed_row(protocol: str, method: str, cfg: dict[str, Any], error: str) -> 
 
 def _row_overrides(row: str) -> list[str]:
     """The fixed keys that turn a row label into a run: a method, a reference or an ablation."""
-    from cema_ray.methods.fleet import ABLATIONS
+    from cema_ray.methods.cema_fleet import ABLATIONS
 
     if row in REFERENCES:
         return [f"method.name={REFERENCES[row]}", "method.settings={}"]

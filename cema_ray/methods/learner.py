@@ -1,7 +1,7 @@
 """One edge architecture's side of cema-fleet's cloud: its student and, with a bank, its bank of domain entries.
 
 A fleet of one architecture has one `Learner`; a mixed fleet (`edges.groups[i].model`) has one per architecture.
-The teacher labels each chunk once (methods/fleet.py) and every learner learns from that chunk, so uploads from
+The teacher labels each chunk once (methods/cema_fleet.py) and every learner learns from that chunk, so uploads from
 every architecture teach every student.
 
 A domain key is made from the statistics of the edge model's stem (algorithms/domain_key.py). Each architecture's
