@@ -148,7 +148,7 @@ def test_queue_chunking_fifo() -> None:
     c.ingest(0, images(40, seed=1, start=30))
     assert c.on_edge_batch(0) == 2
     assert chunks == [list(range(32)), list(range(32, 64))]
-    assert c._lanes[0].queued == 6 and len(c._lanes[0].buffer) == 70
+    assert c._lanes[0].queue.size == 6 and len(c._lanes[0].buffer) == 70
 
 
 def test_replay_mix_after_256_buffered() -> None:
@@ -281,7 +281,7 @@ def test_state_dict_round_trip_reproduces_next_step() -> None:
     assert all(np.array_equal(sa[k], sb[k]) for k in sa)
     fa, fb = norm_state(a.foundation), norm_state(b.foundation)
     assert all(np.array_equal(fa[k], fb[k]) for k in fa)
-    assert a.counters == b.counters and a._lanes[0].queued == b._lanes[0].queued == 18
+    assert a.counters == b.counters and a._lanes[0].queue.size == b._lanes[0].queue.size == 18
 
 
 def test_per_edge_scope_keeps_separate_states() -> None:
@@ -315,7 +315,7 @@ def test_reset_restores_deployed_student() -> None:
     c.reset(0)
     assert all(torch.equal(v, init[k]) for k, v in c.student.state_dict().items())
     assert all(torch.equal(v, f_init[k]) for k, v in c.foundation.state_dict().items())
-    assert c._lanes[0].queued == 0 and len(c._lanes[0].buffer) == 0
+    assert c._lanes[0].queue.size == 0 and len(c._lanes[0].buffer) == 0
     c.on_edge_batch(0)
     assert c.export(0) is None  # the reset edge already runs the deployed model
 

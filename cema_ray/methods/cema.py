@@ -28,6 +28,7 @@ from cema_ray.methods.common import d_margin_setting, model_device
 from cema_ray.methods.host_model import ForwardEdge, HostModel
 from cema_ray.methods.base import (CloudTrainer, EdgeResult, NormState, register_method,
                                    check_uploads, infer_num_classes, preset_settings)
+from cema_ray.methods.upload_queue import UploadQueue
 from cema_ray.models.norm import freeze_all_but_norm_affine, load_norm_state, norm_layers, norm_state
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.tbr import convert_bn_to_tbr, set_norm_stats_mode
@@ -184,29 +185,14 @@ class _Lane:
     buffer: ReplayBuffer
     student: dict[str, torch.Tensor]
     opt: dict[str, Any]
-    queue: list[np.ndarray] = field(default_factory=list)
-    queued: int = 0
+    queue: UploadQueue = field(default_factory=UploadQueue)
     version: int = 0  # student steps taken: tells export whether an edge is up to date
     idle_batches: int = 0  # edge batches since this lane's last step (replay-only cadence)
     served: set[int] = field(default_factory=set)  # edges whose batches this lane has seen
 
     def push(self, images: np.ndarray) -> None:
-        self.queue.append(images)
-        self.queued += len(images)
+        self.queue.add(images, None)
         self.buffer.add(images)
-
-    def pop(self, n: int) -> np.ndarray:
-        """The oldest ``n`` queued images (FIFO)."""
-        parts, have = [], 0
-        while have < n:  # touch only the arrays the chunk needs: a long backlog stays cheap
-            head = self.queue.pop(0)
-            take = min(n - have, len(head))
-            parts.append(head[:take])
-            if take < len(head):
-                self.queue.insert(0, head[take:])
-            have += take
-        self.queued -= n
-        return np.concatenate(parts)
 
 
 class CemaCloud(CloudTrainer):
@@ -337,9 +323,9 @@ class CemaCloud(CloudTrainer):
         lane.served.add(edge_id)
         lane.idle_batches += 1
         steps = 0
-        while lane.queued >= s["chunk_size"]:
+        while lane.queue.size >= s["chunk_size"]:
             self._activate(key)
-            self._chunk_step(lane, lane.pop(s["chunk_size"]))
+            self._chunk_step(lane, lane.queue.pop(s["chunk_size"])[0])
             steps += 1
         replay_n = s["replay_only_ratio"] * s["chunk_size"]
         every = 1 if s["replay_only_cadence"] == "edge_batch" else len(lane.served)
@@ -353,7 +339,7 @@ class CemaCloud(CloudTrainer):
         return steps
 
     def queued(self) -> int:
-        return sum(lane.queued for lane in self._lanes.values())
+        return sum(lane.queue.size for lane in self._lanes.values())
 
     def export(self, edge_id: int) -> NormState | None:
         """Every ``publish_every`` edge batches, the student's norm state (affine + running statistics)
@@ -375,7 +361,8 @@ class CemaCloud(CloudTrainer):
 
     def _reset_lane(self, key: int) -> None:
         lane = self._lanes[key]
-        lane.queue, lane.queued, lane.idle_batches = [], 0, 0
+        lane.queue.clear()
+        lane.idle_batches = 0
         lane.buffer.clear()
         lane.student, lane.opt = copy.deepcopy(self._s_init), copy.deepcopy(self._s_opt_init)
         if self._active == key:
@@ -406,7 +393,7 @@ class CemaCloud(CloudTrainer):
         """Everything the next step depends on: norm states, optimisers, lanes, counters, RNG state."""
         self._park()
         lanes = {
-            key: {"queue": np.concatenate(l.queue) if l.queue else None, "buffer": l.buffer.state_dict(),
+            key: {"queue": l.queue.state_dict(), "buffer": l.buffer.state_dict(),
                   "student": copy.deepcopy(l.student), "opt": copy.deepcopy(l.opt), "version": l.version,
                   "idle_batches": l.idle_batches, "served": sorted(l.served)}
             for key, l in self._lanes.items()
@@ -424,8 +411,7 @@ class CemaCloud(CloudTrainer):
                          student=copy.deepcopy(d["student"]), opt=copy.deepcopy(d["opt"]), version=int(d["version"]),
                          idle_batches=int(d.get("idle_batches", 0)), served={int(e) for e in d.get("served", ())})
             lane.buffer.load_state_dict(d["buffer"])
-            if d["queue"] is not None:
-                lane.queue, lane.queued = [np.asarray(d["queue"]).copy()], len(d["queue"])
+            lane.queue.load_state_dict(d["queue"])
             self._lanes[int(key)] = lane
         self._batches = {int(k): int(v) for k, v in state["batches"].items()}
         self._sent = {int(k): int(v) for k, v in state["sent"].items()}

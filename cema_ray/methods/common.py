@@ -19,6 +19,7 @@ from cema_ray.algorithms.entropy import entropy
 from cema_ray.errors import BatchRejected, CheckpointError
 from cema_ray.methods.base import CloudTrainer, EdgePolicy, EdgeResult, NormState, check_uploads
 from cema_ray.methods.host_model import ForwardEdge, HostModel
+from cema_ray.methods.upload_queue import UploadQueue
 from cema_ray.models.preprocess import to_input
 from cema_ray.models.tbr import set_norm_stats_mode
 from cema_ray.schema import Field, setting
@@ -127,19 +128,20 @@ class BatchStatsEdge(ForwardEdge):
 
 
 class UploadQueues:
-    """Per-edge FIFO of uploaded uint8 NHWC images, drained one edge batch at a time."""
+    """An upload queue (methods/upload_queue.py) per edge, of uint8 NHWC images, drained one edge batch at a
+    time."""
 
     def __init__(self) -> None:
-        self._q: dict[int, list[np.ndarray]] = {}
+        self._q: dict[int, UploadQueue] = {}
 
     def put(self, edge_id: int, images: np.ndarray) -> None:
         images = check_uploads(edge_id, images)
         if len(images):
-            self._q.setdefault(int(edge_id), []).append(images)
+            self._q.setdefault(int(edge_id), UploadQueue()).add(images, None)
 
     def take(self, edge_id: int) -> np.ndarray | None:
-        parts = self._q.pop(int(edge_id), [])
-        return np.concatenate(parts) if parts else None
+        queue = self._q.pop(int(edge_id), None)
+        return queue.pop(queue.size)[0] if queue is not None else None
 
     def clear(self, edge_id: int | None = None) -> None:
         if edge_id is None:
@@ -147,11 +149,14 @@ class UploadQueues:
         else:
             self._q.pop(int(edge_id), None)
 
-    def state_dict(self) -> dict[int, np.ndarray]:
-        return {e: np.concatenate(p) for e, p in self._q.items() if p}
+    def state_dict(self) -> dict[int, list]:
+        return {e: q.state_dict() for e, q in self._q.items()}
 
-    def load_state_dict(self, d: Mapping[int, np.ndarray]) -> None:
-        self._q = {int(e): [np.asarray(a)] for e, a in d.items()}
+    def load_state_dict(self, d: Mapping[int, list]) -> None:
+        self._q = {}
+        for e, items in d.items():
+            self._q[int(e)] = queue = UploadQueue()
+            queue.load_state_dict(items)
 
 
 class SharedModelCloud(CloudTrainer):
