@@ -253,3 +253,23 @@ def test_edge_snapshot_holds_only_the_scope_and_restores_it() -> None:
     b = METHODS.get("cema-fleet").make_edge(tiny(4, 2), {})
     b.restore(copy.deepcopy(a.snapshot()))
     assert np.array_equal(b.process(x).predictions, expect)
+
+def test_the_export_tracker_sends_news_at_the_cadence_and_only_once() -> None:
+    from cema_ray.methods.exports import ExportTracker
+
+    every2 = ExportTracker(publish_every=2)
+    assert not every2.due(0, 1)  # no batch seen yet
+    every2.batch(0)
+    assert not every2.due(0, 1)  # 1 batch: not a multiple of 2
+    every2.batch(0)
+    assert every2.due(0, 1) and not every2.due(0, 1)  # sent once
+    every2.batch(0), every2.batch(0)
+    assert not every2.due(0, 1) and every2.due(0, 2)  # nothing new at version 1; version 2 is news
+    every2.hold([0, 5], 3)
+    every2.batch(0), every2.batch(0)
+    assert not every2.due(0, 3) and every2.edges() == {0, 5}
+    copy = ExportTracker(2)
+    copy.load_state_dict(every2.state_dict())
+    assert copy.state_dict() == every2.state_dict()
+    anytime = ExportTracker()
+    assert anytime.due(7, 1) and not anytime.due(7, 1)  # no cadence: whenever the version moved

@@ -25,6 +25,7 @@ from cema_ray.algorithms.replay import ReplayBuffer
 from cema_ray.algorithms.selection import EntropyFilter, default_d_margin
 from cema_ray.errors import ConfigError
 from cema_ray.methods.common import d_margin_setting, model_device
+from cema_ray.methods.exports import ExportTracker
 from cema_ray.methods.host_model import ForwardEdge, HostModel
 from cema_ray.methods.base import (CloudTrainer, EdgeResult, NormState, register_method,
                                    check_uploads, infer_num_classes, preset_settings)
@@ -222,8 +223,7 @@ class CemaCloud(CloudTrainer):
         self._s_init, self._s_opt_init = capture_norm_modules(self.student), copy.deepcopy(self.s_opt.state_dict())
         self._lanes: dict[int, _Lane] = {}
         self._active: int | None = None  # lane whose state is loaded in self.student
-        self._batches: dict[int, int] = {}  # edge batches seen per edge (publish cadence)
-        self._sent: dict[int, int] = {}  # lane version last exported per edge
+        self.exports = ExportTracker(int(s["publish_every"]))  # per edge: batches seen, lane version sent
         self.counters = {"chunk_steps": 0, "replay_only_steps": 0}
 
     def _sgd(self, model: nn.Module, lr: float) -> torch.optim.SGD:
@@ -318,7 +318,7 @@ class CemaCloud(CloudTrainer):
         """
         s = self.settings
         edge_id = int(edge_id)
-        self._batches[edge_id] = self._batches.get(edge_id, 0) + 1
+        self.exports.batch(edge_id)
         lane, key = self._lane(edge_id), self._key(edge_id)
         lane.served.add(edge_id)
         lane.idle_batches += 1
@@ -344,15 +344,10 @@ class CemaCloud(CloudTrainer):
     def export(self, edge_id: int) -> NormState | None:
         """Every ``publish_every`` edge batches, the student's norm state (affine + running statistics)
         if it changed since this edge last received it; otherwise None."""
-        edge_id = int(edge_id)
-        count = self._batches.get(edge_id, 0)
         lane = self._lanes.get(self._key(edge_id))
-        if lane is None or count == 0 or count % int(self.settings["publish_every"]):
-            return None
-        if self._sent.get(edge_id, 0) == lane.version:
+        if lane is None or not self.exports.due(edge_id, lane.version):
             return None
         self._activate(self._key(edge_id))
-        self._sent[edge_id] = lane.version
         return norm_state(self.student, include_stats=True)
 
     def _reset_foundation(self) -> None:
@@ -368,9 +363,8 @@ class CemaCloud(CloudTrainer):
         if self._active == key:
             self._active = None
             self._activate(key)
-        for e in set(self._batches) | set(self._sent):
-            if self._key(e) == key:
-                self._sent[e] = lane.version  # the reset edge already runs the deployed model
+        # the reset lane's edges already run the deployed model
+        self.exports.hold([e for e in self.exports.edges() if self._key(e) == key], lane.version)
 
     def reset(self, edge_id: int | None = None) -> None:
         """Reset-per-domain: back to the deployed student and source foundation, empty queue and buffer.
@@ -399,7 +393,7 @@ class CemaCloud(CloudTrainer):
             for key, l in self._lanes.items()
         }
         return {"foundation": capture_norm_modules(self.foundation), "foundation_opt": copy.deepcopy(self.f_opt.state_dict()),
-                "lanes": lanes, "batches": dict(self._batches), "sent": dict(self._sent),
+                "lanes": lanes, **self.exports.state_dict(),
                 "counters": dict(self.counters), "generator": self.generator.get_state().clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -413,8 +407,7 @@ class CemaCloud(CloudTrainer):
             lane.buffer.load_state_dict(d["buffer"])
             lane.queue.load_state_dict(d["queue"])
             self._lanes[int(key)] = lane
-        self._batches = {int(k): int(v) for k, v in state["batches"].items()}
-        self._sent = {int(k): int(v) for k, v in state["sent"].items()}
+        self.exports.load_state_dict(state)
         self.counters = dict(state["counters"])
         self.generator.set_state(state["generator"].clone())
 

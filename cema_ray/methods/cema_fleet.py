@@ -55,9 +55,10 @@ from cema_ray.errors import ConfigError
 from cema_ray.methods.base import (CloudTrainer, EdgeResult, NormState, register_method,
                                    check_uploads, infer_num_classes, preset_settings)
 from cema_ray.methods.common import d_margin_setting, load_arrays, model_device, tensor_state, use_norm_stats
+from cema_ray.methods.exports import ExportTracker
 from cema_ray.methods.host_model import ForwardEdge, HostModel
-from cema_ray.methods.parts import MODEL, wire
 from cema_ray.methods.learner import Learner
+from cema_ray.methods.parts import MODEL, wire
 from cema_ray.methods.student import Student
 from cema_ray.models.norm import freeze_all_but_norm_affine
 from cema_ray.models.preprocess import to_input
@@ -273,8 +274,7 @@ class FleetCloud(CloudTrainer):
         self.learners = [Learner(t, s, generator) for t in  # one per architecture
                          ([student_template] if templates is None else templates.values())]
         self.version = 0
-        self._batches: dict[int, int] = {}
-        self._sent: dict[int, int] = {}
+        self.exports = ExportTracker(int(s["publish_every"]))
         self.counters = {"chunk_steps": 0}
 
     @property
@@ -361,7 +361,7 @@ class FleetCloud(CloudTrainer):
             learner.queues[learner.slot_for(images, key)].add(images, labels)
 
     def on_edge_batch(self, edge_id: int) -> int:
-        self._batches[int(edge_id)] = self._batches.get(int(edge_id), 0) + 1
+        self.exports.batch(edge_id)
         steps, n = 0, int(self.settings["chunk_size"])
         for owner, learner in enumerate(self.learners):
             for slot, queue in enumerate(learner.queues):
@@ -376,11 +376,8 @@ class FleetCloud(CloudTrainer):
     def export(self, edge_id: int) -> NormState | None:
         """The scope's parameters (the EMA's, if on) when they changed since ``edge_id`` last got them; with a
         bank, every entry that has trained, each with its key; in a mixed fleet, each architecture's part."""
-        edge_id = int(edge_id)
-        count = self._batches.get(edge_id, 0)
-        if count == 0 or count % int(self.settings["publish_every"]) or self._sent.get(edge_id, 0) == self.version:
+        if not self.exports.due(edge_id, self.version):
             return None
-        self._sent[edge_id] = self.version
         if self.models is not None:
             return wire({k: learner.export() for k, learner in zip(self.models, self.learners)}, MODEL)
         return self.learners[0].export()
@@ -396,14 +393,13 @@ class FleetCloud(CloudTrainer):
         if self.foundation is not None:
             self.foundation.load_state_dict(self._f_source)
             self.f_opt.state.clear()
-        for e in self._batches:
-            self._sent[e] = self.version  # the reset edge already runs the deployed model
+        self.exports.hold(self.exports.edges(), self.version)  # the reset edge already runs the deployed model
 
     def state_dict(self) -> dict[str, Any]:
         return {"learners": [learner.state_dict() for learner in self.learners],
                 "foundation": None if self.foundation is None else tensor_state(self.foundation),
                 "f_opt": None if self.foundation is None else copy.deepcopy(self.f_opt.state_dict()),
-                "version": self.version, "batches": dict(self._batches), "sent": dict(self._sent),
+                "version": self.version, **self.exports.state_dict(),
                 "counters": dict(self.counters), "generator": self.generator.get_state().clone()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -413,8 +409,7 @@ class FleetCloud(CloudTrainer):
             self.foundation.load_state_dict(state["foundation"])
             self.f_opt.load_state_dict(copy.deepcopy(state["f_opt"]))
         self.version = int(state["version"])
-        self._batches = {int(k): int(v) for k, v in state["batches"].items()}
-        self._sent = {int(k): int(v) for k, v in state["sent"].items()}
+        self.exports.load_state_dict(state)
         self.counters = {**self.counters, **state["counters"]}
         self.generator.set_state(state["generator"].clone())
 

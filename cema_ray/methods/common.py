@@ -18,6 +18,7 @@ from torch import nn
 from cema_ray.algorithms.entropy import entropy
 from cema_ray.errors import BatchRejected, CheckpointError
 from cema_ray.methods.base import CloudTrainer, EdgePolicy, EdgeResult, NormState, check_uploads
+from cema_ray.methods.exports import ExportTracker
 from cema_ray.methods.host_model import ForwardEdge, HostModel
 from cema_ray.methods.upload_queue import UploadQueue
 from cema_ray.models.preprocess import to_input
@@ -175,7 +176,7 @@ class SharedModelCloud(CloudTrainer):
         self.optimizer = self.make_optimizer()
         self._queues = UploadQueues()
         self.version = 0
-        self._sent: dict[int, int] = {}
+        self.exports = ExportTracker()  # no cadence: news whenever the version moved
 
     # --- what subclasses provide -------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -210,9 +211,8 @@ class SharedModelCloud(CloudTrainer):
         return int(stepped)
 
     def export(self, edge_id: int) -> NormState | None:
-        if self._sent.get(int(edge_id), 0) == self.version:
+        if not self.exports.due(edge_id, self.version):
             return None
-        self._sent[int(edge_id)] = self.version
         return self.published()
 
     def reset(self, edge_id: int | None = None) -> None:
@@ -228,7 +228,7 @@ class SharedModelCloud(CloudTrainer):
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "queues": self._queues.state_dict(),
             "version": self.version,
-            "sent": dict(self._sent),
+            "sent": self.exports.state_dict()["sent"],
             "generator": self.generator.get_state(),
             "extra": self.extra_state(),
         }
@@ -239,7 +239,7 @@ class SharedModelCloud(CloudTrainer):
         self.optimizer.load_state_dict(state["optimizer"])
         self._queues.load_state_dict(state["queues"])
         self.version = int(state["version"])
-        self._sent = {int(k): int(v) for k, v in state["sent"].items()}
+        self.exports.load_state_dict({"sent": state["sent"]})
         self.generator.set_state(state["generator"])
         self.load_extra_state(state["extra"])
 
