@@ -36,6 +36,19 @@ RECORD_SCHEMA = pa.schema([
 RECORD_KEYS = tuple(RECORD_SCHEMA.names)
 
 
+def completed(record: Mapping[str, Any], cloud_steps: int, dropped: int) -> dict[str, Any]:
+    """An edge's batch record completed by the cloud's answer: the cloud steps its uploads made due, and its
+    uploads dropped (refused by a full queue). Every runtime completes its records here, so that the two columns
+    mean the same in every runtime."""
+    return dict(record, cloud_steps=int(cloud_steps), dropped=int(dropped))
+
+
+def undelivered(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A record whose uploads never reached the cloud (dropped from a full backlog, or lost with a dead driver):
+    no cloud steps, every upload dropped."""
+    return completed(record, 0, record["uploaded"])
+
+
 class RunRecorder:
     """Collects per-batch record dicts; extra keys become extra columns."""
 

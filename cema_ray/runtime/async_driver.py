@@ -9,6 +9,7 @@ from typing import Any, Callable
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from cema_ray.results.records import completed, undelivered
 from cema_ray.runtime.cloud import Publication, for_edge, shard_of, track_newest
 from cema_ray.runtime.cloud_link import CloudLink
 from cema_ray.runtime.host_pool import HostPool
@@ -187,7 +188,7 @@ class AsyncDriver:
                 _, old = lane.backlog.popleft()  # oldest first: the freshest uploads matter most
                 for rec in old:
                     self.dropped += rec["uploaded"]
-                    self.progress.add(dict(rec, cloud_steps=0, dropped=rec["uploaded"]))
+                    self.progress.add(undelivered(rec))
         self._note_backlog()
         self.submit(i)
 
@@ -238,7 +239,7 @@ class AsyncDriver:
         if delivery.shared is not None:
             self._share(self.lanes.index(lane), delivery.shared)
         for rec, steps, refused in zip(records, delivery.item_steps, delivery.item_refused, strict=True):
-            self.progress.add(dict(rec, cloud_steps=steps, dropped=refused))  # per batch, as sent
+            self.progress.add(completed(rec, steps, refused))  # per batch, as sent
         if (self.journal is not None and delivery.checkpoint > self.journaled
                 and time.monotonic() - self.journal_at >= JOURNAL_EVERY_S):
             self._journal(delivery.checkpoint)  # before this delivery's publications reach any edge
@@ -348,7 +349,7 @@ class AsyncDriver:
     def _drop(self, records: Records) -> None:
         for rec in records:
             self.dropped += rec["uploaded"]
-            self.progress.add(dict(rec, cloud_steps=0, dropped=rec["uploaded"]))
+            self.progress.add(undelivered(rec))
 
 
 def fix_lags(records: Records, pub_log: list[tuple[float, int, int]], shards: int) -> None:

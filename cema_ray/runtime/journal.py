@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from cema_ray.errors import ConfigError
 from cema_ray.results import RunRecorder
+from cema_ray.results.records import undelivered
 from cema_ray.runtime.cloud import Publication
 from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore, atomic_write
 
@@ -89,7 +90,7 @@ def rows_to_resume(out: Path, cursors: dict[int, int], pending: list[dict[str, A
     rows: dict[tuple[int, int], dict[str, Any]] = {}
     for rec in pending:
         if rec["batch_index"] < cursors.get(rec["edge_id"], 0):
-            rows[(rec["edge_id"], rec["batch_index"])] = dict(rec, cloud_steps=0, dropped=rec["uploaded"])
+            rows[(rec["edge_id"], rec["batch_index"])] = undelivered(rec)
     discarded = 0
     for rec in recorded:
         if rec["batch_index"] < cursors.get(rec["edge_id"], 0):

@@ -19,6 +19,7 @@ from cema_ray.runtime.edge_round import step_edges
 from cema_ray.runtime.assembly import build_edges, build_shards, load_edge_models, load_foundation
 from cema_ray.runtime.fleet import DataContext, edge_plans
 from cema_ray.results import RunRecorder
+from cema_ray.results.records import completed
 from cema_ray.runtime.progress import RunProgress
 from cema_ray.runtime.journal import PartialWriter
 from cema_ray.threads import apply_threads
@@ -31,9 +32,8 @@ def run_round(edges: list[EdgeDevice], cloud: CloudShards, fuse_samples: int = 0
     for edge, out in zip(active, steps):
         if out.reset:
             cloud.reset(edge.edge_id)
-        out.record["cloud_steps"] = cloud.receive(edge.edge_id, out.upload_images, out.upload_labels,
-                                                   out.upload_key)
-        out.record["dropped"] = cloud.last_refused
+        made = cloud.receive(edge.edge_id, out.upload_images, out.upload_labels, out.upload_key)
+        out.record = completed(out.record, made, cloud.last_refused)
     deliver(cloud.end_round([e.edge_id for e in active]), edges, len(cloud.services))
     return steps
 

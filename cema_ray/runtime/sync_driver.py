@@ -14,6 +14,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from cema_ray.results.records import completed
 from cema_ray.runtime.actor_calls import MAX_RECOVERIES_PER_ROUND
 from cema_ray.runtime.cloud import Publication, track_newest
 from cema_ray.runtime.cloud_link import CloudLink
@@ -90,8 +91,8 @@ class SyncDriver:
             for i, (records, _, snap) in enumerate(outs):
                 self.pool.snapshots[i] = snap
                 for rec in records:
-                    self.progress.add(dict(rec, cloud_steps=delivery.steps.get(rec["edge_id"], 0),
-                                           dropped=delivery.refused.get(rec["edge_id"], 0)))
+                    self.progress.add(completed(rec, delivery.steps.get(rec["edge_id"], 0),
+                                                delivery.refused.get(rec["edge_id"], 0)))
             self.progress.refresh()
             if self.partial is not None:
                 self.partial.maybe(self.progress.recorder)
