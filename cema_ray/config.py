@@ -517,7 +517,7 @@ def _check_device(cfg: dict[str, Any]) -> None:
         fail("cloud.device", device, "on Ray the cloud sees a GPU only when it asks for one: set cloud.num_gpus >= 1 "
                                      "(or a fraction)")
     if cfg["runtime"] == "local":
-        from cema_ray.runtime.device import resolve_device
+        from cema_ray.device import resolve_device
 
         resolve_device(device)
 

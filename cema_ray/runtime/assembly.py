@@ -12,7 +12,7 @@ from torch import nn
 
 from cema_ray.methods.lanes import LanedCloud
 from cema_ray.runtime.cloud import CloudService
-from cema_ray.runtime.device import autocast, resolve_device
+from cema_ray.device import autocast, resolve_device
 from cema_ray.runtime.edge import EdgeDevice
 from cema_ray.runtime.shards import CloudShards
 from cema_ray.runtime.fleet import (DataContext, EdgePlan, edge_model_specs, edge_plans, fresh_copy, load_model,

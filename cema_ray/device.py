@@ -16,6 +16,7 @@ import torch
 
 from cema_ray.errors import ConfigError
 
+
 def resolve_device(name: str, quiet: bool = False) -> torch.device:
     """The torch device for `cloud.device`; `cuda` without a visible CUDA device is a config error."""
     if name == "cpu":
