@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cema_ray.errors import ConfigError
+from cema_ray.errors import BatchRejected, ConfigError
 from cema_ray.models.norm import load_norm_state, norm_state
 from cema_ray.registry import Registry
 from cema_ray.schema import Field, Section, Settings, fail, join_key, suggest, validate_section
@@ -68,6 +68,13 @@ class EdgePolicy:
     def fuse_key(self) -> Any:
         """Edges whose policies return one key may run their batches as one forward; None: never."""
         return None
+
+
+def check_edge_input(x: Any) -> None:
+    """An edge policy takes the float (N, C, H, W) tensor `to_input` makes; anything else is a bad batch."""
+    if not torch.is_tensor(x) or not torch.is_floating_point(x) or x.dim() != 4:
+        raise BatchRejected(f"edge input must be a float (N, C, H, W) tensor from to_input, got "
+                            f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
 
 
 def check_uploads(edge_id: int, images: Any) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cema_ray.algorithms.entropy import entropy
-from cema_ray.errors import BatchRejected, CheckpointError
+from cema_ray.errors import CheckpointError
 from cema_ray.methods.base import CloudTrainer, EdgePolicy, EdgeResult, NormState, check_uploads
 from cema_ray.methods.exports import ExportTracker
 from cema_ray.methods.host_model import ForwardEdge, HostModel
@@ -50,13 +50,6 @@ def make_optimizer(params: list[nn.Parameter], settings: Mapping[str, Any]) -> t
         return torch.optim.SGD(params, lr=lr, momentum=float(settings["momentum"]), weight_decay=wd)
     b1, b2 = (float(b) for b in settings["betas"])
     return torch.optim.Adam(params, lr=lr, betas=(b1, b2), weight_decay=wd)
-
-
-def check_edge_input(x: Any) -> None:
-    """An edge policy takes the float (N, C, H, W) tensor `to_input` makes; anything else is a bad batch."""
-    if not torch.is_tensor(x) or not torch.is_floating_point(x) or x.dim() != 4:
-        raise BatchRejected(f"edge input must be a float (N, C, H, W) tensor from to_input, got "
-                            f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cema_ray.methods.base import EdgePolicy, EdgeResult, NormState
+from cema_ray.methods.base import EdgePolicy, EdgeResult, NormState, check_edge_input
 from cema_ray.models.norm import norm_state
 from cema_ray.models.tbr import grouped_norm, tbr_layers
 
@@ -107,7 +107,6 @@ class ForwardEdge(EdgePolicy):
         """Back to a new edge's own state (filters, counters): what `reset` and `fork` start from."""
 
     def process(self, x: torch.Tensor) -> EdgeResult:
-        from cema_ray.methods.common import check_edge_input  # common builds on this module
         check_edge_input(x)
         return self.decide(self.forward(x))
 

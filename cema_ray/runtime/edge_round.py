@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 
 from cema_ray.methods.base import EdgeResult
-from cema_ray.methods.common import check_edge_input
+from cema_ray.methods.base import check_edge_input
 from cema_ray.runtime.edge import EdgeDevice, EdgeStep, OpenBatch
 
 
