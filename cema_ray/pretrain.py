@@ -10,7 +10,6 @@ random crops and flips. The result is a safetensors checkpoint with a JSON card.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from cema_ray.atomic import atomic_write, replacing
 from cema_ray.data.catalog import load_clean_split, source_info
 from cema_ray.errors import CheckpointError
 from cema_ray.models.checkpoint import load_checkpoint, save_checkpoint
@@ -77,11 +77,9 @@ class TrainState:
         self.meta_path = work_dir / "train_state.json"
 
     def save(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, pos: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, tmp)
-        os.replace(tmp, self.path)
-        self.meta_path.write_text(json.dumps(pos))
+        with replacing(self.path) as tmp:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, tmp)
+        atomic_write(self.meta_path, json.dumps(pos).encode())
 
     def load(self, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> dict[str, Any] | None:
         if not (self.path.is_file() and self.meta_path.is_file()):

@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cema_ray.atomic import atomic_write, replacing
 from cema_ray.errors import CheckpointError
 from cema_ray.models.factory import create_model
 
@@ -47,29 +46,17 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp makes the file private; a checkpoint is meant to be shared
-    os.replace(tmp, path)
-
-
 def save_checkpoint(model: nn.Module, path: str | Path, card: dict[str, Any]) -> dict[str, Any]:
     """Write ``path`` (safetensors) and its card atomically; returns the card written."""
     missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
     if missing:
         raise CheckpointError(f"checkpoint card lacks {missing}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        save_file(state, str(tmp))
     full = dict(card, sha256=sha256_file(path), format="safetensors")
-    _atomic_write_bytes(card_path(path), json.dumps(full, indent=2, sort_keys=True).encode())
+    atomic_write(card_path(path), json.dumps(full, indent=2, sort_keys=True).encode())
     return full
 
 

@@ -6,12 +6,13 @@ to be recomputed from `batches.parquet` alone.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from cema_ray.atomic import replacing
 
 # Column name -> Arrow type, in the order they are written.
 RECORD_SCHEMA = pa.schema([
@@ -85,10 +86,8 @@ class RunRecorder:
 def write_batches(table: pa.Table, path: str | Path) -> Path:
     """Write the per-batch table as Parquet, atomically: a reader (or a kill) never meets half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 

@@ -7,7 +7,6 @@ undefined ratios are null (not NaN), so the file is strict JSON.
 from __future__ import annotations
 
 import json
-import os
 import math
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from cema_ray.algorithms.budget import SKIP_REASONS
+from cema_ray.atomic import atomic_write
 
 # Keys `meta` may set because the table cannot know them (or knows them less well).
 META_KEYS = ("method", "runtime", "mode", "num_edges", "wall_seconds", "dropped")
@@ -142,8 +142,5 @@ def _plain(value: Any) -> Any:
 
 def write_summary(summary: Mapping[str, Any], path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_plain(summary), indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)  # atomic: a partial summary is replaced whole, never truncated
+    atomic_write(path, (json.dumps(_plain(summary), indent=2, allow_nan=False) + "\n").encode())
     return path

@@ -33,7 +33,7 @@ def write_resolved_config(cfg: dict[str, Any], out: Path) -> Path:
     found), before the run starts: `cema-ray run <out>/resolved_config.yaml` runs the same experiment again."""
     import yaml
 
-    from cema_ray.runtime.cloud_checkpoint import atomic_write
+    from cema_ray.atomic import atomic_write
 
     path = out / RESOLVED_CONFIG
     text = ("# what this run used, every key resolved; `cema-ray run` this file to run it again\n"

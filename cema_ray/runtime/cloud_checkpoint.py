@@ -10,8 +10,6 @@ so a crash mid-write leaves the previous checkpoint intact and a reader never se
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from cema_ray.atomic import atomic_write, replacing
 from cema_ray.errors import CheckpointError
 from cema_ray.models.checkpoint import sha256_file
 
@@ -93,9 +92,8 @@ class CloudCheckpointStore:
         tree = encode_tree(state, tensors)
         stem = f"state-{position:08d}"
         weights = self.folder / f"{stem}.safetensors"
-        tmp = self.folder / f".{stem}.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, weights)
+        with replacing(weights) as tmp:
+            save_file(tensors, str(tmp))
         meta = {"format": FORMAT, "run_id": self.run_id, "position": position, "sha256": sha256_file(weights),
                 "tensors": len(tensors), "tree": tree}
         atomic_write(self.folder / f"{stem}.json", json.dumps(meta).encode())
@@ -153,13 +151,3 @@ class CloudCheckpointStore:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"cloud checkpoint {weights} is not a readable safetensors file: {exc}") from exc
         return decode_tree(meta["tree"], tensors), int(meta["position"])
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write a file whole or not at all: a temporary file in the same folder, synced, then renamed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -32,7 +32,8 @@ from cema_ray.errors import ConfigError
 from cema_ray.results import RunRecorder
 from cema_ray.results.records import undelivered
 from cema_ray.runtime.cloud import Publication
-from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore, atomic_write
+from cema_ray.atomic import atomic_write
+from cema_ray.runtime.cloud_checkpoint import CloudCheckpointStore
 
 RESUME_DIR = "resume"
 FLUSH_EVERY_S = 10.0
